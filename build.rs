@@ -1,0 +1,46 @@
+//! Link libtorch so the binary finds it and its CUDA part on its own.
+//!
+//! `torch-sys` already links `torch`, `torch_cpu`, `c10` and (when present) `torch_cuda`, but the
+//! default `--as-needed` linker mode drops `libtorch_cuda.so` because no symbol of it is referenced
+//! directly: CUDA would then be silently unavailable. We switch to `--no-as-needed` before naming
+//! the libraries again, and record an rpath to the libtorch directory so `target/*/vidtune` runs
+//! without `LD_LIBRARY_PATH`.
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return;
+    }
+    // Exported by torch-sys (`links = "tch"`) to its direct dependents.
+    let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
+        return;
+    };
+    println!(
+        "cargo:rustc-env=VIDTUNE_LIBTORCH_VERSION={}",
+        libtorch_version(&lib).unwrap_or_else(|| "unknown".into())
+    );
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    for name in ["torch_cuda", "torch_cpu", "torch", "c10_cuda", "c10"] {
+        if lib.join(format!("lib{name}.so")).exists() {
+            println!("cargo:rustc-link-arg=-l{name}");
+        }
+    }
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
+}
+
+/// The version of the libtorch we link: `torch/version.py` of a PyTorch wheel, or the
+/// `build-version` file of a libtorch archive.
+fn libtorch_version(lib: &std::path::Path) -> Option<String> {
+    let root = lib.parent()?;
+    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
+        return text
+            .lines()
+            .find_map(|l| l.strip_prefix("__version__ = "))
+            .map(|v| v.trim().trim_matches(['\'', '"']).to_string());
+    }
+    std::fs::read_to_string(root.join("build-version"))
+        .ok()
+        .map(|v| v.trim().to_string())
+}

@@ -1,0 +1,127 @@
+//! Command dispatch for the `vidtune` binary.
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::app::{Application, shutdown_signal};
+use crate::config::{Cli, Command, KeysCommand, Settings};
+use crate::{auth, db, doctor, telemetry, worker};
+
+/// Parse arguments, run the command, map errors to exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => {
+            let pool = db::connect(&args.db.database_url, args.db.db_max_connections).await?;
+            db::migrate(&pool).await?;
+            if args.workers > 0 {
+                tracing::warn!(
+                    workers = args.workers,
+                    "in-process workers are not available in this build; run `vidtune worker`"
+                );
+            }
+            let app = Application::build(Settings::from(&args), pool).await?;
+            app.run_until(shutdown_signal()).await?;
+        }
+        Command::Worker(args) => {
+            let cuda = if tch::Cuda::is_available() {
+                tch::Cuda::device_count() as usize
+            } else {
+                0
+            };
+            let devices = worker::resolve_devices(&args.devices, cuda)?;
+            let pool = db::connect(&args.db.database_url, args.db.db_max_connections).await?;
+            db::migrate(&pool).await?;
+            let names: Vec<String> = devices.iter().map(ToString::to_string).collect();
+            tracing::info!(devices = %names.join(","), data_dir = %args.data_dir.display(), "worker ready");
+            shutdown_signal().await;
+        }
+        Command::Migrate(args) => {
+            let pool = db::connect(&args.database_url, 2).await?;
+            db::migrate(&pool).await?;
+            println!("migrations applied ({} known)", db::MIGRATOR.iter().count());
+        }
+        Command::Keys { command } => return keys(command).await,
+        Command::Doctor(args) => print!("{}", doctor::report(args.database_url.as_deref()).await),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        KeysCommand::Create {
+            tenant,
+            admin,
+            name,
+            db: dbargs,
+        } => {
+            let pool = db::connect(&dbargs.database_url, 2).await?;
+            db::migrate(&pool).await?;
+            let mut tx = pool.begin().await?;
+            let t = db::tenants::ensure_tenant(&mut *tx, &tenant)
+                .await
+                .with_context(|| {
+                    format!("creating tenant `{tenant}` (lowercase letters, digits, _ . -)")
+                })?;
+            let minted = auth::mint();
+            let key = db::tenants::insert_key(
+                &mut *tx,
+                t.id,
+                &name,
+                &minted.prefix,
+                &minted.digest,
+                admin,
+            )
+            .await?;
+            tx.commit().await?;
+            println!(
+                "created {} key {} for tenant {} ({}); it is shown only once:",
+                if admin { "admin" } else { "tenant" },
+                key.id,
+                t.name,
+                t.id
+            );
+            println!("{}", minted.secret);
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Check { key, db: dbargs } => {
+            let pool = db::connect(&dbargs.database_url, 1).await?;
+            match db::tenants::authenticate(&pool, &auth::digest(&key)).await? {
+                Some(owner) if !owner.revoked => {
+                    println!("valid key of tenant {}", owner.tenant_name);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(_) => {
+                    println!("revoked");
+                    Ok(ExitCode::FAILURE)
+                }
+                None => {
+                    println!("unknown key");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+    }
+}

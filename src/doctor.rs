@@ -1,0 +1,71 @@
+//! `vidtune doctor`: what this installation can use, for troubleshooting and support tickets.
+use std::ffi::CStr;
+use std::fmt::Write as _;
+
+/// The facts, one per line: libtorch, CUDA, FFmpeg, database.
+pub async fn report(database_url: Option<&str>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "vidtune       {}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "libtorch      {}", env!("VIDTUNE_LIBTORCH_VERSION"));
+    let _ = writeln!(out, "cpu threads   {}", tch::get_num_threads());
+    let cuda = tch::Cuda::is_available();
+    let count = if cuda { tch::Cuda::device_count() } else { 0 };
+    let _ = writeln!(
+        out,
+        "cuda          {}",
+        if cuda {
+            format!(
+                "available, {count} device(s), cuDNN {}",
+                tch::Cuda::cudnn_is_available()
+            )
+        } else {
+            "not available".into()
+        }
+    );
+    let devices = crate::worker::resolve_devices("auto", count as usize)
+        .map(|d| {
+            d.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let _ = writeln!(out, "devices       {devices}");
+    let _ = writeln!(out, "ffmpeg        {}", ffmpeg_version());
+    let db = match database_url {
+        None => "not configured (set DATABASE_URL)".to_string(),
+        Some(url) => match crate::db::connect(url, 1).await {
+            Ok(pool) => {
+                let version: Result<String, _> = sqlx::query_scalar("show server_version")
+                    .fetch_one(&pool)
+                    .await;
+                let applied: Result<i64, _> =
+                    sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
+                        .fetch_one(&pool)
+                        .await;
+                format!(
+                    "reachable, PostgreSQL {}, {} of {} migrations applied",
+                    version.unwrap_or_else(|e| format!("? ({e})")),
+                    applied.unwrap_or(0),
+                    crate::db::MIGRATOR.iter().count()
+                )
+            }
+            Err(e) => format!("unreachable: {e:#}"),
+        },
+    };
+    let _ = writeln!(out, "database      {db}");
+    out
+}
+
+fn ffmpeg_version() -> String {
+    // SAFETY: av_version_info returns a pointer to a static NUL-terminated string.
+    let info = unsafe { CStr::from_ptr(ffmpeg_next::ffi::av_version_info()) };
+    let v = |n: u32| format!("{}.{}.{}", n >> 16, (n >> 8) & 0xff, n & 0xff);
+    format!(
+        "{} (libavcodec {}, libavformat {}, libswscale {})",
+        info.to_string_lossy(),
+        v(ffmpeg_next::codec::version()),
+        v(ffmpeg_next::format::version()),
+        v(ffmpeg_next::software::scaling::version()),
+    )
+}

@@ -1,0 +1,13 @@
+//! vidtune: fine-tune pretrained video-understanding models on medical video and serve them.
+//!
+//! The crate is organised by role (see README "Code tour"): `http` and `worker` at the top,
+//! `db`, `media` and `backbone` at the bottom; nothing below imports from above.
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod doctor;
+pub mod http;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,4 @@
+//! `vidtune` command line: see `vidtune --help`.
+fn main() -> std::process::ExitCode {
+    vidtune::cli::main()
+}
