@@ -1,0 +1,9 @@
+//! HTTP API tests against a real PostgreSQL: every test gets its own migrated database
+//! (`#[sqlx::test]`) and its own server on a free port.
+mod helpers;
+
+mod audit;
+mod auth;
+mod health;
+mod openapi;
+mod problems;
