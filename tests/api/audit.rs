@@ -20,41 +20,29 @@ async fn every_v1_request_is_audited_without_its_body(db: PgPool) {
     let unauth = app.client.get(app.url("/v1/tenants")).send().await.unwrap();
     assert_eq!(unauth.status(), 401);
 
-    let rows: Vec<(
-        String,
-        Option<uuid::Uuid>,
-        Option<uuid::Uuid>,
-        Option<uuid::Uuid>,
-        i16,
-        String,
-        Option<String>,
-        Value,
-    )> = sqlx::query_as(
-        "select action, tenant_id, key_id, resource_id, status, request_id, client_addr, details
-             from audit_events order by id",
-    )
-    .fetch_all(&app.db)
-    .await
-    .unwrap();
+    let mut rows = vidtune::db::audit::list(&app.db, None, None, 10)
+        .await
+        .unwrap();
+    rows.reverse();
     assert_eq!(rows.len(), 2, "{rows:?}");
 
-    let (action, tenant_id, key_id, resource, status, request_id, client, details) = &rows[0];
-    assert_eq!(action, "tenant_create");
-    assert!(tenant_id.is_some() && key_id.is_some());
+    let create = &rows[0];
+    assert_eq!(create.action, "tenant_create");
+    assert!(create.tenant_id.is_some() && create.key_id.is_some());
     assert_eq!(
-        resource.unwrap().to_string(),
+        create.resource_id.unwrap().to_string(),
         tenant["id"].as_str().unwrap()
     );
-    assert_eq!(*status, 201);
-    assert_eq!(request_id, "req-create-1");
-    assert_eq!(client.as_deref(), Some("127.0.0.1"));
+    assert_eq!(create.status, 201);
+    assert_eq!(create.request_id, "req-create-1");
+    assert_eq!(create.client_addr.as_deref(), Some("127.0.0.1"));
     // Bodies never reach the audit trail.
-    assert!(!details.to_string().contains("patient-smith"));
+    assert!(!create.details.to_string().contains("patient-smith"));
 
-    let (action, tenant_id, _, _, status, _, _, _) = &rows[1];
-    assert_eq!(action, "tenant_list");
-    assert!(tenant_id.is_none());
-    assert_eq!(*status, 401);
+    let refused = &rows[1];
+    assert_eq!(refused.action, "tenant_list");
+    assert!(refused.tenant_id.is_none());
+    assert_eq!(refused.status, 401);
 
     // Admins can read the trail back through the API.
     let listed: Value = app
