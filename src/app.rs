@@ -10,12 +10,14 @@ use tokio::net::TcpListener;
 
 use crate::config::Settings;
 use crate::http::{self, Operation};
+use crate::ingest::IngestConfig;
 
 /// State shared by every handler. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
     pub settings: Arc<Settings>,
+    pub ingest: Arc<IngestConfig>,
 }
 
 /// A bound, ready-to-run server.
@@ -35,8 +37,20 @@ impl Application {
             .with_context(|| format!("binding {}", settings.listen))?;
         let state = AppState {
             db,
+            ingest: Arc::new(settings.ingest.clone()),
             settings: Arc::new(settings),
         };
+        // Uploads a previous process left unfinished; the server answers meanwhile.
+        let (db, data_dir, ingest) = (
+            state.db.clone(),
+            state.settings.data_dir.clone(),
+            state.ingest.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = crate::ingest::resume(&db, &data_dir, &ingest).await {
+                tracing::warn!(error.cause_chain = ?e, "could not resume unfinished uploads");
+            }
+        });
         let (router, operations) = http::router(state.clone(), &state.settings);
         Ok(Self {
             listener,

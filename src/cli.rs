@@ -11,6 +11,13 @@ use crate::{auth, db, doctor, telemetry, worker};
 /// Parse arguments, run the command, map errors to exit code 1.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::MediaWorker = cli.command {
+        // No runtime, no logging to stderr: the parent speaks JSON lines with this process.
+        return match crate::media::worker::serve_stdio() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -42,7 +49,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "in-process workers are not available in this build; run `vidtune worker`"
                 );
             }
-            let app = Application::build(Settings::from(&args), pool).await?;
+            let app = Application::build(Settings::from_args(&args)?, pool).await?;
             app.run_until(shutdown_signal()).await?;
         }
         Command::Worker(args) => {
@@ -65,6 +72,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Keys { command } => return keys(command).await,
         Command::Doctor(args) => print!("{}", doctor::report(args.database_url.as_deref()).await),
+        Command::MediaWorker => unreachable!("handled before the runtime starts"),
     }
     Ok(ExitCode::SUCCESS)
 }

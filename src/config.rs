@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::ingest::IngestConfig;
+
 /// vidtune: fine-tune pretrained video models on your own medical videos and serve them.
 #[derive(Debug, Parser)]
 #[command(name = "vidtune", version, about, propagate_version = true)]
@@ -39,6 +41,9 @@ pub enum Command {
     },
     /// Print libtorch, CUDA, FFmpeg and database facts for troubleshooting.
     Doctor(DoctorArgs),
+    /// Internal: decode videos for the server, isolated in a child process (JSON lines on stdio).
+    #[command(hide = true)]
+    MediaWorker,
 }
 
 /// Connection to PostgreSQL.
@@ -69,6 +74,24 @@ pub struct ServeArgs {
     /// Largest JSON request body in bytes.
     #[arg(long, env = "VIDTUNE_MAX_JSON_BYTES", default_value_t = 1 << 20)]
     pub max_json_bytes: usize,
+    /// Largest dataset archive upload in bytes.
+    #[arg(long, env = "VIDTUNE_MAX_UPLOAD_BYTES", default_value_t = 50 << 30)]
+    pub max_upload_bytes: u64,
+    /// Largest single-video upload in bytes.
+    #[arg(long, env = "VIDTUNE_MAX_VIDEO_BYTES", default_value_t = 8 << 30)]
+    pub max_video_bytes: u64,
+    /// Videos decoded at once during ingest (default: the number of CPU cores).
+    #[arg(long, env = "VIDTUNE_INGEST_CONCURRENCY")]
+    pub ingest_concurrency: Option<usize>,
+    /// Longest accepted video, in seconds.
+    #[arg(long, env = "VIDTUNE_MAX_VIDEO_SECONDS", default_value_t = 4.0 * 3600.0)]
+    pub max_video_seconds: f64,
+    /// Largest accepted frame, in pixels (width × height).
+    #[arg(long, env = "VIDTUNE_MAX_VIDEO_PIXELS", default_value_t = 4096 * 2304)]
+    pub max_video_pixels: u64,
+    /// Time allowed to decode one video at ingest, in seconds.
+    #[arg(long, env = "VIDTUNE_DECODE_TIMEOUT_SECS", default_value_t = 600.0)]
+    pub decode_timeout_secs: f64,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -125,27 +148,44 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub request_timeout: Duration,
     pub max_json_bytes: usize,
+    pub max_upload_bytes: u64,
+    pub max_video_bytes: u64,
+    pub ingest: IngestConfig,
 }
 
 impl Settings {
-    /// Settings for tests and embedding: port 0 on loopback, the given data directory.
-    pub fn ephemeral(data_dir: PathBuf) -> Self {
+    /// Settings for tests and embedding: port 0 on loopback, the given data directory, and
+    /// `media_worker_exe` (the vidtune binary) for ingest's decoder processes.
+    pub fn ephemeral(data_dir: PathBuf, media_worker_exe: PathBuf) -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             request_timeout: Duration::from_secs(60),
             max_json_bytes: 1 << 20,
+            max_upload_bytes: 50 << 30,
+            max_video_bytes: 8 << 30,
+            ingest: IngestConfig::new(media_worker_exe),
         }
     }
-}
 
-impl From<&ServeArgs> for Settings {
-    fn from(a: &ServeArgs) -> Self {
-        Self {
+    pub fn from_args(a: &ServeArgs) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut ingest = IngestConfig::new(exe);
+        if let Some(n) = a.ingest_concurrency {
+            ingest.concurrency = n.max(1);
+        }
+        ingest.video_limits.max_duration_s = a.max_video_seconds;
+        ingest.video_limits.max_pixels = a.max_video_pixels;
+        ingest.video_limits.max_decode_s = a.decode_timeout_secs;
+        ingest.archive_limits.max_total_bytes = a.max_upload_bytes.saturating_mul(4);
+        Ok(Self {
             listen: a.listen,
             data_dir: a.data_dir.clone(),
             request_timeout: Duration::from_secs(a.request_timeout_secs),
             max_json_bytes: a.max_json_bytes,
-        }
+            max_upload_bytes: a.max_upload_bytes,
+            max_video_bytes: a.max_video_bytes,
+            ingest,
+        })
     }
 }

@@ -9,5 +9,7 @@ pub mod config;
 pub mod db;
 pub mod doctor;
 pub mod http;
+pub mod ingest;
+pub mod media;
 pub mod telemetry;
 pub mod worker;

@@ -24,9 +24,11 @@ use crate::db;
 
 pub mod admin;
 pub mod auth;
+pub mod datasets;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod upload;
 
 pub use auth::Caller;
 pub use error::{ApiError, ApiResult, ErrorCode};
@@ -76,12 +78,45 @@ impl Routes {
     /// Add one operation. `handler` runs after the key was authenticated (and, for
     /// [`Access::Admin`], found to be an admin key); the outcome is audited either way.
     pub fn op<H, T>(
+        self,
+        method: Method,
+        path: &'static str,
+        id: &'static str,
+        access: Access,
+        handler: H,
+    ) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.add(method, path, id, access, handler, false)
+    }
+
+    /// Add an upload operation: no request timeout and no JSON body limit (the handler streams
+    /// the body to disk and enforces its own size cap).
+    pub fn upload_op<H, T>(
+        self,
+        method: Method,
+        path: &'static str,
+        id: &'static str,
+        access: Access,
+        handler: H,
+    ) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.add(method, path, id, access, handler, true)
+    }
+
+    fn add<H, T>(
         mut self,
         method: Method,
         path: &'static str,
         id: &'static str,
         access: Access,
         handler: H,
+        streaming: bool,
     ) -> Self
     where
         H: Handler<T, AppState>,
@@ -98,12 +133,15 @@ impl Routes {
             state: self.state.clone(),
             op: Arc::new(op.clone()),
         };
-        let route = on(filter, handler)
-            .layer(TimeoutLayer::with_status_code(
+        let route = if streaming {
+            on(filter, handler).layer(DefaultBodyLimit::disable())
+        } else {
+            on(filter, handler).layer(TimeoutLayer::with_status_code(
                 axum::http::StatusCode::REQUEST_TIMEOUT,
                 self.timeout,
             ))
-            .layer(middleware::from_fn_with_state(guard, guard_operation));
+        };
+        let route = route.layer(middleware::from_fn_with_state(guard, guard_operation));
         self.router = self.router.route(path, route);
         self.ops.push(op);
         self
@@ -113,7 +151,7 @@ impl Routes {
 /// Build the whole application router. Returns the declared `/v1` operations alongside.
 pub fn router(state: AppState, settings: &Settings) -> (Router, Vec<Operation>) {
     let routes = Routes::new(state.clone(), settings.request_timeout);
-    let routes = admin::routes(routes);
+    let routes = datasets::routes(admin::routes(routes));
     let Routes { router, ops, .. } = routes;
 
     let app = Router::new()

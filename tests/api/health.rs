@@ -27,7 +27,10 @@ async fn readyz_is_503_when_the_database_cannot_be_reached() {
         .unwrap();
     let data = tempfile::tempdir().unwrap();
     let app = vidtune::app::Application::build(
-        vidtune::config::Settings::ephemeral(data.path().to_path_buf()),
+        vidtune::config::Settings::ephemeral(
+            data.path().to_path_buf(),
+            env!("CARGO_BIN_EXE_vidtune").into(),
+        ),
         unreachable,
     )
     .await

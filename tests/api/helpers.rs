@@ -14,6 +14,7 @@ pub struct TestApp {
     pub db: PgPool,
     pub admin_key: String,
     pub operations: Vec<Operation>,
+    pub data_dir: std::path::PathBuf,
     _data: tempfile::TempDir,
 }
 
@@ -26,7 +27,10 @@ pub async fn spawn_app_with(db: PgPool, tweak: impl FnOnce(&mut Settings)) -> Te
         vidtune::telemetry::init(vidtune::config::LogFormat::Pretty);
     }
     let data = tempfile::tempdir().expect("temp dir");
-    let mut settings = Settings::ephemeral(data.path().to_path_buf());
+    let mut settings = Settings::ephemeral(
+        data.path().to_path_buf(),
+        env!("CARGO_BIN_EXE_vidtune").into(),
+    );
     tweak(&mut settings);
     let app = Application::build(settings, db.clone())
         .await
@@ -40,6 +44,7 @@ pub async fn spawn_app_with(db: PgPool, tweak: impl FnOnce(&mut Settings)) -> Te
         db,
         admin_key: String::new(),
         operations,
+        data_dir: data.path().to_path_buf(),
         _data: data,
     };
     test.admin_key = test.key_for("ops", true).await;
@@ -77,6 +82,73 @@ impl TestApp {
             .send()
             .await
             .unwrap()
+    }
+}
+
+impl TestApp {
+    /// Create a dataset and return its id.
+    pub async fn dataset(&self, key: &str, body: Value) -> String {
+        let resp = self.post_json("/v1/datasets", key, body).await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        let v: Value = resp.json().await.unwrap();
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Upload an archive as a raw body; assert 202.
+    pub async fn upload_raw(&self, key: &str, dataset: &str, ctype: &str, bytes: Vec<u8>) {
+        let resp = self
+            .request(
+                Method::POST,
+                &format!("/v1/datasets/{dataset}/uploads"),
+                key,
+            )
+            .header("content-type", ctype)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    }
+
+    /// Poll the dataset until ingest ends (ready or failed); return the final view.
+    pub async fn wait_ingested(&self, key: &str, dataset: &str) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+        loop {
+            let v: Value = self
+                .get(&format!("/v1/datasets/{dataset}"), key)
+                .await
+                .json()
+                .await
+                .unwrap();
+            if v["status"] == "ready" || v["status"] == "failed" {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ingest did not finish: {v}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Videos of a dataset keyed by path.
+    pub async fn videos(
+        &self,
+        key: &str,
+        dataset: &str,
+    ) -> std::collections::BTreeMap<String, Value> {
+        let v: Value = self
+            .get(&format!("/v1/datasets/{dataset}/videos"), key)
+            .await
+            .json()
+            .await
+            .unwrap();
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["path"].as_str().unwrap().to_owned(), x.clone()))
+            .collect()
     }
 }
 

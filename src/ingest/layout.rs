@@ -1,0 +1,338 @@
+//! How an upload's files become labelled videos: a `labels.csv` at the root (`path,label` and
+//! optional `split,patient_id`), or folders per class (`<label>/<file>`, optionally under
+//! `train|val|test/`). A single folder wrapping everything (as zip tools make) is looked through.
+use std::collections::{HashMap, HashSet};
+
+use super::split::Split;
+use crate::media::archive::ExtractedFile;
+
+/// What ingest should do with one path of the upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// Path as shown to the user (inside the upload, wrapper folder removed).
+    pub path: String,
+    pub file: Option<ExtractedFile>,
+    pub label: Option<String>,
+    pub split: Option<Split>,
+    pub patient_id: Option<String>,
+    /// Whether the upload claims this is a video (listed in labels.csv); decides between
+    /// "rejected" and "skipped" when FFmpeg does not recognise it.
+    pub claimed: bool,
+    /// Known before probing: `(status, code, detail)` with status `rejected` or `skipped`.
+    pub verdict: Option<(&'static str, &'static str, String)>,
+    /// A label problem, reported only if the file turns out to be a video.
+    pub label_problem: Option<(&'static str, String)>,
+}
+
+/// The upload cannot be interpreted at all.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LayoutError(pub String);
+
+const LABELS_CSV: &str = "labels.csv";
+
+fn is_system_file(rel: &str) -> bool {
+    let base = rel.rsplit('/').next().unwrap_or(rel);
+    rel.starts_with("__MACOSX/")
+        || base.starts_with("._")
+        || base == ".DS_Store"
+        || base.eq_ignore_ascii_case("thumbs.db")
+        || base.eq_ignore_ascii_case("desktop.ini")
+}
+
+/// Plan every extracted file (and every labels.csv row naming a missing file).
+pub fn plan(
+    files: Vec<ExtractedFile>,
+    classes: Option<&[String]>,
+) -> Result<Vec<Planned>, LayoutError> {
+    let mut out = Vec::new();
+    let mut files: Vec<(String, ExtractedFile)> = files
+        .into_iter()
+        .filter_map(|f| {
+            if is_system_file(&f.rel) {
+                out.push(skipped(
+                    f.rel.clone(),
+                    Some(f),
+                    "system_file",
+                    "operating-system metadata",
+                ));
+                None
+            } else {
+                Some((normalise(&f.rel), f))
+            }
+        })
+        .collect();
+    strip_wrapper(&mut files);
+
+    let label_ok = |label: &str| -> Option<(&'static str, String)> {
+        if label.is_empty() {
+            Some(("missing_label", "no label given".into()))
+        } else if label.len() > 100 {
+            Some(("invalid_label", "labels are at most 100 characters".into()))
+        } else if classes.is_some_and(|c| !c.iter().any(|k| k == label)) {
+            Some((
+                "unknown_label",
+                format!("label `{label}` is not one of the dataset's declared classes"),
+            ))
+        } else {
+            None
+        }
+    };
+
+    if let Some(pos) = files
+        .iter()
+        .position(|(rel, _)| rel.eq_ignore_ascii_case(LABELS_CSV))
+    {
+        let (_, csv_file) = files.swap_remove(pos);
+        let rows = read_labels_csv(&csv_file.path)?;
+        let mut by_path: HashMap<String, ExtractedFile> = files.into_iter().collect();
+        let mut seen = HashSet::new();
+        for row in rows {
+            let path = normalise(&row.path);
+            let mut p = Planned {
+                path: path.clone(),
+                file: by_path.remove(&path),
+                label: Some(row.label.clone()),
+                split: None,
+                patient_id: row.patient_id.filter(|s| !s.is_empty()),
+                claimed: true,
+                verdict: None,
+                label_problem: label_ok(&row.label),
+            };
+            match row
+                .split
+                .as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
+                None => {}
+                Some(s) => match Split::parse(s) {
+                    Some(split) => p.split = Some(split),
+                    None => {
+                        p.label_problem = Some((
+                            "invalid_split",
+                            format!("split `{s}` is not train, val or test"),
+                        ))
+                    }
+                },
+            }
+            if !seen.insert(path.clone()) {
+                // Kept as its own entry (paths are unique per upload), named by its row.
+                p.path = format!("{path} (labels.csv row {})", row.line);
+                p.file = None;
+                p.verdict = Some((
+                    "rejected",
+                    "duplicate_row",
+                    "labels.csv lists this path twice".into(),
+                ));
+            } else if p.file.is_none() {
+                p.verdict = Some((
+                    "rejected",
+                    "missing_file",
+                    "listed in labels.csv but not in the upload".into(),
+                ));
+            }
+            out.push(p);
+        }
+        let mut rest: Vec<_> = by_path.into_iter().collect();
+        rest.sort_by(|a, b| a.0.cmp(&b.0));
+        for (rel, f) in rest {
+            out.push(skipped(
+                rel,
+                Some(f),
+                "not_listed",
+                "not listed in labels.csv",
+            ));
+        }
+        return Ok(out);
+    }
+
+    for (rel, f) in files {
+        let parts: Vec<&str> = rel.split('/').collect();
+        let (split, rest) = match parts.first().and_then(|s| Split::parse(s)) {
+            Some(split) if parts.len() >= 3 => (Some(split), &parts[1..]),
+            _ => (None, &parts[..]),
+        };
+        let (label, label_problem) = if rest.len() >= 2 {
+            let label = rest[0].to_owned();
+            let problem = label_ok(&label);
+            (Some(label), problem)
+        } else {
+            (
+                None,
+                Some((
+                    "missing_label",
+                    "no label: put each video in a folder named after its class, or add labels.csv"
+                        .to_string(),
+                )),
+            )
+        };
+        out.push(Planned {
+            path: rel,
+            file: Some(f),
+            label,
+            split,
+            patient_id: None,
+            claimed: false,
+            verdict: None,
+            label_problem,
+        });
+    }
+    Ok(out)
+}
+
+fn skipped(path: String, file: Option<ExtractedFile>, code: &'static str, detail: &str) -> Planned {
+    Planned {
+        path,
+        file,
+        label: None,
+        split: None,
+        patient_id: None,
+        claimed: false,
+        verdict: Some(("skipped", code, detail.to_owned())),
+        label_problem: None,
+    }
+}
+
+fn normalise(path: &str) -> String {
+    path.trim()
+        .replace('\\', "/")
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Remove a single top-level folder that wraps every file, if there is one.
+fn strip_wrapper(files: &mut [(String, ExtractedFile)]) {
+    let first = match files.first() {
+        Some((rel, _)) => match rel.split_once('/') {
+            Some((top, _)) => top.to_owned(),
+            None => return,
+        },
+        None => return,
+    };
+    if Split::parse(&first).is_some() {
+        return;
+    }
+    let prefix = format!("{first}/");
+    let all_inside = files.iter().all(|(rel, _)| rel.starts_with(&prefix));
+    // A lone class folder is a layout, not a wrapper: only strip when something is left to
+    // label by (a labels.csv or a further folder level).
+    let deeper = files.iter().all(|(rel, _)| {
+        rel[prefix.len()..].contains('/') || rel[prefix.len()..].eq_ignore_ascii_case(LABELS_CSV)
+    });
+    if all_inside && deeper {
+        for (rel, _) in files.iter_mut() {
+            *rel = rel[prefix.len()..].to_owned();
+        }
+    }
+}
+
+struct CsvRow {
+    /// Line number in the file (the header is line 1).
+    line: usize,
+    path: String,
+    label: String,
+    split: Option<String>,
+    patient_id: Option<String>,
+}
+
+fn read_labels_csv(path: &std::path::Path) -> Result<Vec<CsvRow>, LayoutError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .flexible(false)
+        .from_path(path)
+        .map_err(|e| LayoutError(format!("labels.csv cannot be read: {e}")))?;
+    let headers = reader
+        .headers()
+        .map_err(|e| LayoutError(format!("labels.csv has no header row: {e}")))?
+        .clone();
+    let col = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(name))
+    };
+    let (Some(path_col), Some(label_col)) = (col("path"), col("label")) else {
+        return Err(LayoutError(format!(
+            "labels.csv needs the columns `path` and `label` (found: {})",
+            headers.iter().collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let (split_col, patient_col) = (col("split"), col("patient_id"));
+    let mut rows = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let record = record.map_err(|e| LayoutError(format!("labels.csv row {}: {e}", i + 2)))?;
+        let get = |c: Option<usize>| c.and_then(|c| record.get(c)).map(str::to_owned);
+        rows.push(CsvRow {
+            line: i + 2,
+            path: get(Some(path_col)).unwrap_or_default(),
+            label: get(Some(label_col)).unwrap_or_default(),
+            split: get(split_col),
+            patient_id: get(patient_col),
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(rel: &str) -> ExtractedFile {
+        ExtractedFile {
+            rel: rel.into(),
+            path: rel.into(),
+            bytes: 1,
+            sha256: rel.into(),
+        }
+    }
+
+    #[test]
+    fn folders_give_labels_and_splits_and_a_wrapper_is_looked_through() {
+        let planned = plan(
+            vec![
+                file("export/train/polyp/a.mp4"),
+                file("export/val/normal/b.mp4"),
+                file("export/README.txt"),
+                file("__MACOSX/export/._a.mp4"),
+            ],
+            None,
+        )
+        .unwrap();
+        let get = |p: &str| planned.iter().find(|x| x.path == p).unwrap();
+        assert_eq!(get("train/polyp/a.mp4").label.as_deref(), Some("polyp"));
+        assert_eq!(get("train/polyp/a.mp4").split, Some(Split::Train));
+        assert_eq!(get("val/normal/b.mp4").split, Some(Split::Val));
+        assert_eq!(
+            get("README.txt").label_problem.as_ref().unwrap().0,
+            "missing_label"
+        );
+        assert_eq!(
+            planned
+                .iter()
+                .find(|x| x.path.starts_with("__MACOSX"))
+                .unwrap()
+                .verdict
+                .as_ref()
+                .unwrap()
+                .0,
+            "skipped"
+        );
+    }
+
+    #[test]
+    fn declared_classes_reject_unknown_labels() {
+        let classes = vec!["normal".to_string()];
+        let planned = plan(
+            vec![file("tachy/a.mp4"), file("normal/b.mp4")],
+            Some(&classes),
+        )
+        .unwrap();
+        assert_eq!(
+            planned[0].label_problem.as_ref().unwrap().0,
+            "unknown_label"
+        );
+        assert!(planned[1].label_problem.is_none());
+    }
+}

@@ -1,0 +1,146 @@
+//! FFmpeg runs in a child process (`vidtune media-worker`), one video at a time, so a decoder
+//! crash or hang on a hostile file costs that one file, never the API server.
+//!
+//! Protocol: one JSON [`Job`] per line on the child's stdin, one JSON [`Reply`] per line on its
+//! stdout. A child that dies or overruns the deadline is killed and replaced for the next file.
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use super::decode::{CacheSpec, Limits, Rejection, VideoInfo, ingest_video};
+
+/// One video to validate and cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub src: PathBuf,
+    pub cache: PathBuf,
+    pub spec: CacheSpec,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Accepted(VideoInfo),
+    Rejected(Rejection),
+}
+
+/// The child's main loop: answer jobs until stdin closes.
+pub fn serve_stdio() -> anyhow::Result<()> {
+    let stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    for line in stdin.lines() {
+        let job: Job = serde_json::from_str(&line?)?;
+        let reply = match ingest_video(&job.src, &job.cache, &job.spec, &job.limits) {
+            Ok(info) => Reply::Accepted(info),
+            Err(r) => Reply::Rejected(r),
+        };
+        serde_json::to_writer(&mut stdout, &reply)?;
+        stdout.write_all(b"\n")?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+struct Running {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+/// A supervised `vidtune media-worker` child, started on first use.
+pub struct MediaWorker {
+    exe: PathBuf,
+    running: Option<Running>,
+}
+
+impl MediaWorker {
+    /// `exe` is the vidtune binary (the server's own executable).
+    pub fn new(exe: &Path) -> Self {
+        Self {
+            exe: exe.to_path_buf(),
+            running: None,
+        }
+    }
+
+    fn spawn(&self) -> std::io::Result<Running> {
+        let mut child = Command::new(&self.exe)
+            .arg("media-worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        Ok(Running {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Validate and cache one video within `deadline`.
+    pub async fn run(&mut self, job: &Job, deadline: Duration) -> Result<VideoInfo, Rejection> {
+        if self.running.is_none() {
+            self.running = Some(self.spawn().map_err(|e| {
+                Rejection::new("internal", format!("cannot start the media worker: {e}"))
+            })?);
+        }
+        let running = self.running.as_mut().expect("started above");
+        let mut line = serde_json::to_vec(job).expect("job serialises");
+        line.push(b'\n');
+        let exchange = async {
+            running.stdin.write_all(&line).await?;
+            running.stdin.flush().await?;
+            running.stdout.next_line().await
+        };
+        let outcome = tokio::time::timeout(deadline, exchange).await;
+        let reply = match outcome {
+            Ok(Ok(Some(text))) => serde_json::from_str::<Reply>(&text).map_err(|e| {
+                Rejection::new("internal", format!("unreadable media worker reply: {e}"))
+            }),
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let status = self.stop().await;
+                Err(Rejection::new(
+                    "decoder_crashed",
+                    format!("the decoder crashed on this file ({status})"),
+                ))
+            }
+            Err(_) => {
+                self.stop().await;
+                Err(Rejection::new(
+                    "decode_timeout",
+                    format!("decoding took longer than {} s", deadline.as_secs()),
+                ))
+            }
+        };
+        // Whatever the child left behind for a failed file is not a cache.
+        match reply {
+            Ok(Reply::Accepted(info)) => Ok(info),
+            Ok(Reply::Rejected(r)) | Err(r) => {
+                let _ = std::fs::remove_file(&job.cache);
+                let _ = std::fs::remove_file(job.cache.with_extension("part"));
+                Err(r)
+            }
+        }
+    }
+
+    /// Kill the child (if any); describes how it ended.
+    async fn stop(&mut self) -> String {
+        match self.running.take() {
+            Some(mut r) => {
+                let _ = r.child.start_kill();
+                match r.child.wait().await {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                }
+            }
+            None => "not running".into(),
+        }
+    }
+}
