@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::extract::{Json, Path, Query};
-use super::upload::{PartialFile, Received, verify_checksum, write_body, write_field};
+use super::upload::{PartialFile, verify_checksum, write_body, write_field};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
 use crate::app::AppState;
 use crate::db::{self, datasets::Dataset};
@@ -281,38 +281,22 @@ fn content_type(headers: &HeaderMap) -> String {
 /// 202 with the dataset's Location, once the body is safely on disk and ingest has begun.
 async fn accept_upload(
     s: &AppState,
-    caller: &Caller,
-    dataset_id: Uuid,
     receiving: Receiving,
-    upload_id: Uuid,
-    kind: &str,
-    received: &Received,
-    meta: Value,
+    upload: db::datasets::NewUpload<'_>,
 ) -> ApiResult<impl IntoResponse + use<>> {
-    db::datasets::upload_received(
-        &s.db,
-        &db::datasets::NewUpload {
-            id: upload_id,
-            dataset_id,
-            tenant_id: caller.tenant_id,
-            kind,
-            bytes: received.bytes,
-            sha256: &received.sha256,
-            meta: meta.clone(),
-        },
-    )
-    .await?;
+    db::datasets::upload_received(&s.db, &upload).await?;
     receiving.disarm();
+    let dataset_id = upload.dataset_id;
     ingest::spawn(
         s.db.clone(),
         s.settings.data_dir.clone(),
         s.ingest.clone(),
         db::datasets::PendingUpload {
-            id: upload_id,
+            id: upload.id,
             dataset_id,
-            tenant_id: caller.tenant_id,
-            kind: kind.to_owned(),
-            meta,
+            tenant_id: upload.tenant_id,
+            kind: upload.kind.to_owned(),
+            meta: upload.meta,
         },
     );
     Ok((
@@ -321,9 +305,9 @@ async fn accept_upload(
         AuditResource(dataset_id),
         Json(json!({
             "dataset_id": dataset_id,
-            "upload_id": upload_id,
-            "bytes": received.bytes,
-            "sha256": received.sha256,
+            "upload_id": upload.id,
+            "bytes": upload.bytes,
+            "sha256": upload.sha256,
             "status": "processing",
         })),
     ))
@@ -382,17 +366,16 @@ async fn dataset_upload(
         return Err(ApiError::validation("file", "the upload is empty"));
     }
     verify_checksum(&headers, &received)?;
-    let response = accept_upload(
-        &s,
-        &caller,
+    let upload = db::datasets::NewUpload {
+        id: upload_id,
         dataset_id,
-        receiving,
-        upload_id,
-        "archive",
-        &received,
-        json!({}),
-    )
-    .await?;
+        tenant_id: caller.tenant_id,
+        kind: "archive",
+        bytes: received.bytes,
+        sha256: &received.sha256,
+        meta: json!({}),
+    };
+    let response = accept_upload(&s, receiving, upload).await?;
     partial.keep();
     Ok(response)
 }
@@ -471,17 +454,16 @@ async fn video_create(
     }
     verify_checksum(&headers, &received)?;
     let meta = video_meta(fields)?;
-    let response = accept_upload(
-        &s,
-        &caller,
+    let upload = db::datasets::NewUpload {
+        id: upload_id,
         dataset_id,
-        receiving,
-        upload_id,
-        "video",
-        &received,
-        serde_json::to_value(meta).expect("serialises"),
-    )
-    .await?;
+        tenant_id: caller.tenant_id,
+        kind: "video",
+        bytes: received.bytes,
+        sha256: &received.sha256,
+        meta: serde_json::to_value(meta).expect("serialises"),
+    };
+    let response = accept_upload(&s, receiving, upload).await?;
     partial.keep();
     Ok(response)
 }

@@ -216,13 +216,17 @@ fn strip_wrapper(files: &mut [(String, ExtractedFile)]) {
         return;
     }
     let prefix = format!("{first}/");
-    let all_inside = files.iter().all(|(rel, _)| rel.starts_with(&prefix));
+    let inner: Option<Vec<&str>> = files
+        .iter()
+        .map(|(rel, _)| rel.strip_prefix(&prefix))
+        .collect();
+    let Some(inner) = inner else { return };
     // A lone class folder is a layout, not a wrapper: only strip when something is left to
     // label by (a labels.csv or a further folder level).
-    let deeper = files.iter().all(|(rel, _)| {
-        rel[prefix.len()..].contains('/') || rel[prefix.len()..].eq_ignore_ascii_case(LABELS_CSV)
-    });
-    if all_inside && deeper {
+    if inner
+        .iter()
+        .any(|r| r.contains('/') || r.eq_ignore_ascii_case(LABELS_CSV))
+    {
         for (rel, _) in files.iter_mut() {
             *rel = rel[prefix.len()..].to_owned();
         }
@@ -300,7 +304,12 @@ mod tests {
             None,
         )
         .unwrap();
-        let get = |p: &str| planned.iter().find(|x| x.path == p).unwrap();
+        let get = |p: &str| {
+            planned
+                .iter()
+                .find(|x| x.path == p)
+                .unwrap_or_else(|| panic!("{p} not in {planned:?}"))
+        };
         assert_eq!(get("train/polyp/a.mp4").label.as_deref(), Some("polyp"));
         assert_eq!(get("train/polyp/a.mp4").split, Some(Split::Train));
         assert_eq!(get("val/normal/b.mp4").split, Some(Split::Val));
