@@ -144,3 +144,58 @@ impl MediaWorker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        let p = dir.join("fake-vidtune");
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn job(dir: &Path) -> Job {
+        Job {
+            src: dir.join("in.mp4"),
+            cache: dir.join("out.vtc"),
+            spec: CacheSpec::default(),
+            limits: Limits::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crashing_decoder_costs_one_file_and_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        // Dies on the first job, as a decoder hitting a segfault would.
+        let exe = script(dir.path(), "read line; kill -SEGV $$");
+        let mut w = MediaWorker::new(&exe);
+        let r = w
+            .run(&job(dir.path()), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(r.code, "decoder_crashed", "{r:?}");
+        // The next file gets a fresh child.
+        let r = w
+            .run(&job(dir.path()), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(r.code, "decoder_crashed");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_decoder_is_killed_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = script(dir.path(), "read line; sleep 60");
+        let mut w = MediaWorker::new(&exe);
+        let started = std::time::Instant::now();
+        let r = w
+            .run(&job(dir.path()), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(r.code, "decode_timeout");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
