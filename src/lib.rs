@@ -4,6 +4,7 @@
 //! `db`, `media` and `backbone` at the bottom; nothing below imports from above.
 pub mod app;
 pub mod auth;
+pub mod backbone;
 pub mod cli;
 pub mod config;
 pub mod db;
