@@ -5,7 +5,8 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::app::{Application, shutdown_signal};
-use crate::config::{Cli, Command, KeysCommand, Settings};
+use crate::backbone::Arch;
+use crate::config::{Cli, Command, KeysCommand, Settings, WeightsCommand};
 use crate::{auth, db, doctor, telemetry, worker};
 
 /// Parse arguments, run the command, map errors to exit code 1.
@@ -16,6 +17,18 @@ pub fn main() -> ExitCode {
         return match crate::media::worker::serve_stdio() {
             Ok(()) => ExitCode::SUCCESS,
             Err(_) => ExitCode::FAILURE,
+        };
+    }
+    if let Command::InspectTorchscript { path, frames, crop } = &cli.command {
+        return match crate::registry::inspect_torchscript_here(path, *frames, *crop) {
+            Ok(r) => {
+                println!("{}", serde_json::to_string(&r).expect("serialises"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
         };
     }
     telemetry::init(cli.log_format);
@@ -72,7 +85,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Keys { command } => return keys(command).await,
         Command::Doctor(args) => print!("{}", doctor::report(args.database_url.as_deref()).await),
-        Command::MediaWorker => unreachable!("handled before the runtime starts"),
+        Command::Weights { command } => weights(command).await?,
+        Command::MediaWorker | Command::InspectTorchscript { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -132,4 +148,71 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+fn parse_arch(name: &str) -> anyhow::Result<Arch> {
+    Arch::parse(name).ok_or_else(|| {
+        let names: Vec<_> = Arch::ALL.iter().map(|a| a.name()).collect();
+        anyhow::anyhow!(
+            "unknown architecture `{name}` (one of: {})",
+            names.join(", ")
+        )
+    })
+}
+
+async fn weights(command: WeightsCommand) -> anyhow::Result<()> {
+    match command {
+        WeightsCommand::Import {
+            arch,
+            file,
+            data_dir,
+            db: dbargs,
+        } => {
+            let arch = parse_arch(&arch)?;
+            let pool = db::connect(&dbargs.database_url, 2).await?;
+            db::migrate(&pool).await?;
+            let source = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let w = crate::registry::import_weights(&pool, &data_dir, arch, &file, &source).await?;
+            println!(
+                "imported {} weights: {} tensors, sha256 {}",
+                w.arch, w.tensors, w.sha256
+            );
+        }
+        WeightsCommand::Pull {
+            arch,
+            data_dir,
+            db: dbargs,
+        } => {
+            let arch = parse_arch(&arch)?;
+            let pool = db::connect(&dbargs.database_url, 2).await?;
+            db::migrate(&pool).await?;
+            let w = crate::registry::pull_weights(&pool, &data_dir, arch).await?;
+            println!(
+                "installed {} weights ({}): sha256 {}",
+                w.arch,
+                arch.pretrained_on(),
+                w.sha256
+            );
+        }
+        WeightsCommand::List { db: dbargs } => {
+            let pool = db::connect(&dbargs.database_url, 2).await?;
+            let installed = db::base_models::latest_weights(&pool).await?;
+            for arch in Arch::ALL {
+                let w = installed.iter().find(|w| w.arch == arch.name());
+                println!(
+                    "{:<12} {:<13} {}",
+                    arch.name(),
+                    arch.pretrained_on(),
+                    w.map_or("not installed".to_string(), |w| format!(
+                        "installed, sha256 {}",
+                        &w.sha256[..16]
+                    ))
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -41,9 +41,53 @@ pub enum Command {
     },
     /// Print libtorch, CUDA, FFmpeg and database facts for troubleshooting.
     Doctor(DoctorArgs),
+    /// Install pretrained weights for the built-in architectures.
+    Weights {
+        #[command(subcommand)]
+        command: WeightsCommand,
+    },
     /// Internal: decode videos for the server, isolated in a child process (JSON lines on stdio).
     #[command(hide = true)]
     MediaWorker,
+    /// Internal: try a TorchScript backbone on a zero clip in a child process; prints JSON.
+    #[command(hide = true)]
+    InspectTorchscript {
+        path: PathBuf,
+        #[arg(long)]
+        frames: i64,
+        #[arg(long)]
+        crop: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WeightsCommand {
+    /// Import a torchvision-format checkpoint (.pth/.pt from torch.save, or .safetensors).
+    Import {
+        /// Architecture: r3d_18, mc3_18, r2plus1d_18, resnet18, resnet50, vgg16.
+        arch: String,
+        /// The checkpoint file, e.g. r2plus1d_18-91a641e6.pth.
+        file: PathBuf,
+        /// Directory shared with the API server.
+        #[arg(long, env = "VIDTUNE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Download the official torchvision checkpoint (needs internet and curl), check the hash
+    /// prefix in its file name, and import it.
+    Pull {
+        arch: String,
+        #[arg(long, env = "VIDTUNE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List the architectures and their installed weights.
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+    },
 }
 
 /// Connection to PostgreSQL.

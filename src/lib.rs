@@ -12,5 +12,6 @@ pub mod doctor;
 pub mod http;
 pub mod ingest;
 pub mod media;
+pub mod registry;
 pub mod telemetry;
 pub mod worker;

@@ -17,29 +17,12 @@ use vidtune::backbone::{
 
 const TOLERANCE: f64 = 1e-4;
 
+#[path = "fixtures/models.rs"]
+mod models;
+
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity");
-        if !dir.join("STAMP").exists() {
-            let venv = std::env::var("VIDTUNE_TORCH_VENV").unwrap_or_else(|_| {
-                format!(
-                    "{}/.cache/vidtune/torch-2.11.0",
-                    std::env::var("HOME").unwrap()
-                )
-            });
-            let status = std::process::Command::new(format!("{venv}/bin/python"))
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/fixtures/parity.py"
-                ))
-                .arg(&dir)
-                .status()
-                .expect("the PyTorch venv from scripts/setup (set VIDTUNE_TORCH_VENV)");
-            assert!(status.success(), "making parity fixtures failed");
-        }
-        dir
-    })
+    DIR.get_or_init(|| models::ensure(Path::new(env!("CARGO_TARGET_TMPDIR")).join("parity"), &[]))
 }
 
 fn io(arch: &str) -> HashMap<String, Tensor> {
@@ -58,7 +41,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn model(arch: Arch) -> (VarStore, VideoClassifier) {
     let path = fixtures().join(format!("{}.pth", arch.name()));
     let vs = VarStore::new(Device::Cpu);
-    let mut m = VideoClassifier::new(&vs.root(), arch, 7, &HeadSpec::default(), Freeze::Full);
+    let mut m =
+        VideoClassifier::new(&vs.root(), arch, 7, &HeadSpec::default(), Freeze::Full).unwrap();
     // The reference turns VGG's dropout off so a training-mode forward is deterministic.
     m.set_backbone_dropout(0.0);
     let backbone = read_backbone_weights(arch, &path).unwrap();
@@ -186,4 +170,45 @@ fn wrong_checkpoints_are_refused_with_the_key_named() {
     let junk = dir.path().join("junk.pth");
     std::fs::write(&junk, b"definitely not a checkpoint").unwrap();
     assert!(read_backbone_weights(Arch::Resnet18, &junk).is_err());
+}
+
+#[test]
+fn a_torchscript_backbone_can_be_frozen_or_fine_tuned() {
+    use vidtune::backbone::Base;
+    let path = fixtures().join("tiny_backbone.pt");
+    let base = Base::TorchScript {
+        path,
+        feature_dim: 16,
+    };
+    let x = Tensor::randn([2, 3, 4, 16, 16], (tch::Kind::Float, Device::Cpu));
+
+    let vs = VarStore::new(Device::Cpu);
+    let frozen = VideoClassifier::new(
+        &vs.root(),
+        base.clone(),
+        3,
+        &HeadSpec::default(),
+        Freeze::HeadOnly,
+    )
+    .unwrap();
+    let (backbone, head) = frozen.trainable_groups(&vs);
+    assert!(backbone.is_empty());
+    assert_eq!(head.len(), 2);
+    assert_eq!(frozen.forward_t(&x, true).size(), [2, 3]);
+
+    let vs = VarStore::new(Device::Cpu);
+    let tuned =
+        VideoClassifier::new(&vs.root(), base, 3, &HeadSpec::default(), Freeze::Full).unwrap();
+    let (backbone, _) = tuned.trainable_groups(&vs);
+    assert!(!backbone.is_empty(), "the module's parameters train");
+    let before: Vec<Tensor> = backbone.iter().map(Tensor::copy).collect();
+    let mut opt = tch::nn::OptimizerConfig::build(tch::nn::Sgd::default(), &vs, 0.1).unwrap();
+    let loss = tuned
+        .forward_t(&x, true)
+        .cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 2]));
+    opt.backward_step(&loss);
+    assert!(
+        backbone.iter().zip(&before).any(|(a, b)| !a.equal(b)),
+        "a training step moved the backbone"
+    );
 }

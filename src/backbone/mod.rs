@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
+pub mod export;
 pub mod image;
 pub mod pth;
 pub mod video_resnet;
@@ -213,6 +214,42 @@ enum Net {
     Video(VideoResNet),
     Res2d(ResNet2d),
     Vgg(Vgg16),
+    /// A user's TorchScript module; train/eval mode is switched per forward.
+    Script(std::cell::RefCell<tch::TrainableCModule>),
+}
+
+/// What a classifier is built on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Base {
+    Builtin(Arch),
+    /// A TorchScript module: `[N, 3, T, H, W]` float → `[N, feature_dim]`.
+    TorchScript {
+        path: std::path::PathBuf,
+        feature_dim: i64,
+    },
+}
+
+impl From<Arch> for Base {
+    fn from(a: Arch) -> Self {
+        Base::Builtin(a)
+    }
+}
+
+impl Base {
+    pub fn feature_dim(&self) -> i64 {
+        match self {
+            Base::Builtin(a) => a.feature_dim(),
+            Base::TorchScript { feature_dim, .. } => *feature_dim,
+        }
+    }
+
+    /// Freezable stages; a TorchScript module is one stage (`backbone`).
+    pub fn stages(&self) -> &'static [&'static str] {
+        match self {
+            Base::Builtin(a) => a.stages(),
+            Base::TorchScript { .. } => &["backbone"],
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -224,7 +261,7 @@ enum Head {
 /// Backbone + head: `[N, 3, T, H, W]` → logits `[N, classes]`.
 #[derive(Debug)]
 pub struct VideoClassifier {
-    pub arch: Arch,
+    pub base: Base,
     net: Net,
     head: Head,
     /// Per stage: does it train? Frozen stages keep BatchNorm in eval mode.
@@ -234,16 +271,29 @@ pub struct VideoClassifier {
 impl VideoClassifier {
     /// Build the model under `root` of a var store. Parameter names equal torchvision's (the
     /// head is `fc`, or `head.0`, `head.1`, … for an MLP).
-    pub fn new(root: &nn::Path, arch: Arch, classes: i64, head: &HeadSpec, freeze: Freeze) -> Self {
-        let net = match arch {
-            Arch::R3d18 => Net::Video(VideoResNet::new(root, Variant::R3d18)),
-            Arch::Mc318 => Net::Video(VideoResNet::new(root, Variant::Mc3_18)),
-            Arch::R2plus1d18 => Net::Video(VideoResNet::new(root, Variant::R2Plus1d18)),
-            Arch::Resnet18 => Net::Res2d(ResNet2d::resnet18(root)),
-            Arch::Resnet50 => Net::Res2d(ResNet2d::resnet50(root)),
-            Arch::Vgg16 => Net::Vgg(Vgg16::new(root)),
+    pub fn new(
+        root: &nn::Path,
+        base: impl Into<Base>,
+        classes: i64,
+        head: &HeadSpec,
+        freeze: Freeze,
+    ) -> anyhow::Result<Self> {
+        let base = base.into();
+        let net = match &base {
+            Base::Builtin(Arch::R3d18) => Net::Video(VideoResNet::new(root, Variant::R3d18)),
+            Base::Builtin(Arch::Mc318) => Net::Video(VideoResNet::new(root, Variant::Mc3_18)),
+            Base::Builtin(Arch::R2plus1d18) => {
+                Net::Video(VideoResNet::new(root, Variant::R2Plus1d18))
+            }
+            Base::Builtin(Arch::Resnet18) => Net::Res2d(ResNet2d::resnet18(root)),
+            Base::Builtin(Arch::Resnet50) => Net::Res2d(ResNet2d::resnet50(root)),
+            Base::Builtin(Arch::Vgg16) => Net::Vgg(Vgg16::new(root)),
+            Base::TorchScript { path, .. } => Net::Script(std::cell::RefCell::new(
+                tch::TrainableCModule::load(path, root / "backbone")
+                    .with_context(|| format!("loading TorchScript backbone {}", path.display()))?,
+            )),
         };
-        let dim = arch.feature_dim();
+        let dim = base.feature_dim();
         let head = match head {
             HeadSpec::Linear { dropout } => Head::Linear(
                 nn::linear(root / "fc", dim, classes, Default::default()),
@@ -259,18 +309,18 @@ impl VideoClassifier {
                 Head::Mlp(layers, *dropout)
             }
         };
-        let n = arch.stages().len();
+        let n = base.stages().len();
         let first_trainable = match freeze {
             Freeze::HeadOnly => n,
             Freeze::LastStages { stages } => n.saturating_sub(stages),
             Freeze::Full => 0,
         };
-        Self {
-            arch,
+        Ok(Self {
+            base,
             net,
             head,
             trainable: (0..n).map(|i| i >= first_trainable).collect(),
-        }
+        })
     }
 
     /// Dropout inside the backbone (VGG-16's fc6/fc7; torchvision uses 0.5). Other
@@ -288,6 +338,16 @@ impl VideoClassifier {
             Net::Video(m) => m.features(x, std::array::from_fn(stage)),
             Net::Res2d(m) => per_frame(x, |f| m.features(f, std::array::from_fn(stage))),
             Net::Vgg(m) => per_frame(x, |f| m.features(f, stage(5))),
+            Net::Script(m) => {
+                let mut m = m.borrow_mut();
+                if stage(0) {
+                    m.set_train();
+                } else {
+                    m.set_eval();
+                }
+                m.forward_ts(&[x])
+                    .expect("TorchScript backbone forward (checked at registration)")
+            }
         }
     }
 
@@ -311,7 +371,7 @@ impl VideoClassifier {
 
     /// Whether a parameter belongs to a frozen stage.
     pub fn is_frozen(&self, name: &str) -> bool {
-        self.arch
+        self.base
             .stages()
             .iter()
             .zip(&self.trainable)
@@ -367,7 +427,8 @@ impl ModuleT for VideoClassifier {
 /// The backbone parameter names and shapes an architecture expects (head excluded).
 pub fn expected_backbone(arch: Arch) -> Vec<(String, Vec<i64>)> {
     let vs = nn::VarStore::new(Device::Cpu);
-    let _model = VideoClassifier::new(&vs.root(), arch, 2, &HeadSpec::default(), Freeze::Full);
+    let _model = VideoClassifier::new(&vs.root(), arch, 2, &HeadSpec::default(), Freeze::Full)
+        .expect("built-in architectures always build");
     let mut out: Vec<(String, Vec<i64>)> = vs
         .variables()
         .into_iter()
@@ -446,4 +507,120 @@ pub fn load_into(vs: &nn::VarStore, tensors: &[(String, Tensor)]) -> anyhow::Res
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(arch: Arch, head: HeadSpec, freeze: Freeze) -> (nn::VarStore, VideoClassifier) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = VideoClassifier::new(&vs.root(), arch, 3, &head, freeze).unwrap();
+        (vs, m)
+    }
+
+    fn trainable_names(vs: &nn::VarStore) -> Vec<String> {
+        let mut v: Vec<String> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(n, _)| n)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn head_only_trains_just_the_head() {
+        let (vs, m) = build(Arch::R3d18, HeadSpec::default(), Freeze::HeadOnly);
+        let (backbone, head) = m.trainable_groups(&vs);
+        assert!(backbone.is_empty());
+        assert_eq!(head.len(), 2);
+        assert_eq!(trainable_names(&vs), ["fc.bias", "fc.weight"]);
+    }
+
+    #[test]
+    fn last_stages_trains_the_top_of_the_backbone() {
+        let (vs, m) = build(
+            Arch::R2plus1d18,
+            HeadSpec::default(),
+            Freeze::LastStages { stages: 1 },
+        );
+        let (backbone, _) = m.trainable_groups(&vs);
+        let names = trainable_names(&vs);
+        assert!(!backbone.is_empty());
+        assert!(
+            names
+                .iter()
+                .all(|n| n.starts_with("layer4.") || n.starts_with("fc.")),
+            "{names:?}"
+        );
+        assert!(names.iter().any(|n| n.starts_with("layer4.")));
+
+        let (vs, m) = build(
+            Arch::Vgg16,
+            HeadSpec::default(),
+            Freeze::LastStages { stages: 2 },
+        );
+        m.trainable_groups(&vs);
+        let names = trainable_names(&vs);
+        assert!(names.contains(&"features.28.weight".to_string()));
+        assert!(names.contains(&"classifier.0.weight".to_string()));
+        assert!(!names.contains(&"features.21.weight".to_string()));
+    }
+
+    #[test]
+    fn frozen_batchnorm_keeps_its_statistics_in_a_training_forward() {
+        let (vs, m) = build(
+            Arch::Resnet18,
+            HeadSpec::default(),
+            Freeze::LastStages { stages: 1 },
+        );
+        m.trainable_groups(&vs);
+        let before = |name: &str| vs.variables()[name].copy();
+        let frozen = before("layer1.0.bn1.running_mean");
+        let trained = before("layer4.0.bn1.running_mean");
+        let x = Tensor::randn([2, 3, 2, 32, 32], (Kind::Float, Device::Cpu));
+        let _ = m.forward_t(&x, true);
+        let vars = vs.variables();
+        assert!(
+            vars["layer1.0.bn1.running_mean"].equal(&frozen),
+            "frozen BN updated its stats"
+        );
+        assert!(
+            !vars["layer4.0.bn1.running_mean"].equal(&trained),
+            "trainable BN did not update"
+        );
+    }
+
+    #[test]
+    fn mlp_head_has_the_requested_layers() {
+        let head = HeadSpec::Mlp {
+            hidden: vec![256, 128],
+            dropout: 0.5,
+        };
+        let (vs, m) = build(Arch::Mc318, head, Freeze::Full);
+        let vars = vs.variables();
+        assert_eq!(vars["head.0.weight"].size(), [256, 512]);
+        assert_eq!(vars["head.1.weight"].size(), [128, 256]);
+        assert_eq!(vars["head.2.weight"].size(), [3, 128]);
+        let x = Tensor::randn([2, 3, 4, 32, 32], (Kind::Float, Device::Cpu));
+        assert_eq!(m.forward_t(&x, false).size(), [2, 3]);
+        let (_, head) = m.trainable_groups(&vs);
+        assert_eq!(head.len(), 6);
+    }
+
+    #[test]
+    fn specs_follow_torchvision() {
+        let v = Arch::R2plus1d18.preprocessing();
+        assert_eq!((v.frames, v.crop, v.resize), (16, 112, [128, 171]));
+        assert_eq!(v.mean, [0.43216, 0.394666, 0.37645]);
+        let i = Arch::Resnet50.preprocessing();
+        assert_eq!((i.crop, i.mean), (224, [0.485, 0.456, 0.406]));
+        for a in Arch::ALL {
+            assert_eq!(Arch::parse(a.name()), Some(a));
+            let file = a.official_weights().rsplit('/').next().unwrap();
+            assert!(file.starts_with(a.name()), "{file}");
+        }
+    }
 }

@@ -7,6 +7,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 
 pub mod audit;
+pub mod base_models;
 pub mod datasets;
 pub mod tenants;
 

@@ -24,6 +24,7 @@ use crate::db;
 
 pub mod admin;
 pub mod auth;
+pub mod base_models;
 pub mod datasets;
 pub mod error;
 pub mod extract;
@@ -151,7 +152,7 @@ impl Routes {
 /// Build the whole application router. Returns the declared `/v1` operations alongside.
 pub fn router(state: AppState, settings: &Settings) -> (Router, Vec<Operation>) {
     let routes = Routes::new(state.clone(), settings.request_timeout);
-    let routes = datasets::routes(admin::routes(routes));
+    let routes = base_models::routes(datasets::routes(admin::routes(routes)));
     let Routes { router, ops, .. } = routes;
 
     let app = Router::new()

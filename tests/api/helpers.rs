@@ -179,3 +179,14 @@ pub async fn assert_problem(resp: Response, status: u16, code: &str) -> Value {
     assert_eq!(body["request_id"], header_id.as_str(), "{body}");
     body
 }
+
+/// Reference checkpoints and TorchScript modules (only the small ones the API tests need).
+pub fn model_fixtures() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        crate::models::ensure(
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("api-models"),
+            &["r3d_18", "resnet18"],
+        )
+    })
+}

@@ -2,9 +2,12 @@
 //! (`#[sqlx::test]`) and its own server on a free port.
 mod helpers;
 mod media;
+#[path = "../fixtures/models.rs"]
+mod models;
 
 mod audit;
 mod auth;
+mod base_models;
 mod datasets;
 mod health;
 mod openapi;

@@ -1,0 +1,231 @@
+//! Base models: the built-in architectures with their input specs and installed weights,
+//! pretrained weight import (admin), and tenants' own TorchScript backbones.
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::Serialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::extract::{Json, Path};
+use super::upload::{PartialFile, write_body, write_field};
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Routes};
+use crate::app::AppState;
+use crate::backbone::{Arch, Preprocessing};
+use crate::db;
+use crate::registry::{self, ImportError};
+
+pub fn routes(r: Routes) -> Routes {
+    r.op(
+        Method::GET,
+        "/v1/base-models",
+        "base_model_list",
+        Access::Tenant,
+        base_model_list,
+    )
+    .upload_op(
+        Method::POST,
+        "/v1/base-models",
+        "base_model_create",
+        Access::Tenant,
+        base_model_create,
+    )
+    .upload_op(
+        Method::POST,
+        "/v1/base-models/{arch}/weights",
+        "weights_import",
+        Access::Admin,
+        weights_import,
+    )
+}
+
+impl From<ImportError> for ApiError {
+    fn from(e: ImportError) -> Self {
+        match e {
+            ImportError::Invalid(msg) => ApiError::new(ErrorCode::InvalidModelFile, msg),
+            ImportError::Other(e) => ApiError::internal(e),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Items<T> {
+    items: Vec<T>,
+}
+
+/// Built-in architectures first, then the tenant's TorchScript backbones.
+async fn base_model_list(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Items<Value>>> {
+    let installed = db::base_models::latest_weights(&s.db).await?;
+    let mut items: Vec<Value> = Arch::ALL
+        .iter()
+        .map(|a| {
+            let w = installed.iter().find(|w| w.arch == a.name());
+            json!({
+                "name": a.name(),
+                "kind": "builtin",
+                "family": if a.is_video() { "video" } else { "image_tsn" },
+                "pretrained_on": a.pretrained_on(),
+                "feature_dim": a.feature_dim(),
+                "stages": a.stages().len(),
+                "preprocessing": a.preprocessing(),
+                "weights": {
+                    "installed": w.is_some(),
+                    "sha256": w.map(|w| w.sha256.clone()),
+                    "source": w.map(|w| w.source.clone()),
+                    "official_url": a.official_weights(),
+                },
+            })
+        })
+        .collect();
+    for b in db::base_models::list_custom(&s.db, caller.tenant_id).await? {
+        items.push(json!({
+            "name": b.name,
+            "id": b.id,
+            "kind": "torchscript",
+            "description": b.description,
+            "feature_dim": b.feature_dim,
+            "stages": 1,
+            "preprocessing": b.preprocessing,
+            "sha256": b.sha256,
+            "weights": { "installed": true },
+        }));
+    }
+    Ok(Json(Items { items }))
+}
+
+/// Install pretrained weights for a built-in architecture: the body is a torchvision-format
+/// `.pth` or a `.safetensors` file (raw, or multipart field `file`).
+async fn weights_import(
+    State(s): State<AppState>,
+    Path(arch): Path<String>,
+    req: Request,
+) -> ApiResult<impl IntoResponse> {
+    let arch = Arch::parse(&arch).ok_or_else(|| ApiError::not_found("base model"))?;
+    let tmp = s
+        .settings
+        .data_dir
+        .join("weights")
+        .join("incoming")
+        .join(Uuid::new_v4().to_string());
+    let _cleanup = PartialFile::new(tmp.clone());
+    let (received, name) = receive_file(&s, req, &tmp).await?;
+    let source = name.unwrap_or_else(|| format!("upload {}", &received.sha256[..12]));
+    let w = registry::import_weights(&s.db, &s.settings.data_dir, arch, &tmp, &source).await?;
+    Ok((StatusCode::CREATED, AuditResource(w.id), Json(w)))
+}
+
+/// Stream a raw body or multipart field `file` to `dest`; returns it and its file name.
+/// Other multipart fields are returned through `fields` when given.
+async fn receive_file(
+    s: &AppState,
+    req: Request,
+    dest: &std::path::Path,
+) -> ApiResult<(super::upload::Received, Option<String>)> {
+    receive_with_fields(s, req, dest, &mut Vec::new()).await
+}
+
+async fn receive_with_fields(
+    s: &AppState,
+    req: Request,
+    dest: &std::path::Path,
+    fields: &mut Vec<(String, String)>,
+) -> ApiResult<(super::upload::Received, Option<String>)> {
+    let cap = s.settings.max_video_bytes;
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    if !multipart {
+        let got = write_body(req.into_body(), dest, cap).await?;
+        if got.bytes == 0 {
+            return Err(ApiError::validation("file", "the body is empty"));
+        }
+        return Ok((got, None));
+    }
+    let mut form = Multipart::from_request(req, s)
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut got = None;
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?
+    {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "file" && got.is_none() {
+            let file_name = field.file_name().map(str::to_owned);
+            got = Some((write_field(field, dest, cap).await?, file_name));
+        } else {
+            let text = field
+                .text()
+                .await
+                .map_err(|e| ApiError::bad_request(e.body_text()))?;
+            fields.push((name, text));
+        }
+    }
+    let got =
+        got.ok_or_else(|| ApiError::validation("file", "the multipart body has no `file` field"))?;
+    if got.0.bytes == 0 {
+        return Err(ApiError::validation("file", "the file is empty"));
+    }
+    Ok(got)
+}
+
+/// Register a TorchScript backbone: multipart `file` (from `torch.jit.trace`/`script`), `name`,
+/// optional `description` and `preprocessing` (JSON). Contract: input `[N, 3, T, H, W]` float,
+/// output `[N, D]` features.
+async fn base_model_create(
+    State(s): State<AppState>,
+    caller: Caller,
+    req: Request,
+) -> ApiResult<impl IntoResponse> {
+    let id = Uuid::new_v4();
+    let rel = std::path::Path::new("backbones").join(format!("{id}.pt"));
+    let dest = s.settings.data_dir.join(&rel);
+    let partial = PartialFile::new(dest.clone());
+    let mut fields = Vec::new();
+    let (received, _) = receive_with_fields(&s, req, &dest, &mut fields).await?;
+    let field = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let name = field("name").unwrap_or_default().trim().to_owned();
+    if name.is_empty() || name.len() > 100 || Arch::parse(&name).is_some() {
+        return Err(ApiError::validation(
+            "name",
+            "1 to 100 characters, not the name of a built-in architecture",
+        ));
+    }
+    let description = field("description").unwrap_or_default();
+    let prep: Preprocessing = match field("preprocessing") {
+        None => Arch::R2plus1d18.preprocessing(),
+        Some(text) => serde_json::from_str(&text).map_err(|e| {
+            ApiError::validation("preprocessing", format!("invalid preprocessing spec: {e}"))
+        })?,
+    };
+    if !(1..=256).contains(&prep.frames) || !(16..=1024).contains(&prep.crop) {
+        return Err(ApiError::validation(
+            "preprocessing",
+            "frames 1–256 and crop 16–1024",
+        ));
+    }
+    let inspected = registry::inspect_torchscript(&s.ingest.media_worker_exe, &dest, &prep).await?;
+    let b = db::base_models::insert_custom(
+        &s.db,
+        &db::base_models::NewCustomBackbone {
+            id,
+            tenant_id: caller.tenant_id,
+            name: &name,
+            description: &description,
+            feature_dim: inspected.feature_dim as i32,
+            preprocessing: serde_json::to_value(&prep).expect("serialises"),
+            sha256: &received.sha256,
+            path: &rel.to_string_lossy(),
+        },
+    )
+    .await
+    .map_err(|e| super::admin::on_unique(e, "a base model with this name already exists"))?;
+    partial.keep();
+    Ok((StatusCode::CREATED, AuditResource(b.id), Json(b)))
+}
