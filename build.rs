@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/shim/shim.cpp");
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
         return;
     }
@@ -20,6 +21,7 @@ fn main() {
         "cargo:rustc-env=VIDTUNE_LIBTORCH_VERSION={}",
         libtorch_version(&lib).unwrap_or_else(|| "unknown".into())
     );
+    compile_shim(&lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     for name in ["torch_cuda", "torch_cpu", "torch", "c10_cuda", "c10"] {
@@ -43,4 +45,22 @@ fn libtorch_version(lib: &std::path::Path) -> Option<String> {
     std::fs::read_to_string(root.join("build-version"))
         .ok()
         .map(|v| v.trim().to_string())
+}
+
+/// Compile `src/shim/shim.cpp` against the same libtorch headers.
+fn compile_shim(lib: &std::path::Path) {
+    let root = lib.parent().expect("libtorch lib dir has a parent");
+    let include = root.join("include");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        // PyTorch wheels and libtorch 2.11 use the C++11 ABI.
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("src/shim/shim.cpp")
+        .compile("vidtune_shim");
 }

@@ -1,0 +1,84 @@
+// vidtune's few additions to what tch exposes of libtorch.
+//
+// Tracing a classifier into a TorchScript module whose weights are module attributes:
+// tch's tracer bakes captured tensors into the graph as constants, which libtorch can save but
+// not load again. Here every parameter and buffer is registered on the module first and mapped
+// to a `prim::GetAttr` of `self` before tracing, as `torch.jit.trace` does for nn.Modules.
+#include <torch/script.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <torch/csrc/jit/passes/fixup_trace_scope_blocks.h>
+#include <torch/csrc/jit/passes/normalize_ops.h>
+
+#include <cstring>
+#include <string>
+
+namespace {
+char *copy_message(const std::exception &e) {
+  const char *msg = e.what();
+  char *out = static_cast<char *>(std::malloc(std::strlen(msg) + 1));
+  if (out != nullptr) std::strcpy(out, msg);
+  return out;
+}
+}  // namespace
+
+extern "C" {
+
+// Start tracing. `params` are the classifier's tensors, `names` their attribute names (no dots);
+// `input` is the example clip. Returns the module being built, or null with `*err` set.
+void *vidtune_trace_begin(const char *module_name, torch::Tensor **params, const char **names,
+                          int nparams, torch::Tensor *input, char **err) {
+  *err = nullptr;
+  try {
+    if (torch::jit::tracer::isTracing()) throw std::runtime_error("cannot nest tracing calls");
+    auto *module = new torch::jit::Module(module_name);
+    for (int i = 0; i < nparams; ++i) {
+      module->register_buffer(names[i], params[i]->detach());
+    }
+    auto state = std::make_shared<torch::jit::tracer::TracingState>();
+    torch::jit::tracer::setTracingState(state);
+    auto *self = state->graph->insertInput(0, "self")->setType(module->_ivalue()->type());
+    for (int i = 0; i < nparams; ++i) {
+      auto *value = state->graph->insertGetAttr(self, names[i]);
+      state->setValue(*params[i], value);
+    }
+    auto *x = state->graph->addInput("x");
+    x->setType(torch::jit::TensorType::get());
+    state->setValue(*input, x);
+    return module;
+  } catch (const std::exception &e) {
+    torch::jit::tracer::abandon();
+    *err = copy_message(e);
+    return nullptr;
+  }
+}
+
+// Finish tracing with `output` as the result of `forward` and save the module to `path`.
+// Frees the module. Returns 0, or -1 with `*err` set.
+int vidtune_trace_end_and_save(void *module_ptr, torch::Tensor *output, const char *path,
+                               char **err) {
+  *err = nullptr;
+  auto *module = static_cast<torch::jit::Module *>(module_ptr);
+  try {
+    auto state = torch::jit::tracer::getTracingState();
+    if (state == nullptr) throw std::runtime_error("not tracing");
+    state->graph->registerOutput(state->getOutput(*output, 0));
+    torch::jit::FixupTraceScopeBlocks(state->graph, module);
+    torch::jit::NormalizeOps(state->graph);
+    torch::jit::tracer::setTracingState(nullptr);
+    auto fn = module->_ivalue()->compilation_unit()->create_function("forward", state->graph);
+    module->type()->addMethod(fn);
+    module->eval();
+    module->save(path);
+    delete module;
+    return 0;
+  } catch (const std::exception &e) {
+    torch::jit::tracer::abandon();
+    delete module;
+    *err = copy_message(e);
+    return -1;
+  }
+}
+
+void vidtune_free_message(char *msg) { std::free(msg); }
+
+}  // extern "C"
