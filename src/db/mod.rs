@@ -9,6 +9,7 @@ use sqlx::postgres::PgPoolOptions;
 pub mod audit;
 pub mod base_models;
 pub mod datasets;
+pub mod jobs;
 pub mod tenants;
 
 /// Migrations in `migrations/`, embedded at build time.

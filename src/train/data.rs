@@ -1,0 +1,254 @@
+//! Clips from the training cache: which frames and which crop each clip uses (decided on the
+//! training thread from the epoch's seeded RNG, so runs and resumes are reproducible), background
+//! threads that read the bytes ahead of the model, and the tensor transform.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use rand::{Rng, RngExt};
+use tch::{Kind, Tensor};
+
+use crate::backbone::{Preprocessing, Sampling};
+use crate::media::cache::CacheReader;
+
+/// One accepted video of the dataset.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub cache: PathBuf,
+    pub frames: u32,
+    pub label: usize,
+}
+
+/// How clips are cut.
+#[derive(Debug, Clone)]
+pub struct ClipSpec {
+    pub frames: u32,
+    pub stride: u32,
+    pub sampling: Sampling,
+    /// Short side after resizing, before cropping.
+    pub short_side: i64,
+    pub crop: i64,
+    pub crop_scale: [f64; 2],
+    pub flip: bool,
+}
+
+/// One clip to load: the video, its frame indices and where to crop.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub item: usize,
+    pub indices: Vec<u32>,
+    /// Crop window as fractions of the resized frame: y, x, height, width.
+    pub window: [f64; 4],
+    pub flip: bool,
+}
+
+fn consecutive(total: u32, spec: &ClipSpec, start: impl FnOnce(u32) -> u32) -> Vec<u32> {
+    let span = (spec.frames - 1) * spec.stride + 1;
+    let first = if total >= span { start(total - span) } else { 0 };
+    (0..spec.frames)
+        .map(|j| (first + j * spec.stride).min(total.saturating_sub(1)))
+        .collect()
+}
+
+fn segments(total: u32, frames: u32, offset: impl Fn(u32, f64) -> f64) -> Vec<u32> {
+    let seg = total as f64 / frames as f64;
+    (0..frames)
+        .map(|j| ((j as f64 * seg + offset(j, seg)).floor() as u32).min(total.saturating_sub(1)))
+        .collect()
+}
+
+/// A training clip: random position in time and space, optional flip.
+pub fn train_plan(rng: &mut impl Rng, item: usize, total: u32, spec: &ClipSpec, frame_hw: (i64, i64)) -> Plan {
+    let indices = match spec.sampling {
+        Sampling::Consecutive => consecutive(total, spec, |room| rng.random_range(0..=room)),
+        Sampling::Segments => {
+            let offs: Vec<f64> = (0..spec.frames).map(|_| rng.random::<f64>()).collect();
+            segments(total, spec.frames, |j, seg| offs[j as usize] * seg)
+        }
+    };
+    let (h, w) = resized(frame_hw, spec.short_side);
+    let (ch, cw) = if spec.crop_scale == [1.0, 1.0] {
+        (spec.crop.min(h) as f64, spec.crop.min(w) as f64)
+    } else {
+        let area = rng.random_range(spec.crop_scale[0]..=spec.crop_scale[1]) * (h * w) as f64;
+        let side = area.sqrt().min(h.min(w) as f64);
+        (side, side)
+    };
+    let y = rng.random::<f64>() * (h as f64 - ch);
+    let x = rng.random::<f64>() * (w as f64 - cw);
+    let flip = spec.flip && rng.random::<bool>();
+    Plan {
+        item,
+        indices,
+        window: [y / h as f64, x / w as f64, ch / h as f64, cw / w as f64],
+        flip,
+    }
+}
+
+/// Evaluation clip `clip` of `clips`: evenly spaced in time, centre crop, no flip.
+pub fn eval_plan(item: usize, total: u32, spec: &ClipSpec, frame_hw: (i64, i64), clip: u32, clips: u32) -> Plan {
+    let indices = match spec.sampling {
+        Sampling::Consecutive => consecutive(total, spec, |room| {
+            if clips <= 1 {
+                room / 2
+            } else {
+                ((clip as f64) * room as f64 / (clips - 1) as f64).round() as u32
+            }
+        }),
+        Sampling::Segments => segments(total, spec.frames, |_, seg| seg * (clip as f64 + 0.5) / clips as f64),
+    };
+    let (h, w) = resized(frame_hw, spec.short_side);
+    let (ch, cw) = (spec.crop.min(h) as f64, spec.crop.min(w) as f64);
+    Plan {
+        item,
+        indices,
+        window: [(h as f64 - ch) / 2.0 / h as f64, (w as f64 - cw) / 2.0 / w as f64, ch / h as f64, cw / w as f64],
+        flip: false,
+    }
+}
+
+/// Frame size after resizing the short side to `short`.
+pub fn resized((h, w): (i64, i64), short: i64) -> (i64, i64) {
+    if h <= w {
+        (short, ((w as f64) * short as f64 / h as f64).round() as i64)
+    } else {
+        (((h as f64) * short as f64 / w as f64).round() as i64, short)
+    }
+}
+
+/// Frames of one clip as read from the cache: `[T, H, W, 3]` uint8.
+pub struct RawClip {
+    pub data: Vec<u8>,
+    pub frames: i64,
+    pub height: i64,
+    pub width: i64,
+}
+
+/// Reads batches on background threads, `depth` batches ahead, delivered in order.
+pub struct Loader {
+    receivers: Vec<Receiver<anyhow::Result<Vec<RawClip>>>>,
+    next: usize,
+    total: usize,
+}
+
+impl Loader {
+    pub fn start(items: Arc<Vec<Item>>, batches: Vec<Vec<Plan>>, threads: usize, depth: usize) -> Self {
+        let threads = threads.clamp(1, batches.len().max(1));
+        let total = batches.len();
+        let mut per_thread: Vec<Vec<(usize, Vec<Plan>)>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, b) in batches.into_iter().enumerate() {
+            per_thread[i % threads].push((i, b));
+        }
+        let mut receivers = Vec::with_capacity(threads);
+        for work in per_thread {
+            let (tx, rx): (SyncSender<_>, _) = sync_channel(depth.max(1));
+            let items = items.clone();
+            std::thread::spawn(move || {
+                for (_, plans) in work {
+                    let batch = plans.iter().map(|p| read_clip(&items[p.item], &p.indices)).collect();
+                    if tx.send(batch).is_err() {
+                        return; // the consumer stopped (cancel, error)
+                    }
+                }
+            });
+            receivers.push(rx);
+        }
+        Self { receivers, next: 0, total }
+    }
+}
+
+impl Iterator for Loader {
+    type Item = anyhow::Result<Vec<RawClip>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.total {
+            return None;
+        }
+        let rx = &self.receivers[self.next % self.receivers.len()];
+        self.next += 1;
+        Some(rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("a loader thread died"))))
+    }
+}
+
+fn read_clip(item: &Item, indices: &[u32]) -> anyhow::Result<RawClip> {
+    let mut reader = CacheReader::open(&item.cache)?;
+    let mut data = Vec::new();
+    reader.read_frames(indices, &mut data)?;
+    Ok(RawClip {
+        data,
+        frames: indices.len() as i64,
+        height: reader.header.height as i64,
+        width: reader.header.width as i64,
+    })
+}
+
+/// Turn raw clips into the model's input `[N, 3, T, crop, crop]` on `device`.
+pub fn to_batch(clips: &[RawClip], plans: &[Plan], spec: &ClipSpec, prep: &Preprocessing, device: tch::Device) -> Tensor {
+    let tensors: Vec<Tensor> = clips
+        .iter()
+        .zip(plans)
+        .map(|(c, p)| {
+            let x = Tensor::from_data_size(&c.data, &[c.frames, c.height, c.width, 3], Kind::Uint8)
+                .to_device(device)
+                .permute([0, 3, 1, 2])
+                .to_kind(Kind::Float); // [T, 3, H, W]
+            let (h, w) = resized((c.height, c.width), spec.short_side);
+            let x = if (h, w) != (c.height, c.width) {
+                x.upsample_bilinear2d([h, w], false, None, None)
+            } else {
+                x
+            };
+            let [fy, fx, fh, fw] = p.window;
+            let (y0, x0) = ((fy * h as f64).round() as i64, (fx * w as f64).round() as i64);
+            let (ch, cw) = (((fh * h as f64).round() as i64).max(1), ((fw * w as f64).round() as i64).max(1));
+            let x = x.narrow(2, y0.min(h - ch), ch).narrow(3, x0.min(w - cw), cw);
+            let x = if (ch, cw) != (spec.crop, spec.crop) {
+                x.upsample_bilinear2d([spec.crop, spec.crop], false, None, None)
+            } else {
+                x
+            };
+            let x = if p.flip { x.flip([3]) } else { x };
+            x.permute([0, 2, 3, 1]) // [T, H, W, 3] for the shared normalisation
+        })
+        .collect();
+    let stacked = Tensor::stack(&tensors, 0); // [N, T, H, W, 3] float in 0..255
+    prep.normalise(&stacked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn spec(sampling: Sampling) -> ClipSpec {
+        ClipSpec { frames: 4, stride: 2, sampling, short_side: 128, crop: 112, crop_scale: [1.0, 1.0], flip: false }
+    }
+
+    #[test]
+    fn clips_stay_inside_the_video_and_short_videos_repeat_the_last_frame() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for _ in 0..50 {
+            let p = train_plan(&mut rng, 0, 20, &spec(Sampling::Consecutive), (128, 171));
+            assert!(p.indices.iter().all(|&i| i < 20));
+            assert!(p.indices.windows(2).all(|w| w[1] == w[0] + 2));
+        }
+        let p = eval_plan(0, 3, &spec(Sampling::Consecutive), (128, 171), 0, 1);
+        assert_eq!(p.indices, [0, 2, 2, 2]);
+        let first = eval_plan(0, 40, &spec(Sampling::Consecutive), (128, 171), 0, 3);
+        let last = eval_plan(0, 40, &spec(Sampling::Consecutive), (128, 171), 2, 3);
+        assert_eq!(first.indices[0], 0);
+        assert_eq!(*last.indices.last().unwrap(), 39);
+        let seg = eval_plan(0, 40, &spec(Sampling::Segments), (128, 171), 0, 1);
+        assert_eq!(seg.indices, [5, 15, 25, 35]);
+    }
+
+    #[test]
+    fn the_same_seed_plans_the_same_clips() {
+        let plan = |seed| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            train_plan(&mut rng, 0, 100, &spec(Sampling::Consecutive), (128, 171))
+        };
+        assert_eq!(plan(7).indices, plan(7).indices);
+        assert_eq!(plan(7).window, plan(7).window);
+    }
+}

@@ -1,0 +1,169 @@
+//! Classification metrics that clinicians ask for: accuracy, balanced accuracy, macro-F1,
+//! per-class precision / recall (sensitivity) / specificity / F1, one-vs-rest ROC-AUC, and the
+//! confusion matrix.
+use serde::{Deserialize, Serialize};
+
+/// Per-class figures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassMetrics {
+    pub label: String,
+    pub support: usize,
+    pub precision: f64,
+    pub recall: f64,
+    pub specificity: f64,
+    pub f1: f64,
+    /// One-vs-rest ROC-AUC; `None` when the class has no positive or no negative example.
+    pub auc: Option<f64>,
+}
+
+/// Metrics of one evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metrics {
+    pub samples: usize,
+    pub loss: f64,
+    pub accuracy: f64,
+    pub balanced_accuracy: f64,
+    pub macro_f1: f64,
+    /// Mean of the defined per-class AUCs.
+    pub macro_auc: Option<f64>,
+    pub per_class: Vec<ClassMetrics>,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// One-vs-rest ROC-AUC by the rank statistic (ties count half).
+pub fn roc_auc(scores: &[f64], positive: &[bool]) -> Option<f64> {
+    let pos = positive.iter().filter(|&&p| p).count();
+    let neg = positive.len() - pos;
+    if pos == 0 || neg == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    // Average ranks over ties.
+    let mut ranks = vec![0.0; scores.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && scores[order[j + 1]] == scores[order[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            ranks[k] = avg;
+        }
+        i = j + 1;
+    }
+    let rank_sum: f64 = (0..scores.len()).filter(|&k| positive[k]).map(|k| ranks[k]).sum();
+    Some((rank_sum - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64)
+}
+
+/// Compute metrics from per-sample class probabilities and true labels.
+pub fn compute(labels: &[String], probs: &[Vec<f64>], truth: &[usize], loss: f64) -> Metrics {
+    let k = labels.len();
+    let n = truth.len();
+    let mut confusion = vec![vec![0usize; k]; k];
+    for (p, &t) in probs.iter().zip(truth) {
+        let pred = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        confusion[t][pred] += 1;
+    }
+    let mut per_class = Vec::with_capacity(k);
+    for c in 0..k {
+        let tp = confusion[c][c];
+        let support: usize = confusion[c].iter().sum();
+        let predicted: usize = (0..k).map(|r| confusion[r][c]).sum();
+        let fp = predicted - tp;
+        let fn_ = support - tp;
+        let tn = n - tp - fp - fn_;
+        let precision = ratio(tp, predicted);
+        let recall = ratio(tp, support);
+        let f1 = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
+        let scores: Vec<f64> = probs.iter().map(|p| p[c]).collect();
+        let positive: Vec<bool> = truth.iter().map(|&t| t == c).collect();
+        per_class.push(ClassMetrics {
+            label: labels[c].clone(),
+            support,
+            precision,
+            recall,
+            specificity: ratio(tn, tn + fp),
+            f1,
+            auc: roc_auc(&scores, &positive),
+        });
+    }
+    let present: Vec<&ClassMetrics> = per_class.iter().filter(|c| c.support > 0).collect();
+    let mean = |f: &dyn Fn(&ClassMetrics) -> f64| {
+        if present.is_empty() {
+            0.0
+        } else {
+            present.iter().map(|c| f(c)).sum::<f64>() / present.len() as f64
+        }
+    };
+    let aucs: Vec<f64> = per_class.iter().filter_map(|c| c.auc).collect();
+    Metrics {
+        samples: n,
+        loss,
+        accuracy: ratio((0..k).map(|c| confusion[c][c]).sum(), n),
+        balanced_accuracy: mean(&|c| c.recall),
+        macro_f1: mean(&|c| c.f1),
+        macro_auc: (!aucs.is_empty()).then(|| aucs.iter().sum::<f64>() / aucs.len() as f64),
+        per_class,
+        confusion,
+    }
+}
+
+impl Metrics {
+    /// The value of a named metric for model selection and early stopping (higher is better,
+    /// except `loss`).
+    pub fn get(&self, name: &str) -> Option<f64> {
+        match name {
+            "accuracy" => Some(self.accuracy),
+            "balanced_accuracy" => Some(self.balanced_accuracy),
+            "macro_f1" => Some(self.macro_f1),
+            "macro_auc" => self.macro_auc,
+            "loss" => Some(self.loss),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_matches_hand_computation() {
+        assert_eq!(roc_auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]), Some(0.75));
+        assert_eq!(roc_auc(&[0.5, 0.5], &[true, false]), Some(0.5));
+        assert_eq!(roc_auc(&[0.5, 0.6], &[true, true]), None);
+    }
+
+    #[test]
+    fn per_class_and_macro_figures() {
+        let labels = vec!["normal".to_string(), "polyp".to_string()];
+        // truth: 3 normal, 1 polyp; one normal predicted as polyp.
+        let probs = vec![vec![0.9, 0.1], vec![0.8, 0.2], vec![0.4, 0.6], vec![0.3, 0.7]];
+        let m = compute(&labels, &probs, &[0, 0, 0, 1], 0.5);
+        assert_eq!(m.confusion, vec![vec![2, 1], vec![0, 1]]);
+        assert!((m.accuracy - 0.75).abs() < 1e-12);
+        let polyp = &m.per_class[1];
+        assert!((polyp.precision - 0.5).abs() < 1e-12);
+        assert!((polyp.recall - 1.0).abs() < 1e-12);
+        assert!((polyp.specificity - 2.0 / 3.0).abs() < 1e-12);
+        assert!((m.balanced_accuracy - (2.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12);
+        assert_eq!(polyp.auc, Some(1.0));
+        assert_eq!(m.get("accuracy"), Some(0.75));
+    }
+}
