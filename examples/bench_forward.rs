@@ -7,7 +7,10 @@ use tch::{Device, Kind, Tensor};
 use vidtune::backbone::{Arch, Freeze, HeadSpec, VideoClassifier};
 
 fn main() {
-    let runs: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
     let only: Vec<String> = std::env::args().skip(2).collect();
     tch::manual_seed(0);
     for arch in Arch::ALL {
@@ -15,7 +18,8 @@ fn main() {
             continue;
         }
         let vs = VarStore::new(Device::Cpu);
-        let model = VideoClassifier::new(&vs.root(), arch, 400, &HeadSpec::default(), Freeze::Full).unwrap();
+        let model = VideoClassifier::new(&vs.root(), arch, 400, &HeadSpec::default(), Freeze::Full)
+            .unwrap();
         let p = arch.preprocessing();
         let x = Tensor::randn([1, 3, p.frames, p.crop, p.crop], (Kind::Float, Device::Cpu));
         let _guard = tch::no_grad_guard();

@@ -32,6 +32,20 @@ pub fn main() -> ExitCode {
         };
     }
     telemetry::init(cli.log_format);
+    if let Command::TrainJob {
+        job,
+        attempt,
+        device,
+        data_dir,
+        database_url,
+    } = &cli.command
+    {
+        let Some(device) = worker::Device::parse(device) else {
+            eprintln!("error: unknown device {device}");
+            return ExitCode::FAILURE;
+        };
+        return worker::train_job_main(*job, *attempt, device, database_url, data_dir.clone());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,14 +70,29 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => {
             let pool = db::connect(&args.db.database_url, args.db.db_max_connections).await?;
             db::migrate(&pool).await?;
-            if args.workers > 0 {
-                tracing::warn!(
-                    workers = args.workers,
-                    "in-process workers are not available in this build; run `vidtune worker`"
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let workers = if args.workers > 0 {
+                let devices = local_devices(args.workers);
+                let cfg = worker::pool::PoolConfig::new(
+                    std::env::current_exe()?,
+                    args.db.database_url.clone(),
+                    args.data_dir.clone(),
                 );
-            }
+                Some(tokio::spawn(worker::pool::run(
+                    pool.clone(),
+                    std::sync::Arc::new(cfg),
+                    devices,
+                    stop_rx,
+                )))
+            } else {
+                None
+            };
             let app = Application::build(Settings::from_args(&args)?, pool).await?;
             app.run_until(shutdown_signal()).await?;
+            let _ = stop_tx.send(true);
+            if let Some(w) = workers {
+                let _ = w.await;
+            }
         }
         Command::Worker(args) => {
             let cuda = if tch::Cuda::is_available() {
@@ -75,8 +104,22 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let pool = db::connect(&args.db.database_url, args.db.db_max_connections).await?;
             db::migrate(&pool).await?;
             let names: Vec<String> = devices.iter().map(ToString::to_string).collect();
-            tracing::info!(devices = %names.join(","), data_dir = %args.data_dir.display(), "worker ready");
+            tracing::info!(devices = %names.join(","), data_dir = %args.data_dir.display(), "worker starting");
+            let cfg = worker::pool::PoolConfig::new(
+                std::env::current_exe()?,
+                args.db.database_url.clone(),
+                args.data_dir.clone(),
+            );
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let pool_task = tokio::spawn(worker::pool::run(
+                pool,
+                std::sync::Arc::new(cfg),
+                devices,
+                stop_rx,
+            ));
             shutdown_signal().await;
+            let _ = stop_tx.send(true);
+            let _ = pool_task.await;
         }
         Command::Migrate(args) => {
             let pool = db::connect(&args.database_url, 2).await?;
@@ -86,7 +129,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Keys { command } => return keys(command).await,
         Command::Doctor(args) => print!("{}", doctor::report(args.database_url.as_deref()).await),
         Command::Weights { command } => weights(command).await?,
-        Command::MediaWorker | Command::InspectTorchscript { .. } => {
+        Command::MediaWorker | Command::InspectTorchscript { .. } | Command::TrainJob { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }
@@ -215,4 +258,18 @@ async fn weights(command: WeightsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Devices for `serve --workers N`: the GPUs first, then the CPU for the rest.
+fn local_devices(n: usize) -> Vec<worker::Device> {
+    let cuda = if tch::Cuda::is_available() {
+        tch::Cuda::device_count() as usize
+    } else {
+        0
+    };
+    let mut out: Vec<worker::Device> = (0..cuda.min(n)).map(worker::Device::Cuda).collect();
+    while out.len() < n {
+        out.push(worker::Device::Cpu);
+    }
+    out
 }

@@ -46,6 +46,20 @@ pub enum Command {
         #[command(subcommand)]
         command: WeightsCommand,
     },
+    /// Internal: run one attempt of a fine-tuning job (started by a worker).
+    #[command(hide = true)]
+    TrainJob {
+        #[arg(long)]
+        job: uuid::Uuid,
+        #[arg(long)]
+        attempt: i32,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, env = "VIDTUNE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
     /// Internal: decode videos for the server, isolated in a child process (JSON lines on stdio).
     #[command(hide = true)]
     MediaWorker,

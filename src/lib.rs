@@ -13,6 +13,6 @@ pub mod http;
 pub mod ingest;
 pub mod media;
 pub mod registry;
-pub mod train;
 pub mod telemetry;
+pub mod train;
 pub mod worker;

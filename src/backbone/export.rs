@@ -89,14 +89,21 @@ fn take_message(err: *mut c_char) -> String {
         return "unknown libtorch error".into();
     }
     // SAFETY: the shim returns a malloc'd NUL-terminated string, freed here once.
-    let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { vidtune_free_message(err) };
     msg.lines().next().unwrap_or_default().to_owned()
 }
 
 /// Trace the classifier in eval mode on `example` (`[N, 3, T, H, W]`) and save TorchScript.
 /// Every variable of `vs` becomes an attribute of the module.
-pub fn write_torchscript(vs: &VarStore, model: &VideoClassifier, example: &Tensor, path: &Path) -> anyhow::Result<()> {
+pub fn write_torchscript(
+    vs: &VarStore,
+    model: &VideoClassifier,
+    example: &Tensor,
+    path: &Path,
+) -> anyhow::Result<()> {
     let _guard = tch::no_grad_guard();
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -106,7 +113,8 @@ pub fn write_torchscript(vs: &VarStore, model: &VideoClassifier, example: &Tenso
         .collect();
     let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
     let mut params: Vec<Tensor> = vars.iter().map(|(_, t)| t.shallow_clone()).collect();
-    let param_ptrs: Vec<*mut torch_sys::C_tensor> = params.iter_mut().map(|t| t.as_mut_ptr()).collect();
+    let param_ptrs: Vec<*mut torch_sys::C_tensor> =
+        params.iter_mut().map(|t| t.as_mut_ptr()).collect();
     let mut input = example.shallow_clone();
     let module_name = CString::new("VidtuneClassifier").expect("static name");
     let path_c = CString::new(path.to_string_lossy().as_bytes()).context("path contains NUL")?;
@@ -127,7 +135,9 @@ pub fn write_torchscript(vs: &VarStore, model: &VideoClassifier, example: &Tenso
     }
     let mut output = model.forward_t(&input, false);
     // SAFETY: `module` came from vidtune_trace_begin and is consumed here.
-    let rc = unsafe { vidtune_trace_end_and_save(module, output.as_mut_ptr(), path_c.as_ptr(), &mut err) };
+    let rc = unsafe {
+        vidtune_trace_end_and_save(module, output.as_mut_ptr(), path_c.as_ptr(), &mut err)
+    };
     if rc != 0 {
         anyhow::bail!("saving TorchScript: {}", take_message(err));
     }

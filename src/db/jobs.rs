@@ -79,20 +79,28 @@ pub async fn create(db: impl PgExecutor<'_>, j: &NewJob<'_>) -> sqlx::Result<Job
     .await
 }
 
-pub async fn by_idempotency_key(db: impl PgExecutor<'_>, tenant_id: Uuid, key: &str) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(&format!("select {JOB_COLUMNS} from jobs where tenant_id = $1 and idempotency_key = $2"))
-        .bind(tenant_id)
-        .bind(key)
-        .fetch_optional(db)
-        .await
+pub async fn by_idempotency_key(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    key: &str,
+) -> sqlx::Result<Option<Job>> {
+    sqlx::query_as(&format!(
+        "select {JOB_COLUMNS} from jobs where tenant_id = $1 and idempotency_key = $2"
+    ))
+    .bind(tenant_id)
+    .bind(key)
+    .fetch_optional(db)
+    .await
 }
 
 pub async fn get(db: impl PgExecutor<'_>, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<Job>> {
-    sqlx::query_as(&format!("select {JOB_COLUMNS} from jobs where tenant_id = $1 and id = $2"))
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "select {JOB_COLUMNS} from jobs where tenant_id = $1 and id = $2"
+    ))
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 /// Any tenant's job (workers and the training process).
@@ -103,7 +111,11 @@ pub async fn get_any(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<J
         .await
 }
 
-pub async fn list(db: impl PgExecutor<'_>, tenant_id: Uuid, state: Option<&str>) -> sqlx::Result<Vec<Job>> {
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    state: Option<&str>,
+) -> sqlx::Result<Vec<Job>> {
     sqlx::query_as(&format!(
         "select {JOB_COLUMNS} from jobs where tenant_id = $1 and ($2::text is null or state = $2)
          order by created_at desc limit 500"
@@ -136,7 +148,13 @@ pub async fn request_cancel(db: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Res
 }
 
 /// Claim the next job this worker may run. `cuda`: whether the device is a GPU.
-pub async fn claim(db: impl PgExecutor<'_>, worker_id: &str, device: &str, cuda: bool, lease_s: f64) -> sqlx::Result<Option<(Uuid, i32)>> {
+pub async fn claim(
+    db: impl PgExecutor<'_>,
+    worker_id: &str,
+    device: &str,
+    cuda: bool,
+    lease_s: f64,
+) -> sqlx::Result<Option<(Uuid, i32)>> {
     sqlx::query_as(
         "update jobs set state = 'running', attempt = attempt + 1, worker_id = $1, device = $2,
              lease_expires_at = now() + make_interval(secs => $4),
@@ -160,7 +178,12 @@ pub async fn claim(db: impl PgExecutor<'_>, worker_id: &str, device: &str, cuda:
 
 /// Renew the lease of a running attempt. `None`: the attempt is no longer the job's (fenced
 /// out); `Some(cancel_requested)` otherwise.
-pub async fn heartbeat(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, lease_s: f64) -> sqlx::Result<Option<bool>> {
+pub async fn heartbeat(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    lease_s: f64,
+) -> sqlx::Result<Option<bool>> {
     let row: Option<(bool,)> = sqlx::query_as(
         "update jobs set lease_expires_at = now() + make_interval(secs => $3)
          where id = $1 and attempt = $2 and state = 'running'
@@ -224,7 +247,12 @@ pub async fn finish(
 }
 
 /// A machine fault: retry later (from the last checkpoint) while attempts remain, else fail.
-pub async fn retry_or_fail(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, error: &str) -> sqlx::Result<bool> {
+pub async fn retry_or_fail(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    error: &str,
+) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "update jobs set
              state = case when attempt < max_attempts and not cancel_requested then 'queued'
@@ -243,7 +271,8 @@ pub async fn retry_or_fail(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, erro
     Ok(done == 1)
 }
 
-const FENCE: &str = "exists (select 1 from jobs where id = $1 and attempt = $2 and state = 'running')";
+const FENCE: &str =
+    "exists (select 1 from jobs where id = $1 and attempt = $2 and state = 'running')";
 
 /// Progress of a running attempt (fenced). Returns whether cancel was requested, `None` if fenced.
 pub async fn progress(
@@ -271,14 +300,21 @@ pub async fn progress(
 }
 
 /// Record where the newest checkpoint is (fenced).
-pub async fn set_checkpoint(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, path: &str) -> sqlx::Result<bool> {
-    let n = sqlx::query("update jobs set checkpoint = $3 where id = $1 and attempt = $2 and state = 'running'")
-        .bind(id)
-        .bind(attempt)
-        .bind(path)
-        .execute(db)
-        .await?
-        .rows_affected();
+pub async fn set_checkpoint(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    path: &str,
+) -> sqlx::Result<bool> {
+    let n = sqlx::query(
+        "update jobs set checkpoint = $3 where id = $1 and attempt = $2 and state = 'running'",
+    )
+    .bind(id)
+    .bind(attempt)
+    .bind(path)
+    .execute(db)
+    .await?
+    .rows_affected();
     Ok(n == 1)
 }
 
@@ -316,7 +352,15 @@ pub async fn insert_epoch(
     .rows_affected())
 }
 
-pub async fn insert_step(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, step: i64, epoch: i32, loss: f64, lr: f64) -> sqlx::Result<u64> {
+pub async fn insert_step(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    step: i64,
+    epoch: i32,
+    loss: f64,
+    lr: f64,
+) -> sqlx::Result<u64> {
     Ok(sqlx::query(&format!(
         "insert into job_steps (job_id, step, epoch, attempt, loss, lr)
          select $1, $3, $4, $2, $5, $6 where {FENCE}
@@ -359,7 +403,15 @@ pub async fn event(
 }
 
 /// An event recorded regardless of the job's state (queueing, retries, final states).
-pub async fn event_unfenced(db: impl PgExecutor<'_>, id: Uuid, attempt: i32, kind: &str, level: &str, message: &str, data: serde_json::Value) -> sqlx::Result<()> {
+pub async fn event_unfenced(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    kind: &str,
+    level: &str,
+    message: &str,
+    data: serde_json::Value,
+) -> sqlx::Result<()> {
     sqlx::query("insert into job_events (job_id, attempt, kind, level, message, data) values ($1, $2, $3, $4, $5, $6)")
         .bind(id)
         .bind(attempt)
@@ -423,7 +475,11 @@ pub struct EventRow {
     pub data: serde_json::Value,
 }
 
-pub async fn events_after(db: impl PgExecutor<'_>, id: Uuid, after: i64) -> sqlx::Result<Vec<EventRow>> {
+pub async fn events_after(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    after: i64,
+) -> sqlx::Result<Vec<EventRow>> {
     sqlx::query_as(
         "select id, at, attempt, kind, level, message, data from job_events
          where job_id = $1 and id > $2 order by id limit 1000",

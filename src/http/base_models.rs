@@ -23,14 +23,14 @@ pub fn routes(r: Routes) -> Routes {
         Access::Tenant,
         base_model_list,
     )
-    .upload_op(
+    .streaming_op(
         Method::POST,
         "/v1/base-models",
         "base_model_create",
         Access::Tenant,
         base_model_create,
     )
-    .upload_op(
+    .streaming_op(
         Method::POST,
         "/v1/base-models/{arch}/weights",
         "weights_import",

@@ -48,14 +48,14 @@ pub fn routes(r: Routes) -> Routes {
         Tenant,
         dataset_delete,
     )
-    .upload_op(
+    .streaming_op(
         Method::POST,
         "/v1/datasets/{dataset_id}/uploads",
         "dataset_upload",
         Tenant,
         dataset_upload,
     )
-    .upload_op(
+    .streaming_op(
         Method::POST,
         "/v1/datasets/{dataset_id}/videos",
         "video_create",

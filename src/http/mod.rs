@@ -29,6 +29,7 @@ pub mod datasets;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod jobs;
 pub mod upload;
 
 pub use auth::Caller;
@@ -93,9 +94,9 @@ impl Routes {
         self.add(method, path, id, access, handler, false)
     }
 
-    /// Add an upload operation: no request timeout and no JSON body limit (the handler streams
-    /// the body to disk and enforces its own size cap).
-    pub fn upload_op<H, T>(
+    /// Add a streaming operation (uploads, event streams): no request timeout and no JSON body
+    /// limit (upload handlers stream to disk and enforce their own size cap).
+    pub fn streaming_op<H, T>(
         self,
         method: Method,
         path: &'static str,
@@ -152,7 +153,7 @@ impl Routes {
 /// Build the whole application router. Returns the declared `/v1` operations alongside.
 pub fn router(state: AppState, settings: &Settings) -> (Router, Vec<Operation>) {
     let routes = Routes::new(state.clone(), settings.request_timeout);
-    let routes = base_models::routes(datasets::routes(admin::routes(routes)));
+    let routes = jobs::routes(base_models::routes(datasets::routes(admin::routes(routes))));
     let Routes { router, ops, .. } = routes;
 
     let app = Router::new()

@@ -44,7 +44,11 @@ pub struct Plan {
 
 fn consecutive(total: u32, spec: &ClipSpec, start: impl FnOnce(u32) -> u32) -> Vec<u32> {
     let span = (spec.frames - 1) * spec.stride + 1;
-    let first = if total >= span { start(total - span) } else { 0 };
+    let first = if total >= span {
+        start(total - span)
+    } else {
+        0
+    };
     (0..spec.frames)
         .map(|j| (first + j * spec.stride).min(total.saturating_sub(1)))
         .collect()
@@ -58,7 +62,13 @@ fn segments(total: u32, frames: u32, offset: impl Fn(u32, f64) -> f64) -> Vec<u3
 }
 
 /// A training clip: random position in time and space, optional flip.
-pub fn train_plan(rng: &mut impl Rng, item: usize, total: u32, spec: &ClipSpec, frame_hw: (i64, i64)) -> Plan {
+pub fn train_plan(
+    rng: &mut impl Rng,
+    item: usize,
+    total: u32,
+    spec: &ClipSpec,
+    frame_hw: (i64, i64),
+) -> Plan {
     let indices = match spec.sampling {
         Sampling::Consecutive => consecutive(total, spec, |room| rng.random_range(0..=room)),
         Sampling::Segments => {
@@ -86,7 +96,14 @@ pub fn train_plan(rng: &mut impl Rng, item: usize, total: u32, spec: &ClipSpec, 
 }
 
 /// Evaluation clip `clip` of `clips`: evenly spaced in time, centre crop, no flip.
-pub fn eval_plan(item: usize, total: u32, spec: &ClipSpec, frame_hw: (i64, i64), clip: u32, clips: u32) -> Plan {
+pub fn eval_plan(
+    item: usize,
+    total: u32,
+    spec: &ClipSpec,
+    frame_hw: (i64, i64),
+    clip: u32,
+    clips: u32,
+) -> Plan {
     let indices = match spec.sampling {
         Sampling::Consecutive => consecutive(total, spec, |room| {
             if clips <= 1 {
@@ -95,14 +112,21 @@ pub fn eval_plan(item: usize, total: u32, spec: &ClipSpec, frame_hw: (i64, i64),
                 ((clip as f64) * room as f64 / (clips - 1) as f64).round() as u32
             }
         }),
-        Sampling::Segments => segments(total, spec.frames, |_, seg| seg * (clip as f64 + 0.5) / clips as f64),
+        Sampling::Segments => segments(total, spec.frames, |_, seg| {
+            seg * (clip as f64 + 0.5) / clips as f64
+        }),
     };
     let (h, w) = resized(frame_hw, spec.short_side);
     let (ch, cw) = (spec.crop.min(h) as f64, spec.crop.min(w) as f64);
     Plan {
         item,
         indices,
-        window: [(h as f64 - ch) / 2.0 / h as f64, (w as f64 - cw) / 2.0 / w as f64, ch / h as f64, cw / w as f64],
+        window: [
+            (h as f64 - ch) / 2.0 / h as f64,
+            (w as f64 - cw) / 2.0 / w as f64,
+            ch / h as f64,
+            cw / w as f64,
+        ],
         flip: false,
     }
 }
@@ -132,10 +156,16 @@ pub struct Loader {
 }
 
 impl Loader {
-    pub fn start(items: Arc<Vec<Item>>, batches: Vec<Vec<Plan>>, threads: usize, depth: usize) -> Self {
+    pub fn start(
+        items: Arc<Vec<Item>>,
+        batches: Vec<Vec<Plan>>,
+        threads: usize,
+        depth: usize,
+    ) -> Self {
         let threads = threads.clamp(1, batches.len().max(1));
         let total = batches.len();
-        let mut per_thread: Vec<Vec<(usize, Vec<Plan>)>> = (0..threads).map(|_| Vec::new()).collect();
+        let mut per_thread: Vec<Vec<(usize, Vec<Plan>)>> =
+            (0..threads).map(|_| Vec::new()).collect();
         for (i, b) in batches.into_iter().enumerate() {
             per_thread[i % threads].push((i, b));
         }
@@ -145,7 +175,10 @@ impl Loader {
             let items = items.clone();
             std::thread::spawn(move || {
                 for (_, plans) in work {
-                    let batch = plans.iter().map(|p| read_clip(&items[p.item], &p.indices)).collect();
+                    let batch = plans
+                        .iter()
+                        .map(|p| read_clip(&items[p.item], &p.indices))
+                        .collect();
                     if tx.send(batch).is_err() {
                         return; // the consumer stopped (cancel, error)
                     }
@@ -153,7 +186,11 @@ impl Loader {
             });
             receivers.push(rx);
         }
-        Self { receivers, next: 0, total }
+        Self {
+            receivers,
+            next: 0,
+            total,
+        }
     }
 }
 
@@ -166,7 +203,10 @@ impl Iterator for Loader {
         }
         let rx = &self.receivers[self.next % self.receivers.len()];
         self.next += 1;
-        Some(rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("a loader thread died"))))
+        Some(
+            rx.recv()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a loader thread died"))),
+        )
     }
 }
 
@@ -183,7 +223,13 @@ fn read_clip(item: &Item, indices: &[u32]) -> anyhow::Result<RawClip> {
 }
 
 /// Turn raw clips into the model's input `[N, 3, T, crop, crop]` on `device`.
-pub fn to_batch(clips: &[RawClip], plans: &[Plan], spec: &ClipSpec, prep: &Preprocessing, device: tch::Device) -> Tensor {
+pub fn to_batch(
+    clips: &[RawClip],
+    plans: &[Plan],
+    spec: &ClipSpec,
+    prep: &Preprocessing,
+    device: tch::Device,
+) -> Tensor {
     let tensors: Vec<Tensor> = clips
         .iter()
         .zip(plans)
@@ -199,9 +245,17 @@ pub fn to_batch(clips: &[RawClip], plans: &[Plan], spec: &ClipSpec, prep: &Prepr
                 x
             };
             let [fy, fx, fh, fw] = p.window;
-            let (y0, x0) = ((fy * h as f64).round() as i64, (fx * w as f64).round() as i64);
-            let (ch, cw) = (((fh * h as f64).round() as i64).max(1), ((fw * w as f64).round() as i64).max(1));
-            let x = x.narrow(2, y0.min(h - ch), ch).narrow(3, x0.min(w - cw), cw);
+            let (y0, x0) = (
+                (fy * h as f64).round() as i64,
+                (fx * w as f64).round() as i64,
+            );
+            let (ch, cw) = (
+                ((fh * h as f64).round() as i64).max(1),
+                ((fw * w as f64).round() as i64).max(1),
+            );
+            let x = x
+                .narrow(2, y0.min(h - ch), ch)
+                .narrow(3, x0.min(w - cw), cw);
             let x = if (ch, cw) != (spec.crop, spec.crop) {
                 x.upsample_bilinear2d([spec.crop, spec.crop], false, None, None)
             } else {
@@ -221,7 +275,15 @@ mod tests {
     use rand::SeedableRng;
 
     fn spec(sampling: Sampling) -> ClipSpec {
-        ClipSpec { frames: 4, stride: 2, sampling, short_side: 128, crop: 112, crop_scale: [1.0, 1.0], flip: false }
+        ClipSpec {
+            frames: 4,
+            stride: 2,
+            sampling,
+            short_side: 128,
+            crop: 112,
+            crop_scale: [1.0, 1.0],
+            flip: false,
+        }
     }
 
     #[test]

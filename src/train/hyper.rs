@@ -185,45 +185,138 @@ impl Default for Hyperparameters {
     }
 }
 
-const METRICS: [&str; 5] = ["accuracy", "balanced_accuracy", "macro_f1", "macro_auc", "loss"];
+const METRICS: [&str; 5] = [
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "macro_auc",
+    "loss",
+];
 
 impl Hyperparameters {
     /// Check ranges; `Err((field, message))`.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         fn check(ok: bool, field: &'static str, msg: &str) -> Result<(), (&'static str, String)> {
-            if ok { Ok(()) } else { Err((field, msg.to_string())) }
+            if ok {
+                Ok(())
+            } else {
+                Err((field, msg.to_string()))
+            }
         }
-        check((1..=1000).contains(&self.epochs), "epochs", "between 1 and 1000")?;
-        check((1..=512).contains(&self.batch_size), "batch_size", "between 1 and 512")?;
-        check(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0, "lr", "a positive number up to 10")?;
+        check(
+            (1..=1000).contains(&self.epochs),
+            "epochs",
+            "between 1 and 1000",
+        )?;
+        check(
+            (1..=512).contains(&self.batch_size),
+            "batch_size",
+            "between 1 and 512",
+        )?;
+        check(
+            self.lr.is_finite() && self.lr > 0.0 && self.lr <= 10.0,
+            "lr",
+            "a positive number up to 10",
+        )?;
         check((0.0..1.0).contains(&self.momentum), "momentum", "in [0, 1)")?;
-        check(self.weight_decay.is_finite() && (0.0..=1.0).contains(&self.weight_decay), "weight_decay", "in [0, 1]")?;
-        check(self.warmup_epochs < self.epochs || self.warmup_epochs == 0, "warmup_epochs", "fewer than epochs")?;
+        check(
+            self.weight_decay.is_finite() && (0.0..=1.0).contains(&self.weight_decay),
+            "weight_decay",
+            "in [0, 1]",
+        )?;
+        check(
+            self.warmup_epochs < self.epochs || self.warmup_epochs == 0,
+            "warmup_epochs",
+            "fewer than epochs",
+        )?;
         check(self.step_size >= 1, "step_size", "at least 1")?;
-        check((0.0..=1.0).contains(&self.gamma) && self.gamma > 0.0, "gamma", "in (0, 1]")?;
-        check((0.0..=10.0).contains(&self.backbone_lr_mult), "backbone_lr_mult", "in [0, 10]")?;
-        check(self.frames.is_none_or(|f| (1..=256).contains(&f)), "frames", "between 1 and 256")?;
-        check((1..=16).contains(&self.frame_stride), "frame_stride", "between 1 and 16")?;
-        check(self.crop.is_none_or(|c| (16..=1024).contains(&c)), "crop", "between 16 and 1024")?;
+        check(
+            (0.0..=1.0).contains(&self.gamma) && self.gamma > 0.0,
+            "gamma",
+            "in (0, 1]",
+        )?;
+        check(
+            (0.0..=10.0).contains(&self.backbone_lr_mult),
+            "backbone_lr_mult",
+            "in [0, 10]",
+        )?;
+        check(
+            self.frames.is_none_or(|f| (1..=256).contains(&f)),
+            "frames",
+            "between 1 and 256",
+        )?;
+        check(
+            (1..=16).contains(&self.frame_stride),
+            "frame_stride",
+            "between 1 and 16",
+        )?;
+        check(
+            self.crop.is_none_or(|c| (16..=1024).contains(&c)),
+            "crop",
+            "between 16 and 1024",
+        )?;
         let [lo, hi] = self.augmentation.crop_scale;
-        check(lo > 0.0 && lo <= hi && hi <= 1.0, "augmentation.crop_scale", "0 < min <= max <= 1")?;
-        check((0.0..0.5).contains(&self.label_smoothing), "label_smoothing", "in [0, 0.5)")?;
-        check(METRICS.contains(&self.selection_metric.as_str()), "selection_metric", "accuracy, balanced_accuracy, macro_f1, macro_auc or loss")?;
+        check(
+            lo > 0.0 && lo <= hi && hi <= 1.0,
+            "augmentation.crop_scale",
+            "0 < min <= max <= 1",
+        )?;
+        check(
+            (0.0..0.5).contains(&self.label_smoothing),
+            "label_smoothing",
+            "in [0, 0.5)",
+        )?;
+        check(
+            METRICS.contains(&self.selection_metric.as_str()),
+            "selection_metric",
+            "accuracy, balanced_accuracy, macro_f1, macro_auc or loss",
+        )?;
         if let Some(es) = &self.early_stopping {
-            check(METRICS.contains(&es.metric.as_str()), "early_stopping.metric", "accuracy, balanced_accuracy, macro_f1, macro_auc or loss")?;
+            check(
+                METRICS.contains(&es.metric.as_str()),
+                "early_stopping.metric",
+                "accuracy, balanced_accuracy, macro_f1, macro_auc or loss",
+            )?;
             check(es.patience >= 1, "early_stopping.patience", "at least 1")?;
         }
-        check((1..=64).contains(&self.grad_accumulation), "grad_accumulation", "between 1 and 64")?;
-        check(self.grad_clip.is_none_or(|c| c > 0.0 && c.is_finite()), "grad_clip", "a positive number")?;
+        check(
+            (1..=64).contains(&self.grad_accumulation),
+            "grad_accumulation",
+            "between 1 and 64",
+        )?;
+        check(
+            self.grad_clip.is_none_or(|c| c > 0.0 && c.is_finite()),
+            "grad_clip",
+            "a positive number",
+        )?;
         let device_ok = self.device == "auto"
             || self.device == "cpu"
             || self.device == "cuda"
-            || self.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+            || self
+                .device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
         check(device_ok, "device", "auto, cpu, cuda or cuda:N")?;
-        check(self.max_runtime_s.is_none_or(|s| s >= 1), "max_runtime_s", "at least 1")?;
-        check((1..=32).contains(&self.eval_clips), "eval_clips", "between 1 and 32")?;
-        check((1..=16).contains(&self.loader_threads), "loader_threads", "between 1 and 16")?;
-        check((1..=100).contains(&self.keep_checkpoints), "keep_checkpoints", "between 1 and 100")?;
+        check(
+            self.max_runtime_s.is_none_or(|s| s >= 1),
+            "max_runtime_s",
+            "at least 1",
+        )?;
+        check(
+            (1..=32).contains(&self.eval_clips),
+            "eval_clips",
+            "between 1 and 32",
+        )?;
+        check(
+            (1..=16).contains(&self.loader_threads),
+            "loader_threads",
+            "between 1 and 16",
+        )?;
+        check(
+            (1..=100).contains(&self.keep_checkpoints),
+            "keep_checkpoints",
+            "between 1 and 100",
+        )?;
         check(self.log_every_steps >= 1, "log_every_steps", "at least 1")?;
         match &self.head {
             HeadSpec::Linear { dropout } | HeadSpec::Mlp { dropout, .. } => {
@@ -231,7 +324,11 @@ impl Hyperparameters {
             }
         }
         if let HeadSpec::Mlp { hidden, .. } = &self.head {
-            check(!hidden.is_empty() && hidden.iter().all(|h| (1..=16384).contains(h)), "head.hidden", "1 to 16384 units per layer")?;
+            check(
+                !hidden.is_empty() && hidden.iter().all(|h| (1..=16384).contains(h)),
+                "head.hidden",
+                "1 to 16384 units per layer",
+            )?;
         }
         Ok(())
     }
@@ -244,7 +341,9 @@ impl Hyperparameters {
         }
         match self.schedule {
             ScheduleKind::Constant => 1.0,
-            ScheduleKind::Step => self.gamma.powi((epoch / self.step_size as f64).floor() as i32),
+            ScheduleKind::Step => self
+                .gamma
+                .powi((epoch / self.step_size as f64).floor() as i32),
             ScheduleKind::Cosine => {
                 let span = (self.epochs as f64 - warm).max(1.0);
                 let t = ((epoch - warm) / span).clamp(0.0, 1.0);
@@ -271,12 +370,16 @@ mod tests {
 
     #[test]
     fn schedules_warm_up_then_decay() {
-        let h: Hyperparameters = serde_json::from_str(r#"{"epochs": 10, "warmup_epochs": 2}"#).unwrap();
+        let h: Hyperparameters =
+            serde_json::from_str(r#"{"epochs": 10, "warmup_epochs": 2}"#).unwrap();
         assert!((h.lr_factor(1.0) - 0.5).abs() < 1e-9);
         assert!((h.lr_factor(2.0) - 1.0).abs() < 1e-9);
         assert!(h.lr_factor(6.0) < 0.6 && h.lr_factor(6.0) > 0.4);
         assert!(h.lr_factor(10.0) < 1e-9);
-        let s: Hyperparameters = serde_json::from_str(r#"{"schedule": "step", "step_size": 3, "gamma": 0.5, "warmup_epochs": 0}"#).unwrap();
+        let s: Hyperparameters = serde_json::from_str(
+            r#"{"schedule": "step", "step_size": 3, "gamma": 0.5, "warmup_epochs": 0}"#,
+        )
+        .unwrap();
         assert_eq!(s.lr_factor(0.0), 1.0);
         assert_eq!(s.lr_factor(3.5), 0.5);
         assert_eq!(s.lr_factor(6.0), 0.25);

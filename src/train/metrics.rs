@@ -58,7 +58,10 @@ pub fn roc_auc(scores: &[f64], positive: &[bool]) -> Option<f64> {
         }
         i = j + 1;
     }
-    let rank_sum: f64 = (0..scores.len()).filter(|&k| positive[k]).map(|k| ranks[k]).sum();
+    let rank_sum: f64 = (0..scores.len())
+        .filter(|&k| positive[k])
+        .map(|k| ranks[k])
+        .sum();
     Some((rank_sum - (pos * (pos + 1)) as f64 / 2.0) / (pos * neg) as f64)
 }
 
@@ -145,7 +148,10 @@ mod tests {
 
     #[test]
     fn auc_matches_hand_computation() {
-        assert_eq!(roc_auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]), Some(0.75));
+        assert_eq!(
+            roc_auc(&[0.1, 0.4, 0.35, 0.8], &[false, false, true, true]),
+            Some(0.75)
+        );
         assert_eq!(roc_auc(&[0.5, 0.5], &[true, false]), Some(0.5));
         assert_eq!(roc_auc(&[0.5, 0.6], &[true, true]), None);
     }
@@ -154,7 +160,12 @@ mod tests {
     fn per_class_and_macro_figures() {
         let labels = vec!["normal".to_string(), "polyp".to_string()];
         // truth: 3 normal, 1 polyp; one normal predicted as polyp.
-        let probs = vec![vec![0.9, 0.1], vec![0.8, 0.2], vec![0.4, 0.6], vec![0.3, 0.7]];
+        let probs = vec![
+            vec![0.9, 0.1],
+            vec![0.8, 0.2],
+            vec![0.4, 0.6],
+            vec![0.3, 0.7],
+        ];
         let m = compute(&labels, &probs, &[0, 0, 0, 1], 0.5);
         assert_eq!(m.confusion, vec![vec![2, 1], vec![0, 1]]);
         assert!((m.accuracy - 0.75).abs() < 1e-12);

@@ -178,7 +178,15 @@ mod tests {
 
     fn quadratic_steps(kind: OptimizerKind, wd: f64) -> Vec<f64> {
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        let mut opt = Optimizer::new(kind, vec![Group { params: vec![p.shallow_clone()], lr_mult: 1.0 }], 0.9, wd);
+        let mut opt = Optimizer::new(
+            kind,
+            vec![Group {
+                params: vec![p.shallow_clone()],
+                lr_mult: 1.0,
+            }],
+            0.9,
+            wd,
+        );
         for _ in 0..3 {
             opt.zero_grad();
             let loss = (&p * &p).sum(Kind::Float);

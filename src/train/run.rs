@@ -69,8 +69,22 @@ impl Context {
         self.rt.block_on(f)
     }
 
-    fn event(&self, kind: &str, level: &str, message: &str, data: serde_json::Value) -> Result<(), TrainError> {
-        self.block(db::jobs::event(&self.db, self.job_id, self.attempt, kind, level, message, data))?;
+    fn event(
+        &self,
+        kind: &str,
+        level: &str,
+        message: &str,
+        data: serde_json::Value,
+    ) -> Result<(), TrainError> {
+        self.block(db::jobs::event(
+            &self.db,
+            self.job_id,
+            self.attempt,
+            kind,
+            level,
+            message,
+            data,
+        ))?;
         Ok(())
     }
 }
@@ -109,7 +123,9 @@ struct Splits {
 fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String>), TrainError> {
     let videos = ctx.block(db::datasets::dataset_videos(&ctx.db, dataset_id))?;
     let hash: Option<(Option<String>,)> = ctx.block(
-        sqlx::query_as("select content_hash from datasets where id = $1").bind(dataset_id).fetch_optional(&ctx.db),
+        sqlx::query_as("select content_hash from datasets where id = $1")
+            .bind(dataset_id)
+            .fetch_optional(&ctx.db),
     )?;
     let accepted: Vec<_> = videos.iter().filter(|v| v.status == "accepted").collect();
     let classes: Vec<String> = accepted
@@ -120,14 +136,36 @@ fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String
         .into_iter()
         .collect();
     if classes.len() < 2 {
-        return Err(user(format!("the training split has {} class(es); at least 2 are needed", classes.len())));
+        return Err(user(format!(
+            "the training split has {} class(es); at least 2 are needed",
+            classes.len()
+        )));
     }
     let dirs = crate::ingest::DatasetDirs::new(&ctx.data_dir, dataset_id);
-    let mut s = Splits { classes, train: vec![], val: vec![], test: vec![], frame_hw: vec![] };
+    let mut s = Splits {
+        classes,
+        train: vec![],
+        val: vec![],
+        test: vec![],
+        frame_hw: vec![],
+    };
     for v in accepted {
-        let Some(label) = v.label.as_ref().and_then(|l| s.classes.iter().position(|c| c == l)) else { continue };
-        let item = Item { cache: dirs.cache_file(v.id), frames: v.cache_frames.unwrap_or(0).max(1) as u32, label };
-        let hw = (v.cache_height.unwrap_or(128) as i64, v.cache_width.unwrap_or(171) as i64);
+        let Some(label) = v
+            .label
+            .as_ref()
+            .and_then(|l| s.classes.iter().position(|c| c == l))
+        else {
+            continue;
+        };
+        let item = Item {
+            cache: dirs.cache_file(v.id),
+            frames: v.cache_frames.unwrap_or(0).max(1) as u32,
+            label,
+        };
+        let hw = (
+            v.cache_height.unwrap_or(128) as i64,
+            v.cache_width.unwrap_or(171) as i64,
+        );
         let list = match v.split.as_deref() {
             Some("train") => &mut s.train,
             Some("val") => &mut s.val,
@@ -138,7 +176,9 @@ fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String
         s.frame_hw.push(hw);
     }
     if s.val.is_empty() {
-        return Err(user("the dataset has no validation videos (give the val split a share)"));
+        return Err(user(
+            "the dataset has no validation videos (give the val split a share)",
+        ));
     }
     Ok((s, hash.and_then(|h| h.0)))
 }
@@ -163,16 +203,31 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         }
         None => {
             let b = ctx
-                .block(db::base_models::get_custom_by_name(&ctx.db, job.tenant_id, &job.base_model))?
+                .block(db::base_models::get_custom_by_name(
+                    &ctx.db,
+                    job.tenant_id,
+                    &job.base_model,
+                ))?
                 .ok_or_else(|| user(format!("base model `{}` no longer exists", job.base_model)))?;
-            let prep: Preprocessing = serde_json::from_value(b.preprocessing.clone()).context("stored preprocessing")?;
-            (Base::TorchScript { path: ctx.data_dir.join(&b.path), feature_dim: b.feature_dim as i64 }, prep, None)
+            let prep: Preprocessing =
+                serde_json::from_value(b.preprocessing.clone()).context("stored preprocessing")?;
+            (
+                Base::TorchScript {
+                    path: ctx.data_dir.join(&b.path),
+                    feature_dim: b.feature_dim as i64,
+                },
+                prep,
+                None,
+            )
         }
     };
     if let Some(f) = hp.frames {
         prep.frames = f as i64;
     }
     if let Some(c) = hp.crop {
+        // Keep the base model's resize-to-crop ratio (128 → 112 for the video models).
+        let scale = c as f64 / prep.crop as f64;
+        prep.resize = prep.resize.map(|r| (r as f64 * scale).round() as i64);
         prep.crop = c as i64;
     }
     let spec = ClipSpec {
@@ -187,8 +242,14 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
 
     tch::manual_seed(hp.seed as i64);
     let mut vs = VarStore::new(ctx.device);
-    let model = VideoClassifier::new(&vs.root(), base.clone(), classes.len() as i64, &hp.head, hp.freeze)
-        .map_err(|e| user(format!("{e:#}")))?;
+    let model = VideoClassifier::new(
+        &vs.root(),
+        base.clone(),
+        classes.len() as i64,
+        &hp.head,
+        hp.freeze,
+    )
+    .map_err(|e| user(format!("{e:#}")))?;
     match (&base, &weights_sha) {
         (Base::Builtin(arch), Some(w)) => {
             let tensors = Tensor::read_safetensors(ctx.data_dir.join(&w.path)).context("reading pretrained weights")?;
@@ -207,14 +268,24 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
     let mut opt = Optimizer::new(
         hp.optimizer,
         vec![
-            Group { params: backbone_params, lr_mult: hp.backbone_lr_mult },
-            Group { params: head_params, lr_mult: 1.0 },
+            Group {
+                params: backbone_params,
+                lr_mult: hp.backbone_lr_mult,
+            },
+            Group {
+                params: head_params,
+                lr_mult: 1.0,
+            },
         ],
         hp.momentum,
         hp.weight_decay,
     );
 
-    let ckpt_root = ctx.data_dir.join("jobs").join(ctx.job_id.to_string()).join("checkpoints");
+    let ckpt_root = ctx
+        .data_dir
+        .join("jobs")
+        .join(ctx.job_id.to_string())
+        .join("checkpoints");
     let mut state = LoopState {
         epochs_done: 0,
         step: 0,
@@ -226,19 +297,34 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
     };
     if let Some(path) = &job.checkpoint {
         let dir = ctx.data_dir.join(path);
-        vs.load(dir.join("model.safetensors")).context("loading the checkpoint's weights")?;
-        let opt_state = Tensor::read_safetensors(dir.join("optimizer.safetensors")).context("loading optimizer state")?;
+        vs.load(dir.join("model.safetensors"))
+            .context("loading the checkpoint's weights")?;
+        let opt_state = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
+            .context("loading optimizer state")?;
         let saved = std::fs::read(dir.join("state.json")).context("reading checkpoint state")?;
         state = serde_json::from_slice(&saved).context("checkpoint state")?;
         opt.load_state(state.optimizer_step, &opt_state);
-        ctx.event("resumed", "info", &format!("resumed from the checkpoint after epoch {}", state.epochs_done), json!({"epoch": state.epochs_done}))?;
+        ctx.event(
+            "resumed",
+            "info",
+            &format!(
+                "resumed from the checkpoint after epoch {}",
+                state.epochs_done
+            ),
+            json!({"epoch": state.epochs_done}),
+        )?;
     }
 
     // Class weights for an imbalanced training set.
-    let counts: Vec<f64> = (0..classes.len()).map(|c| splits.train.iter().filter(|i| i.label == c).count() as f64).collect();
+    let counts: Vec<f64> = (0..classes.len())
+        .map(|c| splits.train.iter().filter(|i| i.label == c).count() as f64)
+        .collect();
     let class_weights = (hp.class_imbalance == Imbalance::WeightedLoss).then(|| {
         let n = counts.iter().sum::<f64>();
-        let w: Vec<f32> = counts.iter().map(|&c| (n / (classes.len() as f64 * c.max(1.0))) as f32).collect();
+        let w: Vec<f32> = counts
+            .iter()
+            .map(|&c| (n / (classes.len() as f64 * c.max(1.0))) as f32)
+            .collect();
         Tensor::from_slice(&w).to_device(ctx.device)
     });
 
@@ -251,12 +337,21 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
 
     for epoch in state.epochs_done..hp.epochs {
         let epoch_start = Instant::now();
-        tch::manual_seed((hp.seed as i64).wrapping_mul(7919).wrapping_add(epoch as i64));
-        let mut rng = rand::rngs::StdRng::seed_from_u64(hp.seed.wrapping_mul(1_000_003) ^ (epoch as u64 + 1));
+        tch::manual_seed(
+            (hp.seed as i64)
+                .wrapping_mul(7919)
+                .wrapping_add(epoch as i64),
+        );
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(hp.seed.wrapping_mul(1_000_003) ^ (epoch as u64 + 1));
         let order: Vec<usize> = match hp.class_imbalance {
             Imbalance::BalancedSampler => {
                 let by_class: Vec<Vec<usize>> = (0..classes.len())
-                    .map(|c| (0..splits.train.len()).filter(|&i| splits.train[i].label == c).collect())
+                    .map(|c| {
+                        (0..splits.train.len())
+                            .filter(|&i| splits.train[i].label == c)
+                            .collect()
+                    })
                     .collect();
                 let present: Vec<&Vec<usize>> = by_class.iter().filter(|v| !v.is_empty()).collect();
                 (0..splits.train.len())
@@ -274,19 +369,35 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         };
         let plans: Vec<Vec<Plan>> = order
             .chunks(batch)
-            .map(|chunk| chunk.iter().map(|&i| data::train_plan(&mut rng, i, train_items[i].frames, &spec, train_hw[i])).collect())
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .map(|&i| {
+                        data::train_plan(&mut rng, i, train_items[i].frames, &spec, train_hw[i])
+                    })
+                    .collect()
+            })
             .collect();
-        let loader = Loader::start(train_items.clone(), plans.clone(), hp.loader_threads as usize, 2);
+        let loader = Loader::start(
+            train_items.clone(),
+            plans.clone(),
+            hp.loader_threads as usize,
+            2,
+        );
 
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         let mut wait = Duration::ZERO;
         let mut lr_now = 0.0;
         let mut waiting = Instant::now();
         for (b, raw) in loader.enumerate() {
-            let raw = raw.map_err(|e| TrainError::System(e.context("reading the training cache")))?;
+            let raw =
+                raw.map_err(|e| TrainError::System(e.context("reading the training cache")))?;
             wait += waiting.elapsed();
             let x = data::to_batch(&raw, &plans[b], &spec, &prep, ctx.device);
-            let labels: Vec<i64> = plans[b].iter().map(|p| train_items[p.item].label as i64).collect();
+            let labels: Vec<i64> = plans[b]
+                .iter()
+                .map(|p| train_items[p.item].label as i64)
+                .collect();
             let y = Tensor::from_slice(&labels).to_device(ctx.device);
             let logits = model.forward_t(&x, true);
             let loss = classification_loss(&logits, &y, class_weights.as_ref(), hp.label_smoothing);
@@ -302,24 +413,49 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
             }
             let loss_v = loss.double_value(&[]);
             loss_sum += loss_v * labels.len() as f64;
-            correct += i64::try_from(logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64)).unwrap_or(0) as usize;
+            correct += i64::try_from(logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64))
+                .unwrap_or(0) as usize;
             seen += labels.len();
             state.step += 1;
             if state.step % hp.log_every_steps as i64 == 0 {
-                ctx.block(db::jobs::insert_step(&ctx.db, ctx.job_id, ctx.attempt, state.step, epoch as i32, loss_v, lr_now))?;
+                ctx.block(db::jobs::insert_step(
+                    &ctx.db,
+                    ctx.job_id,
+                    ctx.attempt,
+                    state.step,
+                    epoch as i32,
+                    loss_v,
+                    lr_now,
+                ))?;
             }
             if last_poll.elapsed() >= Duration::from_secs(1) || last {
                 last_poll = Instant::now();
                 let done = epoch as f64 + (b + 1) as f64 / plans.len() as f64;
-                let per_epoch = epoch_times.last().copied().unwrap_or_else(|| epoch_start.elapsed().as_secs_f64() / ((b + 1) as f64 / plans.len() as f64));
+                let per_epoch = epoch_times.last().copied().unwrap_or_else(|| {
+                    epoch_start.elapsed().as_secs_f64() / ((b + 1) as f64 / plans.len() as f64)
+                });
                 let eta = per_epoch * (hp.epochs as f64 - done);
-                match ctx.block(db::jobs::progress(&ctx.db, ctx.job_id, ctx.attempt, epoch as i32, state.step, done / hp.epochs as f64, Some(eta)))? {
+                match ctx.block(db::jobs::progress(
+                    &ctx.db,
+                    ctx.job_id,
+                    ctx.attempt,
+                    epoch as i32,
+                    state.step,
+                    done / hp.epochs as f64,
+                    Some(eta),
+                ))? {
                     None => return Ok(Outcome::FencedOut),
                     Some(true) => return Ok(Outcome::Canceled),
                     Some(false) => {}
                 }
-                if hp.max_runtime_s.is_some_and(|m| started.elapsed().as_secs() >= m) {
-                    return Err(user(format!("stopped: max_runtime_s ({} s) reached", hp.max_runtime_s.unwrap_or(0))));
+                if hp
+                    .max_runtime_s
+                    .is_some_and(|m| started.elapsed().as_secs() >= m)
+                {
+                    return Err(user(format!(
+                        "stopped: max_runtime_s ({} s) reached",
+                        hp.max_runtime_s.unwrap_or(0)
+                    )));
                 }
             }
             waiting = Instant::now();
@@ -327,7 +463,16 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         state.optimizer_step = opt.step;
 
         let val_hw = &splits.frame_hw[splits.train.len()..splits.train.len() + splits.val.len()];
-        let val = evaluate(&model, &splits.val, val_hw, &spec, &prep, &classes, 1, ctx.device)?;
+        let val = evaluate(
+            &model,
+            &splits.val,
+            val_hw,
+            &spec,
+            &prep,
+            &classes,
+            1,
+            ctx.device,
+        )?;
         let elapsed = epoch_start.elapsed().as_secs_f64();
         epoch_times.push(elapsed);
         let train_loss = loss_sum / seen.max(1) as f64;
@@ -369,13 +514,29 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
             stop = state.es_bad >= es.patience;
         }
         let rel = save_checkpoint(ctx, &vs, &opt, &state, &ckpt_root)?;
-        if !ctx.block(db::jobs::set_checkpoint(&ctx.db, ctx.job_id, ctx.attempt, &rel))? {
+        if !ctx.block(db::jobs::set_checkpoint(
+            &ctx.db,
+            ctx.job_id,
+            ctx.attempt,
+            &rel,
+        ))? {
             return Ok(Outcome::FencedOut);
         }
         prune_checkpoints(&ckpt_root, hp.keep_checkpoints as usize, state.best_epoch);
         if stop {
-            let es = hp.early_stopping.as_ref().expect("stop implies early stopping");
-            ctx.event("early_stop", "info", &format!("no improvement of {} for {} epochs; stopping", es.metric, es.patience), json!({"epoch": epoch + 1}))?;
+            let es = hp
+                .early_stopping
+                .as_ref()
+                .expect("stop implies early stopping");
+            ctx.event(
+                "early_stop",
+                "info",
+                &format!(
+                    "no improvement of {} for {} epochs; stopping",
+                    es.metric, es.patience
+                ),
+                json!({"epoch": epoch + 1}),
+            )?;
             break;
         }
     }
@@ -384,16 +545,40 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
     let best = state.best_epoch.unwrap_or(state.epochs_done);
     let best_dir = ckpt_root.join(format!("epoch-{best:04}"));
     if best != state.epochs_done && best_dir.exists() {
-        vs.load(best_dir.join("model.safetensors")).context("loading the best checkpoint")?;
+        vs.load(best_dir.join("model.safetensors"))
+            .context("loading the best checkpoint")?;
     }
     let val_hw = &splits.frame_hw[splits.train.len()..splits.train.len() + splits.val.len()];
-    let val = evaluate(&model, &splits.val, val_hw, &spec, &prep, &classes, hp.eval_clips, ctx.device)?;
+    let val = evaluate(
+        &model,
+        &splits.val,
+        val_hw,
+        &spec,
+        &prep,
+        &classes,
+        hp.eval_clips,
+        ctx.device,
+    )?;
     let test = if splits.test.is_empty() {
-        ctx.event("test", "warning", "the dataset has no test videos; the model has validation metrics only", json!({}))?;
+        ctx.event(
+            "test",
+            "warning",
+            "the dataset has no test videos; the model has validation metrics only",
+            json!({}),
+        )?;
         None
     } else {
         let hw = &splits.frame_hw[splits.train.len() + splits.val.len()..];
-        let m = evaluate(&model, &splits.test, hw, &spec, &prep, &classes, hp.eval_clips, ctx.device)?;
+        let m = evaluate(
+            &model,
+            &splits.test,
+            hw,
+            &spec,
+            &prep,
+            &classes,
+            hp.eval_clips,
+            ctx.device,
+        )?;
         ctx.event("test", "info", &format!("test ({} clips per video): accuracy {:.3}, balanced {:.3}, macro-F1 {:.3}", hp.eval_clips, m.accuracy, m.balanced_accuracy, m.macro_f1), json!({"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1}))?;
         Some(m)
     };
@@ -401,7 +586,13 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
     // The model: files first, then the record and the final state in one fenced transaction.
     let model_id = Uuid::new_v4();
     let rel = Path::new("models").join(model_id.to_string());
-    let meta = export::ExportMetadata::new(&job.base_model, classes.clone(), hp.head.clone(), prep.clone(), hp.eval_clips as i64);
+    let meta = export::ExportMetadata::new(
+        &job.base_model,
+        classes.clone(),
+        hp.head.clone(),
+        prep.clone(),
+        hp.eval_clips as i64,
+    );
     export::write_safetensors(&vs, &meta, &ctx.data_dir.join(&rel))?;
     let committed = ctx.block(async {
         let mut tx = ctx.db.begin().await?;
@@ -424,13 +615,25 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         .bind(serde_json::to_value(&hp.head).expect("serialises"))
         .bind(hp.eval_clips as i32)
         .bind(serde_json::to_value(&val).expect("serialises"))
-        .bind(test.as_ref().map(|t| serde_json::to_value(t).expect("serialises")))
+        .bind(
+            test.as_ref()
+                .map(|t| serde_json::to_value(t).expect("serialises")),
+        )
         .bind(env!("CARGO_PKG_VERSION"))
         .bind(env!("VIDTUNE_LIBTORCH_VERSION"))
         .bind(rel.to_string_lossy().as_ref())
         .execute(&mut *tx)
         .await?;
-        if db::jobs::finish(&mut *tx, ctx.job_id, ctx.attempt, "succeeded", None, Some(model_id)).await? {
+        if db::jobs::finish(
+            &mut *tx,
+            ctx.job_id,
+            ctx.attempt,
+            "succeeded",
+            None,
+            Some(model_id),
+        )
+        .await?
+        {
             tx.commit().await?;
             Ok::<bool, sqlx::Error>(true)
         } else {
@@ -445,7 +648,12 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
 }
 
 /// Cross-entropy with optional class weights and label smoothing, averaged over the batch.
-fn classification_loss(logits: &Tensor, y: &Tensor, weights: Option<&Tensor>, smoothing: f64) -> Tensor {
+fn classification_loss(
+    logits: &Tensor,
+    y: &Tensor,
+    weights: Option<&Tensor>,
+    smoothing: f64,
+) -> Tensor {
     let logp = logits.log_softmax(-1, Kind::Float);
     let nll = -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
     let per = if smoothing > 0.0 {
@@ -488,8 +696,15 @@ pub fn evaluate(
         let raw = raw?;
         let x = data::to_batch(&raw, &batches[b], spec, prep, device);
         let logits = model.forward_t(&x, false);
-        let y = Tensor::from_slice(&batches[b].iter().map(|p| items[p.item].label as i64).collect::<Vec<_>>()).to_device(device);
-        loss_sum += classification_loss(&logits, &y, None, 0.0).double_value(&[]) * batches[b].len() as f64;
+        let y = Tensor::from_slice(
+            &batches[b]
+                .iter()
+                .map(|p| items[p.item].label as i64)
+                .collect::<Vec<_>>(),
+        )
+        .to_device(device);
+        loss_sum +=
+            classification_loss(&logits, &y, None, 0.0).double_value(&[]) * batches[b].len() as f64;
         let p = logits.softmax(-1, Kind::Float).to_device(Device::Cpu);
         let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(p)?;
         for (plan, row) in batches[b].iter().zip(rows) {
@@ -499,16 +714,28 @@ pub fn evaluate(
         }
     }
     let truth: Vec<usize> = items.iter().map(|i| i.label).collect();
-    Ok(metrics::compute(classes, &probs, &truth, loss_sum / plans.len().max(1) as f64))
+    Ok(metrics::compute(
+        classes,
+        &probs,
+        &truth,
+        loss_sum / plans.len().max(1) as f64,
+    ))
 }
 
-fn save_checkpoint(ctx: &Context, vs: &VarStore, opt: &Optimizer, state: &LoopState, root: &Path) -> anyhow::Result<String> {
+fn save_checkpoint(
+    ctx: &Context,
+    vs: &VarStore,
+    opt: &Optimizer,
+    state: &LoopState,
+    root: &Path,
+) -> anyhow::Result<String> {
     let name = format!("epoch-{:04}", state.epochs_done);
     let dir = root.join(&name);
     let part = root.join(format!("{name}.part-{}", ctx.attempt));
     let _ = std::fs::remove_dir_all(&part);
     std::fs::create_dir_all(&part)?;
-    vs.save(part.join("model.safetensors")).context("saving weights")?;
+    vs.save(part.join("model.safetensors"))
+        .context("saving weights")?;
     let opt_state = opt.state_tensors();
     let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(n, t)| (n.as_str(), t)).collect();
     if named.is_empty() {
@@ -520,12 +747,18 @@ fn save_checkpoint(ctx: &Context, vs: &VarStore, opt: &Optimizer, state: &LoopSt
     std::fs::write(part.join("state.json"), serde_json::to_vec_pretty(state)?)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&part, &dir)?;
-    Ok(dir.strip_prefix(&ctx.data_dir).unwrap_or(&dir).to_string_lossy().into_owned())
+    Ok(dir
+        .strip_prefix(&ctx.data_dir)
+        .unwrap_or(&dir)
+        .to_string_lossy()
+        .into_owned())
 }
 
 /// Keep the newest `keep` checkpoints and the best one.
 fn prune_checkpoints(root: &Path, keep: usize, best: Option<u32>) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     let mut epochs: Vec<(u32, PathBuf)> = entries
         .filter_map(Result::ok)
         .filter_map(|e| {

@@ -1,5 +1,8 @@
-//! Workers: device discovery now; the job claim loop and child-process supervision build on it.
+//! Workers: device discovery, the claim loop with child-process supervision (`pool`), and the
+//! `train-job` child's entry point.
 use std::fmt;
+
+pub mod pool;
 
 /// A device a job can run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +25,109 @@ impl Device {
         match self {
             Device::Cpu => tch::Device::Cpu,
             Device::Cuda(i) => tch::Device::Cuda(i),
+        }
+    }
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Option<Device> {
+        match s {
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda(0)),
+            _ => s.strip_prefix("cuda:")?.parse().ok().map(Device::Cuda),
+        }
+    }
+}
+
+/// Entry point of `vidtune train-job`: run one attempt; exit 0 when the outcome is recorded
+/// (succeeded, canceled, failed for a user error, or fenced out), non-zero for a machine fault
+/// the worker should retry.
+pub fn train_job_main(
+    job: uuid::Uuid,
+    attempt: i32,
+    device: Device,
+    database_url: &str,
+    data_dir: std::path::PathBuf,
+) -> std::process::ExitCode {
+    use crate::train::run::{Context, Outcome, TrainError, run};
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let db = match rt.block_on(crate::db::connect(database_url, 2)) {
+        Ok(db) => db,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "database unreachable");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    if let Device::Cuda(_) = device {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let ctx = Context {
+        db: db.clone(),
+        rt,
+        job_id: job,
+        attempt,
+        data_dir,
+        device: device.to_tch(),
+    };
+    let outcome = run(&ctx);
+    let note = |state: &str, level: &str, msg: &str| {
+        let _ = ctx.rt.block_on(crate::db::jobs::event_unfenced(
+            &db,
+            job,
+            attempt,
+            "state",
+            level,
+            msg,
+            serde_json::json!({"state": state}),
+        ));
+    };
+    match outcome {
+        Ok(Outcome::Succeeded(model)) => {
+            note("succeeded", "info", &format!("succeeded; model {model}"));
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(Outcome::Canceled) => {
+            if ctx
+                .rt
+                .block_on(crate::db::jobs::finish(
+                    &db, job, attempt, "canceled", None, None,
+                ))
+                .unwrap_or(false)
+            {
+                note("canceled", "info", "canceled");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(Outcome::FencedOut) => std::process::ExitCode::SUCCESS,
+        Err(TrainError::User(msg)) => {
+            if ctx
+                .rt
+                .block_on(crate::db::jobs::finish(
+                    &db,
+                    job,
+                    attempt,
+                    "failed",
+                    Some(("user", &msg)),
+                    None,
+                ))
+                .unwrap_or(false)
+            {
+                note("failed", "error", &msg);
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(TrainError::System(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "training failed");
+            std::process::ExitCode::FAILURE
         }
     }
 }

@@ -190,3 +190,86 @@ pub fn model_fixtures() -> &'static std::path::Path {
         )
     })
 }
+
+impl TestApp {
+    /// The URL of this test's own database (the pool's), for worker child processes.
+    pub async fn database_url(&self) -> String {
+        let name: String = sqlx::query_scalar("select current_database()")
+            .fetch_one(&self.db)
+            .await
+            .unwrap();
+        let base = std::env::var("DATABASE_URL").expect("DATABASE_URL for the tests");
+        let (prefix, _) = base.rsplit_once('/').unwrap();
+        format!("{prefix}/{name}")
+    }
+
+    /// Start an in-process worker pool on `devices` CPU slots with short leases; dropping the
+    /// returned sender stops it.
+    pub async fn start_workers(
+        &self,
+        slots: usize,
+        lease_s: u64,
+    ) -> tokio::sync::watch::Sender<bool> {
+        let mut cfg = vidtune::worker::pool::PoolConfig::new(
+            env!("CARGO_BIN_EXE_vidtune").into(),
+            self.database_url().await,
+            self.data_dir.clone(),
+        );
+        cfg.lease = std::time::Duration::from_secs(lease_s);
+        cfg.heartbeat = std::time::Duration::from_millis(500);
+        cfg.poll = std::time::Duration::from_millis(300);
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let devices = vec![vidtune::worker::Device::Cpu; slots];
+        tokio::spawn(vidtune::worker::pool::run(
+            self.db.clone(),
+            std::sync::Arc::new(cfg),
+            devices,
+            rx,
+        ));
+        tx
+    }
+
+    /// Poll a job until it reaches a final state (or `secs` pass); returns its view.
+    pub async fn wait_job(&self, key: &str, job: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let v: Value = self
+                .get(&format!("/v1/jobs/{job}"), key)
+                .await
+                .json()
+                .await
+                .unwrap();
+            if ["succeeded", "failed", "canceled"].contains(&v["state"].as_str().unwrap_or("")) {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job did not finish: {v}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+
+    /// A ready dataset of motion clips (`per_class` each way), cached at 64 px.
+    pub async fn motion_dataset(&self, key: &str, per_class: u32) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let mut entries = Vec::new();
+        for i in 0..per_class {
+            for (label, right) in [("rightward", true), ("leftward", false)] {
+                let p = crate::media::motion(dir.path(), &format!("{label}{i}.mp4"), right, i);
+                entries.push(crate::media::file(
+                    &format!("{label}/{i}.mp4"),
+                    std::fs::read(p).unwrap(),
+                ));
+            }
+        }
+        let ds = self
+            .dataset(key, serde_json::json!({"name": format!("motion-{}", uuid::Uuid::new_v4()), "cache": {"short_side": 64}, "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1}}))
+            .await;
+        self.upload_raw(key, &ds, "application/zip", crate::media::zip(&entries))
+            .await;
+        let v = self.wait_ingested(key, &ds).await;
+        assert_eq!(v["status"], "ready", "{v}");
+        ds
+    }
+}

@@ -10,5 +10,6 @@ mod auth;
 mod base_models;
 mod datasets;
 mod health;
+mod jobs;
 mod openapi;
 mod problems;

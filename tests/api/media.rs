@@ -145,3 +145,33 @@ fn set_raw_name(h: &mut tar::Header, name: &str) {
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
+
+/// A clip of a white square crossing a black field, `rightwards` or leftwards: the two classes
+/// differ only in motion, so no single frame tells them apart. `variant` varies height, speed
+/// and start.
+pub fn motion(dir: &Path, name: &str, rightwards: bool, variant: u32) -> PathBuf {
+    let out = dir.join(name);
+    let y = 8 + (variant * 7) % 40;
+    let speed = 18 + (variant * 5) % 12;
+    let start = (variant * 11) % 16;
+    let x = if rightwards {
+        format!("{start}+t*{speed}")
+    } else {
+        format!("52-{start}-t*{speed}")
+    };
+    let graph = format!(
+        "color=black:s=64x64:r=15:d=2[bg];color=white:s=12x12:r=15:d=2[box];[bg][box]overlay=x='{x}':y={y}:shortest=1"
+    );
+    run(&[
+        "-filter_complex",
+        &graph,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-preset",
+        "ultrafast",
+        out.to_str().unwrap(),
+    ]);
+    out
+}

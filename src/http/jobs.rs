@@ -1,0 +1,463 @@
+//! Fine-tuning jobs: create (idempotent), list, view, cancel, metric history (JSON or CSV),
+//! live events (Server-Sent Events) and logs.
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::extract::{Json, Path, Query};
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
+use crate::app::AppState;
+use crate::backbone::{Arch, Freeze};
+use crate::db::{self, jobs::Job};
+use crate::train::hyper::Hyperparameters;
+
+pub fn routes(r: Routes) -> Routes {
+    use Access::Tenant;
+    r.op(Method::POST, "/v1/jobs", "job_create", Tenant, job_create)
+        .op(Method::GET, "/v1/jobs", "job_list", Tenant, job_list)
+        .op(
+            Method::GET,
+            "/v1/jobs/{job_id}",
+            "job_view",
+            Tenant,
+            job_view,
+        )
+        .op(
+            Method::POST,
+            "/v1/jobs/{job_id}/cancel",
+            "job_cancel",
+            Tenant,
+            job_cancel,
+        )
+        .op(
+            Method::GET,
+            "/v1/jobs/{job_id}/metrics",
+            "job_metrics",
+            Tenant,
+            job_metrics,
+        )
+        .streaming_op(
+            Method::GET,
+            "/v1/jobs/{job_id}/events",
+            "job_events",
+            Tenant,
+            job_events,
+        )
+        .op(
+            Method::GET,
+            "/v1/jobs/{job_id}/logs",
+            "job_logs",
+            Tenant,
+            job_logs,
+        )
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct JobCreate {
+    dataset_id: Uuid,
+    base_model: String,
+    #[serde(default)]
+    hyperparameters: Value,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default = "default_attempts")]
+    max_attempts: i32,
+}
+
+fn default_attempts() -> i32 {
+    3
+}
+
+async fn job_create(
+    State(s): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    Json(body): Json<JobCreate>,
+) -> ApiResult<Response> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 200)
+                .ok_or_else(|| {
+                    ApiError::bad_request("Idempotency-Key must be 1 to 200 visible characters")
+                })?
+                .to_owned(),
+        ),
+    };
+    let request_hash = hex::encode(Sha256::digest(
+        serde_json::to_vec(&body).expect("serialises"),
+    ));
+    if let Some(k) = &key
+        && let Some(existing) = db::jobs::by_idempotency_key(&s.db, caller.tenant_id, k).await?
+    {
+        return replay(existing, &request_hash);
+    }
+
+    let hp_value = if body.hyperparameters.is_null() {
+        json!({})
+    } else {
+        body.hyperparameters.clone()
+    };
+    let hp: Hyperparameters = serde_json::from_value(hp_value)
+        .map_err(|e| ApiError::validation("hyperparameters", format!("{e}")))?;
+    hp.validate()
+        .map_err(|(field, msg)| ApiError::validation(format!("hyperparameters.{field}"), msg))?;
+    if !(0..=1000).contains(&body.priority) {
+        return Err(ApiError::validation("priority", "between 0 and 1000"));
+    }
+    if !(1..=10).contains(&body.max_attempts) {
+        return Err(ApiError::validation("max_attempts", "between 1 and 10"));
+    }
+    let dataset = db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
+        .await?
+        .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
+    if dataset.status != "ready" {
+        return Err(ApiError::conflict(format!(
+            "the dataset is `{}`; jobs need a ready dataset",
+            dataset.status
+        )));
+    }
+    let stages = match Arch::parse(&body.base_model) {
+        Some(a) => a.stages().len(),
+        None => {
+            db::base_models::get_custom_by_name(&s.db, caller.tenant_id, &body.base_model)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "base_model",
+                        "no such base model (see GET /v1/base-models)",
+                    )
+                })?;
+            1
+        }
+    };
+    if let Freeze::LastStages { stages: k } = hp.freeze
+        && (k == 0 || k > stages)
+    {
+        return Err(ApiError::validation(
+            "hyperparameters.freeze.stages",
+            format!("between 1 and {stages} for {}", body.base_model),
+        ));
+    }
+    let device_pref = match hp.device.as_str() {
+        "auto" => "auto",
+        "cpu" => "cpu",
+        _ => "cuda",
+    };
+    let created = db::jobs::create(
+        &s.db,
+        &db::jobs::NewJob {
+            tenant_id: caller.tenant_id,
+            dataset_id: body.dataset_id,
+            base_model: &body.base_model,
+            hyperparameters: serde_json::to_value(&hp).expect("serialises"),
+            priority: body.priority,
+            device_pref,
+            epochs: hp.epochs as i32,
+            idempotency_key: key.as_deref(),
+            request_hash: &request_hash,
+        },
+    )
+    .await;
+    let job = match created {
+        Ok(j) => j,
+        Err(sqlx::Error::Database(d)) if d.is_unique_violation() && key.is_some() => {
+            // A concurrent retry with the same key won the race.
+            let existing = db::jobs::by_idempotency_key(
+                &s.db,
+                caller.tenant_id,
+                key.as_deref().unwrap_or_default(),
+            )
+            .await?
+            .ok_or_else(|| ApiError::conflict("Idempotency-Key in use"))?;
+            return replay(existing, &request_hash);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    sqlx::query("update jobs set max_attempts = $2 where id = $1")
+        .bind(job.id)
+        .bind(body.max_attempts)
+        .execute(&s.db)
+        .await?;
+    db::jobs::event_unfenced(
+        &s.db,
+        job.id,
+        0,
+        "state",
+        "info",
+        "queued",
+        json!({"state": "queued"}),
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/jobs/{}", job.id))],
+        AuditResource(job.id),
+        Json(job),
+    )
+        .into_response())
+}
+
+/// The answer to a retried request: the job it created, or 409 if the key was reused for a
+/// different request.
+fn replay(existing: Job, request_hash: &str) -> ApiResult<Response> {
+    if existing.request_hash.as_deref() != Some(request_hash) {
+        return Err(ApiError::conflict(
+            "this Idempotency-Key was used for a different request",
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        [
+            (header::LOCATION, format!("/v1/jobs/{}", existing.id)),
+            (
+                header::HeaderName::from_static("idempotent-replayed"),
+                "true".to_string(),
+            ),
+        ],
+        AuditResource(existing.id),
+        Json(existing),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Items<T> {
+    items: Vec<T>,
+}
+
+const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "canceled"];
+
+async fn job_list(
+    State(s): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Items<Job>>> {
+    if let Some(st) = &q.state
+        && !STATES.contains(&st.as_str())
+    {
+        return Err(ApiError::validation(
+            "state",
+            "queued, running, succeeded, failed or canceled",
+        ));
+    }
+    Ok(Json(Items {
+        items: db::jobs::list(&s.db, caller.tenant_id, q.state.as_deref()).await?,
+    }))
+}
+
+async fn fetch(s: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Job> {
+    db::jobs::get(&s.db, caller.tenant_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))
+}
+
+/// The job with its latest epoch's metrics.
+async fn job_view(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Value>> {
+    let job = fetch(&s, &caller, id).await?;
+    let epochs = db::jobs::epochs(&s.db, id).await?;
+    let mut v = serde_json::to_value(&job).expect("serialises");
+    v["latest_metrics"] = epochs.last().map_or(Value::Null, |e| {
+        json!({
+            "epoch": e.epoch,
+            "train_loss": e.train_loss,
+            "train_accuracy": e.train_accuracy,
+            "val_loss": e.val["loss"],
+            "val_accuracy": e.val["accuracy"],
+            "val_balanced_accuracy": e.val["balanced_accuracy"],
+            "val_macro_f1": e.val["macro_f1"],
+            "val_macro_auc": e.val["macro_auc"],
+        })
+    });
+    Ok(Json(v))
+}
+
+async fn job_cancel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
+    let job = db::jobs::request_cancel(&s.db, caller.tenant_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?;
+    if job.state == "canceled" {
+        db::jobs::event_unfenced(
+            &s.db,
+            id,
+            job.attempt,
+            "state",
+            "info",
+            "canceled",
+            json!({"state": "canceled"}),
+        )
+        .await?;
+    }
+    let status = if job.state == "running" {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(job)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsQuery {
+    format: Option<String>,
+}
+
+/// Per-epoch metrics and per-step loss and learning rate; `?format=csv` (or `Accept: text/csv`)
+/// for one CSV row per epoch.
+async fn job_metrics(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    Query(q): Query<MetricsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    fetch(&s, &caller, id).await?;
+    let epochs = db::jobs::epochs(&s.db, id).await?;
+    let wants_csv = q.format.as_deref() == Some("csv")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/csv"));
+    if let Some(f) = q.format.as_deref()
+        && f != "csv"
+        && f != "json"
+    {
+        return Err(ApiError::validation("format", "json or csv"));
+    }
+    if wants_csv {
+        let mut out = String::from(
+            "epoch,train_loss,train_accuracy,val_loss,val_accuracy,val_balanced_accuracy,val_macro_f1,val_macro_auc,lr,clips_per_s,data_wait_share\n",
+        );
+        for e in &epochs {
+            let f = |k: &str| e.val[k].as_f64().map(|x| x.to_string()).unwrap_or_default();
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{},{},{}\n",
+                e.epoch,
+                e.train_loss,
+                e.train_accuracy,
+                f("loss"),
+                f("accuracy"),
+                f("balanced_accuracy"),
+                f("macro_f1"),
+                f("macro_auc"),
+                e.lr,
+                e.clips_per_s,
+                e.data_wait_share
+            ));
+        }
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response());
+    }
+    let steps = db::jobs::steps(&s.db, id).await?;
+    Ok(Json(json!({ "job_id": id, "epochs": epochs, "steps": steps })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    after: Option<i64>,
+}
+
+/// State changes, epoch metrics, warnings as Server-Sent Events (`event:` = kind, `id:` =
+/// event id; reconnect with `Last-Event-ID`). The stream ends after the job's final state.
+async fn job_events(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    Query(q): Query<EventsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    fetch(&s, &caller, id).await?;
+    let mut after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .or(q.after)
+        .unwrap_or(0);
+    let db = s.db.clone();
+    let tenant = caller.tenant_id;
+    let stream = async_stream::stream! {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&db).await.ok();
+        if let Some(l) = listener.as_mut() {
+            let _ = l.listen("vidtune_job_events").await;
+        }
+        loop {
+            let rows = db::jobs::events_after(&db, id, after).await.unwrap_or_default();
+            for r in &rows {
+                after = r.id;
+                yield Ok(Event::default().id(r.id.to_string()).event(r.kind.clone()).data(serde_json::to_string(r).unwrap_or_default()));
+            }
+            if rows.is_empty() {
+                let done = db::jobs::get(&db, tenant, id).await.ok().flatten()
+                    .is_none_or(|j| ["succeeded", "failed", "canceled"].contains(&j.state.as_str()));
+                if done {
+                    break;
+                }
+                let wait = async {
+                    match listener.as_mut() {
+                        Some(l) => { let _ = l.recv().await; }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    () = wait => {},
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {},
+                }
+            }
+        }
+    };
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// The job's events as plain text, one line each.
+async fn job_logs(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Response> {
+    fetch(&s, &caller, id).await?;
+    let mut out = String::new();
+    let mut after = 0;
+    loop {
+        let rows = db::jobs::events_after(&s.db, id, after).await?;
+        if rows.is_empty() {
+            break;
+        }
+        for r in rows {
+            after = r.id;
+            let at =
+                r.at.format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+            out.push_str(&format!(
+                "{at} attempt={} {:<7} {}: {}\n",
+                r.attempt, r.level, r.kind, r.message
+            ));
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response())
+}
