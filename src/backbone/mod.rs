@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
+pub mod amp;
 pub mod export;
 pub mod image;
 pub mod pth;

@@ -4,6 +4,7 @@
 // tch's tracer bakes captured tensors into the graph as constants, which libtorch can save but
 // not load again. Here every parameter and buffer is registered on the module first and mapped
 // to a `prim::GetAttr` of `self` before tracing, as `torch.jit.trace` does for nn.Modules.
+#include <ATen/autocast_mode.h>
 #include <torch/script.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/jit/passes/fixup_trace_scope_blocks.h>
@@ -80,5 +81,24 @@ int vidtune_trace_end_and_save(void *module_ptr, torch::Tensor *output, const ch
 }
 
 void vidtune_free_message(char *msg) { std::free(msg); }
+
+// bf16 automatic mixed precision on the CPU (AMX/AVX-512) or CUDA; tch's own autocast only
+// covers CUDA fp16. Enter/exit nest like torch.autocast.
+void vidtune_autocast_enter(int cuda) {
+  const auto device = cuda ? at::kCUDA : at::kCPU;
+  at::autocast::set_autocast_dtype(device, at::kBFloat16);
+  at::autocast::set_autocast_enabled(device, true);
+  at::autocast::increment_nesting();
+}
+
+void vidtune_autocast_exit(int cuda, int was_enabled) {
+  const auto device = cuda ? at::kCUDA : at::kCPU;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device, was_enabled != 0);
+}
+
+int vidtune_autocast_enabled(int cuda) {
+  return at::autocast::is_autocast_enabled(cuda ? at::kCUDA : at::kCPU) ? 1 : 0;
+}
 
 }  // extern "C"

@@ -20,10 +20,10 @@ use tch::{Device, Kind, Tensor};
 use uuid::Uuid;
 
 use super::data::{self, ClipSpec, Item, Loader, Plan};
-use super::hyper::{Hyperparameters, Imbalance};
+use super::hyper::{Hyperparameters, Imbalance, Precision};
 use super::metrics::{self, Metrics};
 use super::optim::{Group, Optimizer};
-use crate::backbone::{self, Arch, Base, Preprocessing, VideoClassifier, export};
+use crate::backbone::{self, Arch, Base, Preprocessing, VideoClassifier, amp, export};
 use crate::db;
 
 /// How an attempt ended, short of an error.
@@ -328,6 +328,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         Tensor::from_slice(&w).to_device(ctx.device)
     });
 
+    let bf16 = hp.precision == Precision::Bf16;
     let train_items = Arc::new(splits.train.clone());
     let train_hw: Vec<(i64, i64)> = splits.frame_hw[..splits.train.len()].to_vec();
     let batch = hp.batch_size as usize;
@@ -399,8 +400,13 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
                 .map(|p| train_items[p.item].label as i64)
                 .collect();
             let y = Tensor::from_slice(&labels).to_device(ctx.device);
-            let logits = model.forward_t(&x, true);
-            let loss = classification_loss(&logits, &y, class_weights.as_ref(), hp.label_smoothing);
+            let (logits, loss) = {
+                let _amp = bf16.then(|| amp::Autocast::enter(ctx.device));
+                let logits = model.forward_t(&x, true);
+                let loss =
+                    classification_loss(&logits, &y, class_weights.as_ref(), hp.label_smoothing);
+                (logits, loss)
+            };
             (&loss / hp.grad_accumulation as f64).backward();
             let last = b + 1 == plans.len();
             if (b + 1) % hp.grad_accumulation as usize == 0 || last {
@@ -472,6 +478,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
             &classes,
             1,
             ctx.device,
+            bf16,
         )?;
         let elapsed = epoch_start.elapsed().as_secs_f64();
         epoch_times.push(elapsed);
@@ -558,6 +565,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         &classes,
         hp.eval_clips,
         ctx.device,
+        bf16,
     )?;
     let test = if splits.test.is_empty() {
         ctx.event(
@@ -578,6 +586,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
             &classes,
             hp.eval_clips,
             ctx.device,
+            bf16,
         )?;
         ctx.event("test", "info", &format!("test ({} clips per video): accuracy {:.3}, balanced {:.3}, macro-F1 {:.3}", hp.eval_clips, m.accuracy, m.balanced_accuracy, m.macro_f1), json!({"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1}))?;
         Some(m)
@@ -681,6 +690,7 @@ pub fn evaluate(
     classes: &[String],
     clips: u32,
     device: Device,
+    bf16: bool,
 ) -> anyhow::Result<Metrics> {
     let _guard = tch::no_grad_guard();
     let items = Arc::new(items.to_vec());
@@ -695,7 +705,10 @@ pub fn evaluate(
     for (b, raw) in loader.enumerate() {
         let raw = raw?;
         let x = data::to_batch(&raw, &batches[b], spec, prep, device);
-        let logits = model.forward_t(&x, false);
+        let logits = {
+            let _amp = bf16.then(|| amp::Autocast::enter(device));
+            model.forward_t(&x, false).to_kind(Kind::Float)
+        };
         let y = Tensor::from_slice(
             &batches[b]
                 .iter()

@@ -53,6 +53,85 @@ async fn r3d_18_learns_motion_that_no_single_frame_shows(db: PgPool) {
     println!("{logs}");
     assert!(best >= 0.9, "best validation accuracy {best}\n{logs}");
     assert!(done["model_id"].is_string());
+    assert_eq!(done["progress"], 1.0);
+    assert!(done["latest_metrics"]["val_accuracy"].is_number());
+    let per_class = epochs[0]["val"]["per_class"].as_array().unwrap();
+    assert_eq!(per_class.len(), 2);
+    for m in ["precision", "recall", "specificity", "f1"] {
+        assert!(per_class[0][m].is_number(), "{m}");
+    }
+    assert_eq!(epochs[0]["val"]["confusion"].as_array().unwrap().len(), 2);
+    assert!(epochs[0]["clips_per_s"].as_f64().unwrap() > 0.0);
+    assert!(!metrics["steps"].as_array().unwrap().is_empty());
+
+    // CSV for spreadsheets, one row per epoch.
+    let csv = app
+        .get(&format!("/v1/jobs/{id}/metrics?format=csv"), &key)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(csv.lines().count(), 9);
+    assert!(csv.starts_with("epoch,train_loss,"));
+    // The event stream replays everything and ends with the final state.
+    let sse = app
+        .get(&format!("/v1/jobs/{id}/events"), &key)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(sse.contains("event: epoch"), "{sse}");
+    assert!(
+        sse.trim_end().ends_with('}') && sse.contains("\"succeeded\""),
+        "{sse}"
+    );
+    // The model's lineage.
+    let model: (Vec<String>, Option<String>, i32, serde_json::Value) = sqlx::query_as(
+        "select classes, dataset_hash, eval_clips, preprocessing from models where id = $1::uuid",
+    )
+    .bind(done["model_id"].as_str().unwrap())
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(model.0, ["leftward", "rightward"]);
+    assert!(model.1.is_some());
+    assert_eq!(model.2, 3);
+    assert_eq!(model.3["crop"], 56);
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_users_mistake_fails_at_once_with_the_reason(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("nov", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut entries = Vec::new();
+    for (i, right) in [(0, true), (1, false), (2, true), (3, false)] {
+        let p = crate::media::motion(dir.path(), &format!("{i}.mp4"), right, i);
+        let label = if right { "r" } else { "l" };
+        entries.push(crate::media::file(
+            &format!("{label}/{i}.mp4"),
+            std::fs::read(p).unwrap(),
+        ));
+    }
+    let ds = app
+        .dataset(
+            &key,
+            json!({"name": "trainonly", "split": {"train": 1.0, "val": 0.0, "test": 0.0}}),
+        )
+        .await;
+    app.upload_raw(&key, &ds, "application/zip", crate::media::zip(&entries))
+        .await;
+    assert_eq!(app.wait_ingested(&key, &ds).await["status"], "ready");
+    let _workers = app.start_workers(1, 30).await;
+    let job = create_job(&app, &key, &ds, small_hp(2)).await;
+    let done = app.wait_job(&key, &job, 120).await;
+    assert_eq!(done["state"], "failed");
+    assert_eq!(done["error_kind"], "user");
+    assert_eq!(done["attempt"], 1, "a user's mistake is not retried");
+    assert!(
+        done["error"].as_str().unwrap().contains("validation"),
+        "{done}"
+    );
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
@@ -400,8 +479,10 @@ async fn several_workers_share_one_queue(db: PgPool) {
     let key = app.key_for("queue", false).await;
     let ds = app.motion_dataset(&key, 4).await;
     let mut jobs = Vec::new();
-    for _ in 0..3 {
-        jobs.push(create_job(&app, &key, &ds, small_hp(1)).await);
+    for precision in ["fp32", "bf16", "fp32"] {
+        let mut hp = small_hp(1);
+        hp["precision"] = json!(precision);
+        jobs.push(create_job(&app, &key, &ds, hp).await);
     }
     let _a = app.start_workers(1, 30).await;
     let _b = app.start_workers(1, 30).await;
