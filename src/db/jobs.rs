@@ -377,7 +377,8 @@ pub async fn insert_step(
     .rows_affected())
 }
 
-/// An event of an attempt (fenced unless `unfenced`, for the worker's own notes).
+/// An event of a running attempt (fenced: a stale attempt's events are dropped). Returns the
+/// rows written.
 pub async fn event(
     db: impl PgExecutor<'_>,
     id: Uuid,
@@ -387,9 +388,38 @@ pub async fn event(
     message: &str,
     data: serde_json::Value,
 ) -> sqlx::Result<u64> {
+    insert_event(db, id, attempt, kind, level, message, data, true).await
+}
+
+/// An event recorded whatever the job's state (queueing, retries, final states).
+pub async fn event_unfenced(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    kind: &str,
+    level: &str,
+    message: &str,
+    data: serde_json::Value,
+) -> sqlx::Result<()> {
+    insert_event(db, id, attempt, kind, level, message, data, false).await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_event(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    kind: &str,
+    level: &str,
+    message: &str,
+    data: serde_json::Value,
+    fenced: bool,
+) -> sqlx::Result<u64> {
     Ok(sqlx::query(&format!(
         "insert into job_events (job_id, attempt, kind, level, message, data)
-         select $1, $2, $3, $4, $5, $6 where {FENCE}"
+         select $1, $2, $3, $4, $5, $6 where {}",
+        if fenced { FENCE } else { "true" }
     ))
     .bind(id)
     .bind(attempt)
@@ -400,28 +430,6 @@ pub async fn event(
     .execute(db)
     .await?
     .rows_affected())
-}
-
-/// An event recorded regardless of the job's state (queueing, retries, final states).
-pub async fn event_unfenced(
-    db: impl PgExecutor<'_>,
-    id: Uuid,
-    attempt: i32,
-    kind: &str,
-    level: &str,
-    message: &str,
-    data: serde_json::Value,
-) -> sqlx::Result<()> {
-    sqlx::query("insert into job_events (job_id, attempt, kind, level, message, data) values ($1, $2, $3, $4, $5, $6)")
-        .bind(id)
-        .bind(attempt)
-        .bind(kind)
-        .bind(level)
-        .bind(message)
-        .bind(data)
-        .execute(db)
-        .await?;
-    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

@@ -1,14 +1,14 @@
 //! Base models: the built-in architectures with their input specs and installed weights,
 //! pretrained weight import (admin), and tenants' own TorchScript backbones.
-use axum::extract::{FromRequest, Multipart, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
 use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::extract::{Json, Path};
-use super::upload::{PartialFile, write_body, write_field};
+use super::upload::{PartialFile, receive};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Routes};
 use crate::app::AppState;
 use crate::backbone::{Arch, Preprocessing};
@@ -111,68 +111,12 @@ async fn weights_import(
         .join("incoming")
         .join(Uuid::new_v4().to_string());
     let _cleanup = PartialFile::new(tmp.clone());
-    let (received, name) = receive_file(&s, req, &tmp).await?;
-    let source = name.unwrap_or_else(|| format!("upload {}", &received.sha256[..12]));
+    let incoming = receive(&s, req, &tmp, s.settings.max_video_bytes).await?;
+    let source = incoming
+        .file_name
+        .unwrap_or_else(|| format!("upload {}", &incoming.received.sha256[..12]));
     let w = registry::import_weights(&s.db, &s.settings.data_dir, arch, &tmp, &source).await?;
     Ok((StatusCode::CREATED, AuditResource(w.id), Json(w)))
-}
-
-/// Stream a raw body or multipart field `file` to `dest`; returns it and its file name.
-/// Other multipart fields are returned through `fields` when given.
-async fn receive_file(
-    s: &AppState,
-    req: Request,
-    dest: &std::path::Path,
-) -> ApiResult<(super::upload::Received, Option<String>)> {
-    receive_with_fields(s, req, dest, &mut Vec::new()).await
-}
-
-async fn receive_with_fields(
-    s: &AppState,
-    req: Request,
-    dest: &std::path::Path,
-    fields: &mut Vec<(String, String)>,
-) -> ApiResult<(super::upload::Received, Option<String>)> {
-    let cap = s.settings.max_video_bytes;
-    let multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
-    if !multipart {
-        let got = write_body(req.into_body(), dest, cap).await?;
-        if got.bytes == 0 {
-            return Err(ApiError::validation("file", "the body is empty"));
-        }
-        return Ok((got, None));
-    }
-    let mut form = Multipart::from_request(req, s)
-        .await
-        .map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut got = None;
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| ApiError::bad_request(e.body_text()))?
-    {
-        let name = field.name().unwrap_or_default().to_owned();
-        if name == "file" && got.is_none() {
-            let file_name = field.file_name().map(str::to_owned);
-            got = Some((write_field(field, dest, cap).await?, file_name));
-        } else {
-            let text = field
-                .text()
-                .await
-                .map_err(|e| ApiError::bad_request(e.body_text()))?;
-            fields.push((name, text));
-        }
-    }
-    let got =
-        got.ok_or_else(|| ApiError::validation("file", "the multipart body has no `file` field"))?;
-    if got.0.bytes == 0 {
-        return Err(ApiError::validation("file", "the file is empty"));
-    }
-    Ok(got)
 }
 
 /// Register a TorchScript backbone: multipart `file` (from `torch.jit.trace`/`script`), `name`,
@@ -187,9 +131,8 @@ async fn base_model_create(
     let rel = std::path::Path::new("backbones").join(format!("{id}.pt"));
     let dest = s.settings.data_dir.join(&rel);
     let partial = PartialFile::new(dest.clone());
-    let mut fields = Vec::new();
-    let (received, _) = receive_with_fields(&s, req, &dest, &mut fields).await?;
-    let field = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;
+    let field = |k: &str| incoming.field(k).map(str::to_owned);
     let name = field("name").unwrap_or_default().trim().to_owned();
     if name.is_empty() || name.len() > 100 || Arch::parse(&name).is_some() {
         return Err(ApiError::validation(
@@ -220,7 +163,7 @@ async fn base_model_create(
             description: &description,
             feature_dim: inspected.feature_dim as i32,
             preprocessing: serde_json::to_value(&prep).expect("serialises"),
-            sha256: &received.sha256,
+            sha256: &incoming.received.sha256,
             path: &rel.to_string_lossy(),
         },
     )

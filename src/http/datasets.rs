@@ -2,7 +2,7 @@
 //! QA report.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::extract::{Json, Path, Query};
-use super::upload::{PartialFile, verify_checksum, write_body, write_field};
+use super::upload::{PartialFile, receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
 use crate::app::AppState;
 use crate::db::{self, datasets::Dataset};
@@ -347,24 +347,9 @@ async fn dataset_upload(
         .incoming()
         .join(upload_id.to_string());
     let partial = PartialFile::new(dest.clone());
-    let cap = s.settings.max_upload_bytes;
-    let received = if multipart {
-        let mut form = Multipart::from_request(req, &s)
-            .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let mut got = None;
-        while let Some(field) = form.next_field().await.map_err(multipart_error)? {
-            if field.name() == Some("file") && got.is_none() {
-                got = Some(write_field(field, &dest, cap).await?);
-            }
-        }
-        got.ok_or_else(|| ApiError::validation("file", "the multipart body has no `file` field"))?
-    } else {
-        write_body(req.into_body(), &dest, cap).await?
-    };
-    if received.bytes == 0 {
-        return Err(ApiError::validation("file", "the upload is empty"));
-    }
+    let received = receive(&s, req, &dest, s.settings.max_upload_bytes)
+        .await?
+        .received;
     verify_checksum(&headers, &received)?;
     let upload = db::datasets::NewUpload {
         id: upload_id,
@@ -378,17 +363,6 @@ async fn dataset_upload(
     let response = accept_upload(&s, receiving, upload).await?;
     partial.keep();
     Ok(response)
-}
-
-fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(super::ErrorCode::PayloadTooLarge, e.body_text())
-    } else {
-        ApiError::bad_request(format!(
-            "the upload was interrupted or malformed: {}",
-            e.body_text()
-        ))
-    }
 }
 
 #[derive(Deserialize, Default)]
@@ -410,48 +384,28 @@ async fn video_create(
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
     let headers = req.headers().clone();
-    let multipart = content_type(&headers) == "multipart/form-data";
     let receiving = Receiving::claim(&s, &caller, dataset_id).await?;
     let upload_id = Uuid::new_v4();
     let dir = DatasetDirs::new(&s.settings.data_dir, dataset_id).files(upload_id);
     let dest = dir.join("video");
     let partial = PartialFile::new(dest.clone());
-    let cap = s.settings.max_video_bytes;
+    let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;
+    // Form fields win over query parameters.
     let mut fields = q;
-    let received = if multipart {
-        let mut form = Multipart::from_request(req, &s)
-            .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let mut got = None;
-        while let Some(field) = form.next_field().await.map_err(multipart_error)? {
-            let name = field.name().unwrap_or_default().to_owned();
-            match name.as_str() {
-                "file" if got.is_none() => {
-                    if fields.filename.is_none() {
-                        fields.filename = field.file_name().map(str::to_owned);
-                    }
-                    got = Some(write_field(field, &dest, cap).await?);
-                }
-                "label" | "split" | "patient_id" | "filename" => {
-                    let text = field.text().await.map_err(multipart_error)?;
-                    let slot = match name.as_str() {
-                        "label" => &mut fields.label,
-                        "split" => &mut fields.split,
-                        "patient_id" => &mut fields.patient_id,
-                        _ => &mut fields.filename,
-                    };
-                    *slot = Some(text);
-                }
-                _ => {}
-            }
+    for (name, slot) in [
+        ("label", &mut fields.label),
+        ("split", &mut fields.split),
+        ("patient_id", &mut fields.patient_id),
+        ("filename", &mut fields.filename),
+    ] {
+        if let Some(v) = incoming.field(name) {
+            *slot = Some(v.to_owned());
         }
-        got.ok_or_else(|| ApiError::validation("file", "the multipart body has no `file` field"))?
-    } else {
-        write_body(req.into_body(), &dest, cap).await?
-    };
-    if received.bytes == 0 {
-        return Err(ApiError::validation("file", "the video is empty (0 bytes)"));
     }
+    if fields.filename.is_none() {
+        fields.filename = incoming.file_name.clone();
+    }
+    let received = incoming.received;
     verify_checksum(&headers, &received)?;
     let meta = video_meta(fields)?;
     let upload = db::datasets::NewUpload {

@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use axum::body::Body;
-use axum::extract::multipart::Field;
+use axum::extract::multipart::{Field, MultipartError};
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::{StatusCode, header};
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -68,13 +70,99 @@ where
 }
 
 /// Stream a raw request body.
-pub async fn write_body(body: Body, dest: &Path, cap: u64) -> Result<Received, ApiError> {
+async fn write_body(body: Body, dest: &Path, cap: u64) -> Result<Received, ApiError> {
     write_stream(body.into_data_stream(), dest, cap).await
 }
 
 /// Stream one multipart field.
-pub async fn write_field(field: Field<'_>, dest: &Path, cap: u64) -> Result<Received, ApiError> {
+async fn write_field(field: Field<'_>, dest: &Path, cap: u64) -> Result<Received, ApiError> {
     write_stream(field, dest, cap).await
+}
+
+/// A received upload: the file, its name as the client gave it, and the other form fields.
+pub struct Incoming {
+    pub received: Received,
+    pub file_name: Option<String>,
+    pub fields: Vec<(String, String)>,
+}
+
+impl Incoming {
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Whether the request carries a multipart form.
+pub fn is_multipart(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data")
+        })
+}
+
+/// Stream the body to `dest`: the whole raw body, or multipart field `file` (the other, small
+/// fields are collected). An empty file is refused.
+pub async fn receive<S: Send + Sync>(
+    state: &S,
+    req: Request,
+    dest: &Path,
+    cap: u64,
+) -> Result<Incoming, ApiError> {
+    let incoming = if is_multipart(&req) {
+        let mut form = Multipart::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let mut file = None;
+        let mut fields = Vec::new();
+        while let Some(field) = form.next_field().await.map_err(multipart_error)? {
+            let name = field.name().unwrap_or_default().to_owned();
+            if name == "file" && file.is_none() {
+                let file_name = field.file_name().map(str::to_owned);
+                file = Some((write_field(field, dest, cap).await?, file_name));
+            } else if fields.len() < 32 {
+                fields.push((name, field.text().await.map_err(multipart_error)?));
+            }
+        }
+        let (received, file_name) = file.ok_or_else(|| {
+            ApiError::validation("file", "the multipart body has no `file` field")
+        })?;
+        Incoming {
+            received,
+            file_name,
+            fields,
+        }
+    } else {
+        Incoming {
+            received: write_body(req.into_body(), dest, cap).await?,
+            file_name: None,
+            fields: Vec::new(),
+        }
+    };
+    if incoming.received.bytes == 0 {
+        return Err(ApiError::validation(
+            "file",
+            "the upload is empty (0 bytes)",
+        ));
+    }
+    Ok(incoming)
+}
+
+fn multipart_error(e: MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(ErrorCode::PayloadTooLarge, e.body_text())
+    } else {
+        ApiError::bad_request(format!(
+            "the upload was interrupted or malformed: {}",
+            e.body_text()
+        ))
+    }
 }
 
 /// Deletes a partly received file unless disarmed: also runs when the client disconnects and

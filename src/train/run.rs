@@ -114,10 +114,16 @@ fn better(metric: &str, new: f64, old: Option<f64>) -> bool {
 /// The dataset split into train / val / test items, and the class names.
 struct Splits {
     classes: Vec<String>,
-    train: Vec<Item>,
-    val: Vec<Item>,
-    test: Vec<Item>,
-    frame_hw: Vec<(i64, i64)>,
+    train: Split,
+    val: Split,
+    test: Split,
+}
+
+/// The videos of one split and their cached frame sizes.
+#[derive(Default, Clone)]
+struct Split {
+    items: Vec<Item>,
+    hw: Vec<(i64, i64)>,
 }
 
 fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String>), TrainError> {
@@ -144,10 +150,9 @@ fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String
     let dirs = crate::ingest::DatasetDirs::new(&ctx.data_dir, dataset_id);
     let mut s = Splits {
         classes,
-        train: vec![],
-        val: vec![],
-        test: vec![],
-        frame_hw: vec![],
+        train: Split::default(),
+        val: Split::default(),
+        test: Split::default(),
     };
     for v in accepted {
         let Some(label) = v
@@ -172,10 +177,10 @@ fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String
             Some("test") => &mut s.test,
             _ => continue,
         };
-        list.push(item);
-        s.frame_hw.push(hw);
+        list.items.push(item);
+        list.hw.push(hw);
     }
-    if s.val.is_empty() {
+    if s.val.items.is_empty() {
         return Err(user(
             "the dataset has no validation videos (give the val split a share)",
         ));
@@ -317,7 +322,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
 
     // Class weights for an imbalanced training set.
     let counts: Vec<f64> = (0..classes.len())
-        .map(|c| splits.train.iter().filter(|i| i.label == c).count() as f64)
+        .map(|c| splits.train.items.iter().filter(|i| i.label == c).count() as f64)
         .collect();
     let class_weights = (hp.class_imbalance == Imbalance::WeightedLoss).then(|| {
         let n = counts.iter().sum::<f64>();
@@ -329,10 +334,10 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
     });
 
     let bf16 = hp.precision == Precision::Bf16;
-    let train_items = Arc::new(splits.train.clone());
-    let train_hw: Vec<(i64, i64)> = splits.frame_hw[..splits.train.len()].to_vec();
+    let train_items = Arc::new(splits.train.items.clone());
+    let train_hw = &splits.train.hw;
     let batch = hp.batch_size as usize;
-    let steps_per_epoch = splits.train.len().div_ceil(batch);
+    let steps_per_epoch = train_items.len().div_ceil(batch);
     let mut last_poll = Instant::now();
     let mut epoch_times: Vec<f64> = Vec::new();
 
@@ -349,13 +354,13 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
             Imbalance::BalancedSampler => {
                 let by_class: Vec<Vec<usize>> = (0..classes.len())
                     .map(|c| {
-                        (0..splits.train.len())
-                            .filter(|&i| splits.train[i].label == c)
+                        (0..train_items.len())
+                            .filter(|&i| train_items[i].label == c)
                             .collect()
                     })
                     .collect();
                 let present: Vec<&Vec<usize>> = by_class.iter().filter(|v| !v.is_empty()).collect();
-                (0..splits.train.len())
+                (0..train_items.len())
                     .map(|_| {
                         let class = present[rand::RngExt::random_range(&mut rng, 0..present.len())];
                         class[rand::RngExt::random_range(&mut rng, 0..class.len())]
@@ -363,7 +368,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
                     .collect()
             }
             _ => {
-                let mut o: Vec<usize> = (0..splits.train.len()).collect();
+                let mut o: Vec<usize> = (0..train_items.len()).collect();
                 o.shuffle(&mut rng);
                 o
             }
@@ -468,11 +473,9 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         }
         state.optimizer_step = opt.step;
 
-        let val_hw = &splits.frame_hw[splits.train.len()..splits.train.len() + splits.val.len()];
         let val = evaluate(
             &model,
             &splits.val,
-            val_hw,
             &spec,
             &prep,
             &classes,
@@ -555,11 +558,9 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         vs.load(best_dir.join("model.safetensors"))
             .context("loading the best checkpoint")?;
     }
-    let val_hw = &splits.frame_hw[splits.train.len()..splits.train.len() + splits.val.len()];
     let val = evaluate(
         &model,
         &splits.val,
-        val_hw,
         &spec,
         &prep,
         &classes,
@@ -567,7 +568,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         ctx.device,
         bf16,
     )?;
-    let test = if splits.test.is_empty() {
+    let test = if splits.test.items.is_empty() {
         ctx.event(
             "test",
             "warning",
@@ -576,11 +577,9 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         )?;
         None
     } else {
-        let hw = &splits.frame_hw[splits.train.len() + splits.val.len()..];
         let m = evaluate(
             &model,
             &splits.test,
-            hw,
             &spec,
             &prep,
             &classes,
@@ -681,10 +680,9 @@ fn classification_loss(
 
 /// Evaluate with `clips` clips per video, softmax averaged per video.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate(
+fn evaluate(
     model: &VideoClassifier,
-    items: &[Item],
-    hw: &[(i64, i64)],
+    split: &Split,
     spec: &ClipSpec,
     prep: &Preprocessing,
     classes: &[String],
@@ -693,7 +691,8 @@ pub fn evaluate(
     bf16: bool,
 ) -> anyhow::Result<Metrics> {
     let _guard = tch::no_grad_guard();
-    let items = Arc::new(items.to_vec());
+    let hw = &split.hw;
+    let items = Arc::new(split.items.clone());
     let plans: Vec<Plan> = (0..items.len())
         .flat_map(|i| (0..clips).map(move |c| (i, c)))
         .map(|(i, c)| data::eval_plan(i, items[i].frames, spec, hw[i], c, clips))
