@@ -120,15 +120,6 @@ async fn job_create(
     if !(1..=10).contains(&body.max_attempts) {
         return Err(ApiError::validation("max_attempts", "between 1 and 10"));
     }
-    let dataset = db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
-        .await?
-        .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
-    if dataset.status != "ready" {
-        return Err(ApiError::conflict(format!(
-            "the dataset is `{}`; jobs need a ready dataset",
-            dataset.status
-        )));
-    }
     let stages = match Arch::parse(&body.base_model) {
         Some(a) => a.stages().len(),
         None => {
@@ -150,6 +141,15 @@ async fn job_create(
             "hyperparameters.freeze.stages",
             format!("between 1 and {stages} for {}", body.base_model),
         ));
+    }
+    let dataset = db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
+        .await?
+        .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
+    if dataset.status != "ready" {
+        return Err(ApiError::conflict(format!(
+            "the dataset is `{}`; jobs need a ready dataset",
+            dataset.status
+        )));
     }
     let device_pref = match hp.device.as_str() {
         "auto" => "auto",
