@@ -450,7 +450,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
                     &ctx.db,
                     ctx.job_id,
                     ctx.attempt,
-                    epoch as i32,
+                    epoch as i32 + 1,
                     state.step,
                     done / hp.epochs as f64,
                     Some(eta),

@@ -304,6 +304,10 @@ async fn a_killed_worker_is_reclaimed_and_resumes_exactly(db: PgPool) {
         "exactly one row per epoch"
     );
     for (a, b) in ours.iter().zip(&theirs) {
+        println!(
+            "epoch {}: train loss resumed {:.6} vs uninterrupted {:.6}",
+            a.0, a.1, b.1
+        );
         assert!(
             (a.1 - b.1).abs() < 1e-4,
             "epoch {}: resumed loss {} vs uninterrupted {}",
