@@ -111,6 +111,8 @@ create table models (
     hyperparameters      jsonb not null,
     classes              text[] not null,
     preprocessing        jsonb not null,
+    -- How videos are decoded before preprocessing (the training dataset's cache: fps, short side).
+    decode               jsonb not null,
     head                 jsonb not null,
     eval_clips           integer not null,
     val_metrics          jsonb not null,

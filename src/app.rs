@@ -18,6 +18,11 @@ pub struct AppState {
     pub db: PgPool,
     pub settings: Arc<Settings>,
     pub ingest: Arc<IngestConfig>,
+    /// Loaded models for predictions.
+    pub models: Arc<crate::serve::ModelCache>,
+    /// Decoders for prediction uploads.
+    pub media: Arc<crate::media::worker::MediaPool>,
+    pub limiter: Arc<crate::serve::RateLimiter>,
 }
 
 /// A bound, ready-to-run server.
@@ -38,6 +43,12 @@ impl Application {
         let state = AppState {
             db,
             ingest: Arc::new(settings.ingest.clone()),
+            models: Arc::new(crate::serve::ModelCache::new(settings.serve.clone())),
+            media: Arc::new(crate::media::worker::MediaPool::new(
+                &settings.ingest.media_worker_exe,
+                settings.ingest.concurrency,
+            )),
+            limiter: Arc::default(),
             settings: Arc::new(settings),
         };
         // Uploads a previous process left unfinished; the server answers meanwhile.

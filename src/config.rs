@@ -147,6 +147,24 @@ pub struct ServeArgs {
     /// Largest accepted frame, in pixels (width × height).
     #[arg(long, env = "VIDTUNE_MAX_VIDEO_PIXELS", default_value_t = 4096 * 2304)]
     pub max_video_pixels: u64,
+    /// Most clips run through a model in one batch.
+    #[arg(long, env = "VIDTUNE_MAX_BATCH_CLIPS", default_value_t = 16)]
+    pub max_batch_clips: i64,
+    /// How long a prediction waits for others to batch with, in milliseconds.
+    #[arg(long, env = "VIDTUNE_MAX_BATCH_DELAY_MS", default_value_t = 10)]
+    pub max_batch_delay_ms: u64,
+    /// Predictions waiting per model before new ones are answered 503.
+    #[arg(long, env = "VIDTUNE_PREDICT_QUEUE", default_value_t = 64)]
+    pub predict_queue: usize,
+    /// Time a prediction may wait for the model, in seconds.
+    #[arg(long, env = "VIDTUNE_PREDICT_DEADLINE_SECS", default_value_t = 60)]
+    pub predict_deadline_secs: u64,
+    /// Memory for loaded models (parameters), in MiB; least recently used models are evicted.
+    #[arg(long, env = "VIDTUNE_MODEL_MEMORY_MIB", default_value_t = 4096)]
+    pub model_memory_mib: u64,
+    /// Predictions per second per API key (0: unlimited).
+    #[arg(long, env = "VIDTUNE_PREDICT_RATE", default_value_t = 20.0)]
+    pub predict_rate: f64,
     /// Time allowed to decode one video at ingest, in seconds.
     #[arg(long, env = "VIDTUNE_DECODE_TIMEOUT_SECS", default_value_t = 600.0)]
     pub decode_timeout_secs: f64,
@@ -209,6 +227,7 @@ pub struct Settings {
     pub max_upload_bytes: u64,
     pub max_video_bytes: u64,
     pub ingest: IngestConfig,
+    pub serve: crate::serve::ServeConfig,
 }
 
 impl Settings {
@@ -223,6 +242,7 @@ impl Settings {
             max_upload_bytes: 50 << 30,
             max_video_bytes: 8 << 30,
             ingest: IngestConfig::new(media_worker_exe),
+            serve: crate::serve::ServeConfig::default(),
         }
     }
 
@@ -244,6 +264,14 @@ impl Settings {
             max_upload_bytes: a.max_upload_bytes,
             max_video_bytes: a.max_video_bytes,
             ingest,
+            serve: crate::serve::ServeConfig {
+                max_batch_clips: a.max_batch_clips,
+                max_delay: Duration::from_millis(a.max_batch_delay_ms),
+                queue: a.predict_queue,
+                deadline: Duration::from_secs(a.predict_deadline_secs),
+                memory_budget: a.model_memory_mib << 20,
+                rate_per_s: a.predict_rate,
+            },
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod http;
 pub mod ingest;
 pub mod media;
 pub mod registry;
+pub mod serve;
 pub mod telemetry;
 pub mod train;
 pub mod worker;

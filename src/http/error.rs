@@ -34,6 +34,7 @@ error_codes! {
     ValidationFailed => ("validation_failed", UNPROCESSABLE_ENTITY, "A field has an invalid value"),
     ChecksumMismatch => ("checksum_mismatch", BAD_REQUEST, "The body does not match its checksum"),
     InvalidModelFile => ("invalid_model_file", UNPROCESSABLE_ENTITY, "The model file cannot be used"),
+    InvalidVideo => ("invalid_video", UNPROCESSABLE_ENTITY, "The video cannot be used"),
     Unauthenticated => ("unauthenticated", UNAUTHORIZED, "A valid API key is required"),
     Forbidden => ("forbidden", FORBIDDEN, "The API key may not do this"),
     NotFound => ("not_found", NOT_FOUND, "No such resource"),

@@ -13,6 +13,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
 }
 
 /// The process is up and answering.
@@ -39,4 +40,77 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
         )
         .with_retry_after(5)),
     }
+}
+
+/// Prometheus text exposition: predictions, batching, rejections, loaded models, jobs by state.
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let st = &state.models.stats;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter(
+        "vidtune_predictions_total",
+        "Predictions answered.",
+        st.predictions.load(Relaxed),
+    );
+    counter(
+        "vidtune_inference_batches_total",
+        "Forward passes run by the inference threads.",
+        st.batches.load(Relaxed),
+    );
+    counter(
+        "vidtune_inference_batched_requests_total",
+        "Requests that shared a forward pass with another request.",
+        st.batched_requests.load(Relaxed),
+    );
+    counter(
+        "vidtune_inference_clips_total",
+        "Clips run through models.",
+        st.clips.load(Relaxed),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vidtune_predictions_rejected_total Predictions refused.\n# TYPE vidtune_predictions_rejected_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "vidtune_predictions_rejected_total{{reason=\"overloaded\"}} {}",
+        st.rejected_overloaded.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "vidtune_predictions_rejected_total{{reason=\"rate_limited\"}} {}",
+        st.rejected_rate_limited.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vidtune_models_loaded Models loaded for serving.\n# TYPE vidtune_models_loaded gauge\nvidtune_models_loaded {}",
+        state.models.loaded_count()
+    );
+    let jobs: Vec<(String, i64)> =
+        sqlx::query_as("select state, count(*) from jobs group by state")
+            .fetch_all(&state.db)
+            .await
+            .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "# HELP vidtune_jobs Jobs by state.\n# TYPE vidtune_jobs gauge"
+    );
+    for s in ["queued", "running", "succeeded", "failed", "canceled"] {
+        let n = jobs.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+        let _ = writeln!(out, "vidtune_jobs{{state=\"{s}\"}} {n}");
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
 }

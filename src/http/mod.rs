@@ -30,6 +30,7 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod jobs;
+pub mod models;
 pub mod upload;
 
 pub use auth::Caller;
@@ -58,6 +59,10 @@ pub struct Operation {
 /// Set by a handler on its response to name the resource it created or acted on, for the audit row.
 #[derive(Debug, Clone, Copy)]
 pub struct AuditResource(pub Uuid);
+
+/// Set by a handler on its response: extra facts for the audit row (never patient content).
+#[derive(Debug, Clone)]
+pub struct AuditDetails(pub serde_json::Value);
 
 /// Builder that registers guarded `/v1` operations.
 pub struct Routes {
@@ -153,7 +158,9 @@ impl Routes {
 /// Build the whole application router. Returns the declared `/v1` operations alongside.
 pub fn router(state: AppState, settings: &Settings) -> (Router, Vec<Operation>) {
     let routes = Routes::new(state.clone(), settings.request_timeout);
-    let routes = jobs::routes(base_models::routes(datasets::routes(admin::routes(routes))));
+    let routes = models::routes(jobs::routes(base_models::routes(datasets::routes(
+        admin::routes(routes),
+    ))));
     let Routes { router, ops, .. } = routes;
 
     let app = Router::new()
@@ -286,7 +293,10 @@ async fn guard_operation(State(g): State<Guard>, mut req: Request, next: Next) -
         status: resp.status().as_u16(),
         request_id,
         client_addr,
-        details: serde_json::Value::Null,
+        details: resp
+            .extensions()
+            .get::<AuditDetails>()
+            .map_or(serde_json::Value::Null, |d| d.0.clone()),
     };
     if let Err(e) = db::audit::insert(&g.state.db, &event).await {
         tracing::error!(error.cause_chain = ?e, action = g.op.id, "could not write the audit row");
@@ -295,6 +305,18 @@ async fn guard_operation(State(g): State<Guard>, mut req: Request, next: Next) -
 }
 
 impl axum::response::IntoResponseParts for AuditResource {
+    type Error = std::convert::Infallible;
+
+    fn into_response_parts(
+        self,
+        mut res: axum::response::ResponseParts,
+    ) -> Result<axum::response::ResponseParts, Self::Error> {
+        res.extensions_mut().insert(self);
+        Ok(res)
+    }
+}
+
+impl axum::response::IntoResponseParts for AuditDetails {
     type Error = std::convert::Infallible;
 
     fn into_response_parts(

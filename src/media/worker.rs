@@ -145,6 +145,41 @@ impl MediaWorker {
     }
 }
 
+/// A few long-lived media workers shared by request handlers (prediction uploads).
+pub struct MediaPool {
+    exe: PathBuf,
+    idle: std::sync::Mutex<Vec<MediaWorker>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl MediaPool {
+    pub fn new(exe: &Path, size: usize) -> Self {
+        Self {
+            exe: exe.to_path_buf(),
+            idle: std::sync::Mutex::default(),
+            permits: tokio::sync::Semaphore::new(size.max(1)),
+        }
+    }
+
+    /// Validate and cache one video on a pooled child (at most `size` at once).
+    pub async fn run(&self, job: &Job, deadline: Duration) -> Result<VideoInfo, Rejection> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let mut worker = self
+            .idle
+            .lock()
+            .expect("pool lock")
+            .pop()
+            .unwrap_or_else(|| MediaWorker::new(&self.exe));
+        let result = worker.run(job, deadline).await;
+        self.idle.lock().expect("pool lock").push(worker);
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

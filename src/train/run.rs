@@ -607,8 +607,9 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         sqlx::query(
             "insert into models (id, tenant_id, job_id, dataset_id, dataset_hash, base_model,
                  base_weights_sha256, hyperparameters, classes, preprocessing, head, eval_clips,
-                 val_metrics, test_metrics, vidtune_version, libtorch_version, path)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                 val_metrics, test_metrics, vidtune_version, libtorch_version, path, decode)
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                     (select cache_spec from datasets where id = $4))",
         )
         .bind(model_id)
         .bind(job.tenant_id)

@@ -13,3 +13,4 @@ mod health;
 mod jobs;
 mod openapi;
 mod problems;
+mod serving;

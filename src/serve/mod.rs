@@ -1,0 +1,376 @@
+//! Serving: trained models kept loaded (LRU under a memory budget), each on its own inference
+//! thread (tch tensors are not `Sync`), with dynamic batching of concurrent requests and a
+//! bounded queue that answers "overloaded" instead of growing.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Deserialize;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+use uuid::Uuid;
+
+use crate::backbone::{Arch, Base, Freeze, HeadSpec, Preprocessing, VideoClassifier};
+use crate::media::decode::CacheSpec;
+
+/// Serving limits.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Most clips run in one forward pass.
+    pub max_batch_clips: i64,
+    /// How long the first request of a batch waits for company.
+    pub max_delay: Duration,
+    /// Requests waiting per model; beyond this the answer is 503.
+    pub queue: usize,
+    /// Time a request may wait for its answer.
+    pub deadline: Duration,
+    /// Parameter bytes of the models kept loaded.
+    pub memory_budget: u64,
+    /// Predictions per second per API key (burst: twice that); 0 disables the limit.
+    pub rate_per_s: f64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_clips: 16,
+            max_delay: Duration::from_millis(10),
+            queue: 64,
+            deadline: Duration::from_secs(60),
+            memory_budget: 4 << 30,
+            rate_per_s: 20.0,
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub predictions: AtomicU64,
+    pub batches: AtomicU64,
+    pub batched_requests: AtomicU64,
+    pub clips: AtomicU64,
+    pub rejected_overloaded: AtomicU64,
+    pub rejected_rate_limited: AtomicU64,
+    pub models_loaded: AtomicU64,
+    pub models_evicted: AtomicU64,
+}
+
+/// What serving needs to know about a model (from its `models` row).
+#[derive(Debug, Clone)]
+pub struct ModelMeta {
+    pub id: Uuid,
+    pub base: Base,
+    pub classes: Vec<String>,
+    pub head: HeadSpec,
+    pub preprocessing: Preprocessing,
+    pub decode: CacheSpec,
+    pub eval_clips: u32,
+    pub weights: PathBuf,
+}
+
+/// The `decode` column: how the training data was decoded.
+#[derive(Deserialize)]
+struct DecodeSpec {
+    short_side: u32,
+    fps: f64,
+}
+
+impl ModelMeta {
+    /// Build from the stored record. `custom_path`: the TorchScript backbone's file, if the base
+    /// is not built in.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_record(
+        id: Uuid,
+        base_model: &str,
+        custom: Option<(PathBuf, i64)>,
+        classes: Vec<String>,
+        head: serde_json::Value,
+        preprocessing: serde_json::Value,
+        decode: serde_json::Value,
+        eval_clips: i32,
+        weights: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let base = match (Arch::parse(base_model), custom) {
+            (Some(a), _) => Base::Builtin(a),
+            (None, Some((path, feature_dim))) => Base::TorchScript { path, feature_dim },
+            (None, None) => anyhow::bail!("base model {base_model} is gone"),
+        };
+        let d: DecodeSpec = serde_json::from_value(decode).context("decode spec")?;
+        Ok(Self {
+            id,
+            base,
+            classes,
+            head: serde_json::from_value(head).context("head spec")?,
+            preprocessing: serde_json::from_value(preprocessing).context("preprocessing")?,
+            decode: CacheSpec {
+                short_side: d.short_side,
+                fps: d.fps,
+                threads: 0,
+            },
+            eval_clips: eval_clips.max(1) as u32,
+            weights,
+        })
+    }
+}
+
+struct InferRequest {
+    input: Tensor,
+    reply: tokio::sync::oneshot::Sender<anyhow::Result<Tensor>>,
+}
+
+/// A loaded model: send clips, get class probabilities.
+pub struct ModelHandle {
+    pub meta: ModelMeta,
+    tx: SyncSender<InferRequest>,
+    bytes: u64,
+}
+
+/// Why a request was not run.
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("the model's queue is full")]
+    Overloaded,
+    #[error("no answer within the deadline")]
+    Deadline,
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl ModelHandle {
+    /// Class probabilities `[N, classes]` for the clips `input` (`[N, 3, T, H, W]`).
+    pub async fn infer(
+        &self,
+        input: Tensor,
+        deadline: Duration,
+        stats: &Stats,
+    ) -> Result<Tensor, InferError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        match self.tx.try_send(InferRequest { input, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                stats.rejected_overloaded.fetch_add(1, Ordering::Relaxed);
+                return Err(InferError::Overloaded);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(anyhow::anyhow!("the inference thread stopped").into());
+            }
+        }
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(r)) => Ok(r?),
+            Ok(Err(_)) => Err(anyhow::anyhow!("the inference thread dropped the request").into()),
+            Err(_) => Err(InferError::Deadline),
+        }
+    }
+}
+
+/// Loaded models, least recently used evicted first when over the memory budget.
+pub struct ModelCache {
+    cfg: ServeConfig,
+    device: Device,
+    pub stats: Arc<Stats>,
+    loaded: Mutex<HashMap<Uuid, (Arc<ModelHandle>, Instant)>>,
+}
+
+impl ModelCache {
+    pub fn new(cfg: ServeConfig) -> Self {
+        let device = if tch::Cuda::is_available() {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        };
+        Self {
+            cfg,
+            device,
+            stats: Arc::default(),
+            loaded: Mutex::default(),
+        }
+    }
+
+    pub fn config(&self) -> &ServeConfig {
+        &self.cfg
+    }
+
+    /// Drop a model (deleted).
+    pub fn evict(&self, id: Uuid) {
+        self.loaded.lock().expect("cache lock").remove(&id);
+    }
+
+    /// The loaded model, loading it (on its own thread) if needed.
+    pub async fn get(&self, meta: ModelMeta) -> anyhow::Result<Arc<ModelHandle>> {
+        if let Some((h, used)) = self.loaded.lock().expect("cache lock").get_mut(&meta.id) {
+            *used = Instant::now();
+            return Ok(h.clone());
+        }
+        let handle =
+            Arc::new(spawn_model(meta, self.device, self.cfg.clone(), self.stats.clone()).await?);
+        let mut loaded = self.loaded.lock().expect("cache lock");
+        loaded.insert(handle.meta.id, (handle.clone(), Instant::now()));
+        self.stats.models_loaded.fetch_add(1, Ordering::Relaxed);
+        // Evict the least recently used until the rest fit (the new one always stays).
+        while loaded.values().map(|(h, _)| h.bytes).sum::<u64>() > self.cfg.memory_budget
+            && loaded.len() > 1
+        {
+            let oldest = loaded
+                .iter()
+                .filter(|(id, _)| **id != handle.meta.id)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(id, _)| *id);
+            match oldest {
+                Some(id) => {
+                    loaded.remove(&id);
+                    self.stats.models_evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                None => break,
+            }
+        }
+        Ok(handle)
+    }
+
+    pub fn loaded_count(&self) -> usize {
+        self.loaded.lock().expect("cache lock").len()
+    }
+}
+
+/// Start the inference thread of a model and wait until its weights are loaded.
+async fn spawn_model(
+    meta: ModelMeta,
+    device: Device,
+    cfg: ServeConfig,
+    stats: Arc<Stats>,
+) -> anyhow::Result<ModelHandle> {
+    let (tx, rx) = sync_channel::<InferRequest>(cfg.queue);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<u64>>();
+    let thread_meta = meta.clone();
+    std::thread::Builder::new()
+        .name(format!("infer-{}", &meta.id.to_string()[..8]))
+        .spawn(move || {
+            let loaded = load(&thread_meta, device);
+            match loaded {
+                Ok((vs, model)) => {
+                    let bytes = vs
+                        .variables()
+                        .values()
+                        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                        .sum();
+                    let _ = ready_tx.send(Ok(bytes));
+                    serve_loop(&model, &rx, device, &cfg, &stats);
+                    drop(vs);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+        .context("starting an inference thread")?;
+    let bytes = ready_rx
+        .await
+        .context("the inference thread died while loading")??;
+    Ok(ModelHandle { meta, tx, bytes })
+}
+
+fn load(meta: &ModelMeta, device: Device) -> anyhow::Result<(VarStore, VideoClassifier)> {
+    let mut vs = VarStore::new(device);
+    let model = VideoClassifier::new(
+        &vs.root(),
+        meta.base.clone(),
+        meta.classes.len() as i64,
+        &meta.head,
+        Freeze::Full,
+    )?;
+    vs.load(&meta.weights)
+        .with_context(|| format!("loading {}", meta.weights.display()))?;
+    vs.freeze();
+    Ok((vs, model))
+}
+
+/// Collect requests for up to `max_delay` (or `max_batch_clips` clips), run them as one batch,
+/// and answer each with its rows.
+fn serve_loop(
+    model: &VideoClassifier,
+    rx: &Receiver<InferRequest>,
+    device: Device,
+    cfg: &ServeConfig,
+    stats: &Stats,
+) {
+    let _guard = tch::no_grad_guard();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let mut clips = batch[0].input.size()[0];
+        let until = Instant::now() + cfg.max_delay;
+        while clips < cfg.max_batch_clips {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(r) => {
+                    clips += r.input.size()[0];
+                    batch.push(r);
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let sizes: Vec<i64> = batch.iter().map(|r| r.input.size()[0]).collect();
+        let inputs: Vec<Tensor> = batch.iter().map(|r| r.input.shallow_clone()).collect();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let x = Tensor::cat(&inputs, 0).to_device(device);
+            model
+                .forward_t(&x, false)
+                .softmax(-1, Kind::Float)
+                .to_device(Device::Cpu)
+        }));
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.clips.fetch_add(clips as u64, Ordering::Relaxed);
+        if batch.len() > 1 {
+            stats
+                .batched_requests
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+        match result {
+            Ok(probs) => {
+                let parts = probs.split_with_sizes(&sizes, 0);
+                for (r, p) in batch.into_iter().zip(parts) {
+                    let _ = r.reply.send(Ok(p));
+                }
+            }
+            Err(_) => {
+                for r in batch {
+                    let _ = r.reply.send(Err(anyhow::anyhow!("inference failed")));
+                }
+            }
+        }
+    }
+}
+
+/// A per-key token bucket.
+#[derive(Default)]
+pub struct RateLimiter {
+    buckets: Mutex<HashMap<Uuid, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// `Ok` if the key may make a request now, else the seconds to wait.
+    pub fn check(&self, key: Uuid, rate: f64) -> Result<(), f64> {
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let burst = (rate * 2.0).max(1.0);
+        let mut b = self.buckets.lock().expect("limiter lock");
+        let now = Instant::now();
+        let (tokens, last) = b.entry(key).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - *tokens) / rate)
+        }
+    }
+}
+
+/// Where prediction uploads are decoded.
+pub fn scratch_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tmp").join("predict")
+}
