@@ -23,6 +23,7 @@ pub struct AppState {
     /// Decoders for prediction uploads.
     pub media: Arc<crate::media::worker::MediaPool>,
     pub limiter: Arc<crate::serve::RateLimiter>,
+    pub http_metrics: Arc<crate::metrics::HttpMetrics>,
 }
 
 /// A bound, ready-to-run server.
@@ -49,6 +50,7 @@ impl Application {
                 settings.ingest.concurrency,
             )),
             limiter: Arc::default(),
+            http_metrics: Arc::default(),
             settings: Arc::new(settings),
         };
         // Uploads a previous process left unfinished; the server answers meanwhile.

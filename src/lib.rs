@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod http;
 pub mod ingest;
 pub mod media;
+pub mod metrics;
 pub mod registry;
 pub mod serve;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use crate::db;
 pub mod admin;
 pub mod auth;
 pub mod base_models;
+pub mod batch_predictions;
 pub mod datasets;
 pub mod error;
 pub mod extract;
@@ -252,6 +253,7 @@ struct Guard {
 
 /// Authenticate, authorise by access level, run the handler, and append the audit row.
 async fn guard_operation(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
     let request_id = req
         .headers()
         .get(REQUEST_ID_HEADER)
@@ -298,6 +300,9 @@ async fn guard_operation(State(g): State<Guard>, mut req: Request, next: Next) -
             .get::<AuditDetails>()
             .map_or(serde_json::Value::Null, |d| d.0.clone()),
     };
+    g.state
+        .http_metrics
+        .record(g.op.id, event.status, started.elapsed().as_secs_f64());
     if let Err(e) = db::audit::insert(&g.state.db, &event).await {
         tracing::error!(error.cause_chain = ?e, action = g.op.id, "could not write the audit row");
     }

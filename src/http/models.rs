@@ -17,10 +17,9 @@ use super::{Access, ApiError, ApiResult, AuditDetails, AuditResource, Caller, Er
 use crate::app::AppState;
 use crate::backbone::{Arch, export};
 use crate::db;
-use crate::media::cache::CacheReader;
 use crate::media::worker::Job;
 use crate::serve::{InferError, ModelMeta};
-use crate::train::data::{self, ClipSpec, Plan, RawClip};
+use crate::train::data::{self, Plan};
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -346,15 +345,7 @@ async fn model_predict(
         .await
         .map_err(ApiError::internal)?;
     let prep = meta.preprocessing.clone();
-    let spec = ClipSpec {
-        frames: prep.frames as u32,
-        stride: meta_stride(&m),
-        sampling: prep.sampling,
-        short_side: prep.resize[0].max(prep.crop),
-        crop: prep.crop,
-        crop_scale: [1.0, 1.0],
-        flip: false,
-    };
+    let spec = crate::serve::clip_spec(&meta, meta_stride(&m));
     let total = info.cache_frames;
     let hw = (info.cache_height as i64, info.cache_width as i64);
     let fps = info.cache_fps.max(1e-6);
@@ -382,32 +373,9 @@ async fn model_predict(
             start += stride;
         }
     }
-    let cache_path = cache.clone();
-    let prep_b = prep.clone();
-    let spec_b = spec.clone();
-    let plans_b = plans.clone();
-    let input = tokio::task::spawn_blocking(move || -> anyhow::Result<Tensor> {
-        let mut reader = CacheReader::open(&cache_path)?;
-        let raw: Vec<RawClip> = plans_b
-            .iter()
-            .map(|p| {
-                let mut d = Vec::new();
-                reader.read_frames(&p.indices, &mut d)?;
-                Ok(RawClip {
-                    data: d,
-                    frames: p.indices.len() as i64,
-                    height: hw.0,
-                    width: hw.1,
-                })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(data::to_batch(
-            &raw,
-            &plans_b,
-            &spec_b,
-            &prep_b,
-            tch::Device::Cpu,
-        ))
+    let (cache_path, plans_b) = (cache.clone(), plans.clone());
+    let input = tokio::task::spawn_blocking(move || {
+        crate::serve::read_input(&cache_path, &plans_b, &spec, &prep)
     })
     .await
     .map_err(|e| ApiError::internal(e.into()))?
@@ -441,12 +409,7 @@ async fn model_predict(
     let rows: Vec<Vec<f32>> =
         Vec::<Vec<f32>>::try_from(&probs).map_err(|e| ApiError::internal(e.into()))?;
     let k = m.classes.len();
-    let mut video = vec![0f64; k];
-    for row in &rows[..clips as usize] {
-        for (a, v) in video.iter_mut().zip(row) {
-            *a += *v as f64 / clips as f64;
-        }
-    }
+    let video = crate::serve::mean_probs(&rows[..clips as usize]);
     let ranked = |p: &[f64]| -> Vec<Value> {
         let mut idx: Vec<usize> = (0..p.len()).collect();
         idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
@@ -464,6 +427,10 @@ async fn model_predict(
         .stats
         .predictions
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    s.models
+        .stats
+        .prediction_seconds
+        .observe(started.elapsed().as_secs_f64());
     let mut body = json!({
         "model_id": id,
         "predictions": predictions,
@@ -505,6 +472,16 @@ async fn model_predict(
         "latency_ms": started.elapsed().as_secs_f64() * 1e3,
     }));
     Ok((StatusCode::OK, AuditResource(id), audit, Json(body)).into_response())
+}
+
+/// A tenant's model ready to load, with the frame stride it was trained with.
+pub(super) async fn fetch_meta(
+    s: &AppState,
+    caller: &Caller,
+    id: Uuid,
+) -> ApiResult<(ModelMeta, u32)> {
+    let m = fetch(s, caller, id).await?;
+    Ok((meta(s, caller, &m).await?, meta_stride(&m)))
 }
 
 /// The frame stride the model was trained with.

@@ -15,7 +15,9 @@ use tch::{Device, Kind, Tensor};
 use uuid::Uuid;
 
 use crate::backbone::{Arch, Base, Freeze, HeadSpec, Preprocessing, VideoClassifier};
+use crate::media::cache::CacheReader;
 use crate::media::decode::CacheSpec;
+use crate::train::data::{self, ClipSpec, Plan, RawClip};
 
 /// Serving limits.
 #[derive(Debug, Clone)]
@@ -48,7 +50,7 @@ impl Default for ServeConfig {
 }
 
 /// Counters for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub predictions: AtomicU64,
     pub batches: AtomicU64,
@@ -58,6 +60,27 @@ pub struct Stats {
     pub rejected_rate_limited: AtomicU64,
     pub models_loaded: AtomicU64,
     pub models_evicted: AtomicU64,
+    /// Clips per forward pass.
+    pub batch_clips: crate::metrics::Histogram,
+    /// Seconds from request to answer, predictions that succeeded.
+    pub prediction_seconds: crate::metrics::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            predictions: AtomicU64::default(),
+            batches: AtomicU64::default(),
+            batched_requests: AtomicU64::default(),
+            clips: AtomicU64::default(),
+            rejected_overloaded: AtomicU64::default(),
+            rejected_rate_limited: AtomicU64::default(),
+            models_loaded: AtomicU64::default(),
+            models_evicted: AtomicU64::default(),
+            batch_clips: crate::metrics::Histogram::new(crate::metrics::BATCH_BUCKETS),
+            prediction_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
+        }
+    }
 }
 
 /// What serving needs to know about a model (from its `models` row).
@@ -322,6 +345,7 @@ fn serve_loop(
         }));
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.clips.fetch_add(clips as u64, Ordering::Relaxed);
+        stats.batch_clips.observe(clips as f64);
         if batch.len() > 1 {
             stats
                 .batched_requests
@@ -368,6 +392,58 @@ impl RateLimiter {
             Err((1.0 - *tokens) / rate)
         }
     }
+}
+
+/// How clips are cut for a model (no augmentation; `frame_stride` as in training).
+pub fn clip_spec(meta: &ModelMeta, frame_stride: u32) -> ClipSpec {
+    let prep = &meta.preprocessing;
+    ClipSpec {
+        frames: prep.frames as u32,
+        stride: frame_stride.max(1),
+        sampling: prep.sampling,
+        short_side: prep.resize[0].max(prep.crop),
+        crop: prep.crop,
+        crop_scale: [1.0, 1.0],
+        flip: false,
+    }
+}
+
+/// Read the clips `plans` from a decoded video and preprocess them: `[N, 3, T, H, W]` on the CPU.
+/// Blocking (file reads and tensor work).
+pub fn read_input(
+    cache: &Path,
+    plans: &[Plan],
+    spec: &ClipSpec,
+    prep: &Preprocessing,
+) -> anyhow::Result<Tensor> {
+    let mut reader = CacheReader::open(cache)?;
+    let (h, w) = (reader.header.height as i64, reader.header.width as i64);
+    let raw: Vec<RawClip> = plans
+        .iter()
+        .map(|p| {
+            let mut data = Vec::new();
+            reader.read_frames(&p.indices, &mut data)?;
+            Ok(RawClip {
+                data,
+                frames: p.indices.len() as i64,
+                height: h,
+                width: w,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(data::to_batch(&raw, plans, spec, prep, Device::Cpu))
+}
+
+/// Average class probabilities of `[N, classes]` rows.
+pub fn mean_probs(rows: &[Vec<f32>]) -> Vec<f64> {
+    let k = rows.first().map_or(0, Vec::len);
+    let mut out = vec![0f64; k];
+    for row in rows {
+        for (a, v) in out.iter_mut().zip(row) {
+            *a += *v as f64 / rows.len() as f64;
+        }
+    }
+    out
 }
 
 /// Where prediction uploads are decoded.
