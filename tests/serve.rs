@@ -109,6 +109,24 @@ async fn a_full_queue_answers_overloaded_and_the_accepted_request_still_succeeds
 }
 
 #[tokio::test]
+async fn concurrent_first_requests_load_a_model_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ModelCache::new(ServeConfig::default()));
+    let meta = model_meta(dir.path());
+    let loads: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, m) = (cache.clone(), meta.clone());
+            tokio::spawn(async move { c.get(m).await.unwrap() })
+        })
+        .collect();
+    for l in loads {
+        l.await.unwrap();
+    }
+    assert_eq!(cache.stats.models_loaded.load(Ordering::Relaxed), 1);
+    assert_eq!(cache.loaded_count(), 1);
+}
+
+#[tokio::test]
 async fn least_recently_used_models_are_evicted_over_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -159,9 +159,10 @@ impl Routes {
 /// Build the whole application router. Returns the declared `/v1` operations alongside.
 pub fn router(state: AppState, settings: &Settings) -> (Router, Vec<Operation>) {
     let routes = Routes::new(state.clone(), settings.request_timeout);
-    let routes = models::routes(jobs::routes(base_models::routes(datasets::routes(
-        admin::routes(routes),
-    ))));
+    let routes = admin::routes(routes);
+    let routes = datasets::routes(base_models::routes(routes));
+    let routes = jobs::routes(routes);
+    let routes = batch_predictions::routes(models::routes(routes));
     let Routes { router, ops, .. } = routes;
 
     let app = Router::new()

@@ -197,6 +197,8 @@ pub struct ModelCache {
     device: Device,
     pub stats: Arc<Stats>,
     loaded: Mutex<HashMap<Uuid, (Arc<ModelHandle>, Instant)>>,
+    /// Held while a model loads, so concurrent first requests load it once.
+    loading: tokio::sync::Mutex<()>,
 }
 
 impl ModelCache {
@@ -211,6 +213,7 @@ impl ModelCache {
             device,
             stats: Arc::default(),
             loaded: Mutex::default(),
+            loading: tokio::sync::Mutex::default(),
         }
     }
 
@@ -223,11 +226,21 @@ impl ModelCache {
         self.loaded.lock().expect("cache lock").remove(&id);
     }
 
+    fn cached(&self, id: Uuid) -> Option<Arc<ModelHandle>> {
+        let mut loaded = self.loaded.lock().expect("cache lock");
+        let (h, used) = loaded.get_mut(&id)?;
+        *used = Instant::now();
+        Some(h.clone())
+    }
+
     /// The loaded model, loading it (on its own thread) if needed.
     pub async fn get(&self, meta: ModelMeta) -> anyhow::Result<Arc<ModelHandle>> {
-        if let Some((h, used)) = self.loaded.lock().expect("cache lock").get_mut(&meta.id) {
-            *used = Instant::now();
-            return Ok(h.clone());
+        if let Some(h) = self.cached(meta.id) {
+            return Ok(h);
+        }
+        let _loading = self.loading.lock().await;
+        if let Some(h) = self.cached(meta.id) {
+            return Ok(h); // loaded by a request that got here first
         }
         let handle =
             Arc::new(spawn_model(meta, self.device, self.cfg.clone(), self.stats.clone()).await?);
@@ -449,4 +462,26 @@ pub fn mean_probs(rows: &[Vec<f32>]) -> Vec<f64> {
 /// Where prediction uploads are decoded.
 pub fn scratch_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("tmp").join("predict")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limits_allow_a_burst_then_one_request_per_interval() {
+        let limiter = RateLimiter::default();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        // 2 per second: a burst of 4, then refused with the wait in seconds.
+        for _ in 0..4 {
+            assert!(limiter.check(a, 2.0).is_ok());
+        }
+        let wait = limiter.check(a, 2.0).unwrap_err();
+        assert!(wait > 0.0 && wait <= 0.5, "{wait}");
+        // Keys are limited separately, and 0 means unlimited.
+        assert!(limiter.check(b, 2.0).is_ok());
+        for _ in 0..100 {
+            assert!(limiter.check(a, 0.0).is_ok());
+        }
+    }
 }

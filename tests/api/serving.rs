@@ -206,3 +206,114 @@ async fn a_trained_model_predicts_held_out_videos_with_timelines(db: PgPool) {
     )
     .await;
 }
+
+/// A model record with random r3d_18 weights, written straight to the database and disk.
+async fn untrained_model(app: &crate::helpers::TestApp, key: &str) -> String {
+    let ds = app.dataset(key, json!({"name": "for-model"})).await;
+    let tenant: uuid::Uuid =
+        sqlx::query_scalar("select tenant_id from datasets where id = $1::uuid")
+            .bind(&ds)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    let job = uuid::Uuid::new_v4();
+    sqlx::query("insert into jobs (id, tenant_id, dataset_id, base_model, hyperparameters, state, epochs) values ($1, $2, $3::uuid, 'r3d_18', '{}', 'succeeded', 1)")
+        .bind(job).bind(tenant).bind(&ds).execute(&app.db).await.unwrap();
+    let model = uuid::Uuid::new_v4();
+    let dir = app.data_dir.join("models").join(model.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _m = vidtune::backbone::VideoClassifier::new(
+        &vs.root(),
+        vidtune::backbone::Arch::R3d18,
+        2,
+        &Default::default(),
+        vidtune::backbone::Freeze::Full,
+    )
+    .unwrap();
+    vs.save(dir.join("model.safetensors")).unwrap();
+    // Full-size clips, so each prediction computes for a while.
+    let mut prep = vidtune::backbone::Arch::R3d18.preprocessing();
+    prep.frames = 8;
+    sqlx::query(
+        "insert into models (id, tenant_id, job_id, dataset_id, base_model, hyperparameters, classes, preprocessing, decode, head, eval_clips, val_metrics, vidtune_version, libtorch_version, path)
+         values ($1, $2, $3, $4::uuid, 'r3d_18', '{\"frame_stride\": 2}', '{a,b}', $5, '{\"short_side\": 64, \"fps\": 15}', '{\"type\": \"linear\", \"dropout\": 0}', 1, '{}', '0', '0', $6)",
+    )
+    .bind(model).bind(tenant).bind(job).bind(&ds).bind(serde_json::to_value(&prep).unwrap()).bind(format!("models/{model}"))
+    .execute(&app.db).await.unwrap();
+    model.to_string()
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn overload_gets_503_while_accepted_predictions_succeed(db: PgPool) {
+    // No waiting room in front of the model: a request arriving while it computes is refused.
+    let app = crate::helpers::spawn_app_with(db, |s| {
+        s.serve.queue = 0;
+        s.serve.max_delay = std::time::Duration::ZERO;
+    })
+    .await;
+    let key = app.key_for("busy", false).await;
+    let model = untrained_model(&app, &key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let video = std::fs::read(media::motion(dir.path(), "v.mp4", true, 1)).unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let req = app
+            .request(
+                Method::POST,
+                &format!("/v1/models/{model}/predict?clips=32"),
+                &key,
+            )
+            .header("content-type", "video/mp4")
+            .body(video.clone());
+        tasks.push(tokio::spawn(async move { req.send().await.unwrap() }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let resp = t.await.unwrap();
+        match resp.status().as_u16() {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(resp.headers()["retry-after"], "1");
+                assert_problem(resp, 503, "overloaded").await;
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {}", resp.text().await.unwrap()),
+        }
+    }
+    assert!(ok >= 1 && refused >= 1, "{ok} answered, {refused} refused");
+    // The server is still up and answers the next request.
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let resp = app
+        .request(Method::POST, &format!("/v1/models/{model}/predict"), &key)
+        .header("content-type", "video/mp4")
+        .body(video)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "vidtune_predictions_rejected_total{{reason=\"overloaded\"}} {refused}"
+        )),
+        "{metrics}"
+    );
+}
