@@ -50,7 +50,8 @@ async fn run(
             while Instant::now() < until {
                 let x = Tensor::randn([1, 3, 16, 112, 112], (Kind::Float, Device::Cpu));
                 let t = Instant::now();
-                h.infer(x, Duration::from_secs(120), &c.stats)
+                let _probs = h
+                    .infer(x, Duration::from_secs(120), &c.stats)
                     .await
                     .unwrap();
                 lat.push(t.elapsed().as_secs_f64() * 1e3);
