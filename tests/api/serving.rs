@@ -103,6 +103,7 @@ async fn a_trained_model_predicts_held_out_videos_with_timelines(db: PgPool) {
         .await
         .unwrap();
     let p: Value = resp.json().await.unwrap();
+    println!("{}", serde_json::to_string(&p).unwrap());
     let timeline = p["timeline"].as_array().unwrap();
     assert!(timeline.len() >= 3, "{p}");
     assert_eq!(timeline[0]["start_s"], 0.0);
