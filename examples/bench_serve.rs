@@ -1,6 +1,6 @@
 //! Serving throughput with and without dynamic batching: `concurrency` clients each sending
-//! single-clip requests to one r3d_18 model (16×112², fp32, CPU) for `secs` seconds.
-//!     cargo run --release --example bench_serve -- [concurrency] [secs]
+//! single-clip requests to one r3d_18 model (fp32) for `secs` seconds.
+//!     cargo run --release --example bench_serve -- [concurrency] [secs] [frames] [crop]
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ async fn run(
     concurrency: usize,
     secs: u64,
     weights: &std::path::Path,
+    clip: (i64, i64),
 ) -> (f64, f64, f64) {
     let cfg = ServeConfig {
         max_batch_clips: if batching { 8 } else { 1 },
@@ -48,7 +49,7 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while Instant::now() < until {
-                let x = Tensor::randn([1, 3, 16, 112, 112], (Kind::Float, Device::Cpu));
+                let x = Tensor::randn([1, 3, clip.0, clip.1, clip.1], (Kind::Float, Device::Cpu));
                 let t = Instant::now();
                 let _probs = h
                     .infer(x, Duration::from_secs(120), &c.stats)
@@ -85,6 +86,13 @@ async fn main() {
         .nth(2)
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
+    let arg = |i: usize, d: i64| {
+        std::env::args()
+            .nth(i)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let (frames, crop) = (arg(3, 16), arg(4, 112));
     let dir = tempfile::tempdir().unwrap();
     let weights = dir.path().join("model.safetensors");
     let vs = VarStore::new(Device::Cpu);
@@ -98,11 +106,11 @@ async fn main() {
     .unwrap();
     vs.save(&weights).unwrap();
     println!(
-        "concurrency {concurrency}, {secs} s each, r3d_18 16x112x112 fp32 on {} CPU threads",
+        "concurrency {concurrency}, {secs} s each, r3d_18 {frames}x{crop}x{crop} fp32 on {} CPU threads",
         tch::get_num_threads()
     );
     for batching in [false, true] {
-        let (rps, p50, p99) = run(batching, concurrency, secs, &weights).await;
+        let (rps, p50, p99) = run(batching, concurrency, secs, &weights, (frames, crop)).await;
         println!(
             "batching {:<5} {rps:6.2} clips/s   p50 {p50:8.1} ms   p99 {p99:8.1} ms",
             batching

@@ -31,6 +31,17 @@ pub async fn report(database_url: Option<&str>) -> String {
         })
         .unwrap_or_default();
     let _ = writeln!(out, "devices       {devices}");
+    for d in 0..count as usize {
+        if let Some(m) = crate::backbone::amp::cuda_memory(d) {
+            let gib = |b: i64| b as f64 / (1u64 << 30) as f64;
+            let _ = writeln!(
+                out,
+                "  cuda:{d}      {:.1} GiB free of {:.1} GiB",
+                gib(m.free),
+                gib(m.total)
+            );
+        }
+    }
     let _ = writeln!(out, "ffmpeg        {}", ffmpeg_version());
     let db = match database_url {
         None => "not configured (set DATABASE_URL)".to_string(),

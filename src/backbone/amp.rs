@@ -1,6 +1,7 @@
 //! bf16 automatic mixed precision, on the CPU as well as CUDA (through the libtorch shim; tch's
 //! `autocast` is CUDA-fp16 only). Matmuls and convolutions run in bf16, reductions and losses
-//! stay in fp32, exactly as `torch.autocast(dtype=torch.bfloat16)`.
+//! stay in fp32, exactly as `torch.autocast(dtype=torch.bfloat16)`. Also the CUDA memory
+//! figures tch does not expose.
 use std::ffi::c_int;
 
 use tch::Device;
@@ -9,6 +10,48 @@ unsafe extern "C" {
     fn vidtune_autocast_enter(cuda: c_int);
     fn vidtune_autocast_exit(cuda: c_int, was_enabled: c_int);
     fn vidtune_autocast_enabled(cuda: c_int) -> c_int;
+    fn vidtune_cuda_memory(
+        device: c_int,
+        allocated: *mut i64,
+        reserved: *mut i64,
+        free: *mut i64,
+        total: *mut i64,
+    ) -> c_int;
+}
+
+/// Memory of one CUDA device, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaMemory {
+    /// Held by this process's tensors.
+    pub allocated: i64,
+    /// Held by this process's caching allocator (allocated plus cached).
+    pub reserved: i64,
+    pub free: i64,
+    pub total: i64,
+}
+
+/// Memory figures of CUDA device `device`, or `None` without CUDA.
+pub fn cuda_memory(device: usize) -> Option<CudaMemory> {
+    if !tch::Cuda::is_available() || device >= tch::Cuda::device_count() as usize {
+        return None;
+    }
+    let mut m = CudaMemory {
+        allocated: 0,
+        reserved: 0,
+        free: 0,
+        total: 0,
+    };
+    // SAFETY: the pointers are to live locals; the shim catches libtorch errors.
+    let rc = unsafe {
+        vidtune_cuda_memory(
+            device as c_int,
+            &mut m.allocated,
+            &mut m.reserved,
+            &mut m.free,
+            &mut m.total,
+        )
+    };
+    (rc == 0).then_some(m)
 }
 
 /// bf16 autocast for `device` while the guard lives.
@@ -38,6 +81,16 @@ impl Drop for Autocast {
 mod tests {
     use super::*;
     use tch::{Kind, Tensor};
+
+    #[test]
+    fn cuda_memory_is_none_without_cuda() {
+        if !tch::Cuda::is_available() {
+            assert!(cuda_memory(0).is_none());
+        } else {
+            let m = cuda_memory(0).expect("figures on a CUDA device");
+            assert!(m.total > 0 && m.free <= m.total);
+        }
+    }
 
     #[test]
     fn convolutions_run_in_bf16_inside_and_fp32_outside() {

@@ -5,6 +5,7 @@
 // not load again. Here every parameter and buffer is registered on the module first and mapped
 // to a `prim::GetAttr` of `self` before tracing, as `torch.jit.trace` does for nn.Modules.
 #include <ATen/autocast_mode.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <torch/script.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/jit/passes/fixup_trace_scope_blocks.h>
@@ -95,6 +96,24 @@ void vidtune_autocast_exit(int cuda, int was_enabled) {
   const auto device = cuda ? at::kCUDA : at::kCPU;
   if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
   at::autocast::set_autocast_enabled(device, was_enabled != 0);
+}
+
+// GPU memory on CUDA device `device`: bytes allocated and reserved by this process's caching
+// allocator, and the device's free and total memory. Returns 0, or -1 without CUDA.
+int vidtune_cuda_memory(int device, int64_t *allocated, int64_t *reserved, int64_t *free_bytes,
+                        int64_t *total_bytes) {
+  try {
+    auto *allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    const auto stats = allocator->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    *allocated = stats.allocated_bytes[0].current;  // StatType::AGGREGATE
+    *reserved = stats.reserved_bytes[0].current;
+    const auto info = allocator->getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+    *free_bytes = static_cast<int64_t>(info.first);
+    *total_bytes = static_cast<int64_t>(info.second);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
 }
 
 int vidtune_autocast_enabled(int cuda) {
