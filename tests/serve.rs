@@ -76,19 +76,25 @@ async fn concurrent_requests_share_one_forward_pass() {
 #[tokio::test]
 async fn a_full_queue_answers_overloaded_and_the_accepted_request_still_succeeds() {
     let dir = tempfile::tempdir().unwrap();
-    // No waiting room: a request arriving while the model computes is refused.
+    // Room for one waiting request.
     let cache = Arc::new(ModelCache::new(ServeConfig {
-        queue: 0,
+        queue: 1,
         max_delay: Duration::ZERO,
+        max_batch_clips: 1,
         ..Default::default()
     }));
     let handle = cache.get(model_meta(dir.path())).await.unwrap();
-    let (h, c) = (handle.clone(), cache.clone());
-    let slow = tokio::spawn(async move {
-        h.infer(clips(48, 112), Duration::from_secs(120), &c.stats)
-            .await
-    });
+    let infer = |n: i64, side: i64| {
+        let (h, c) = (handle.clone(), cache.clone());
+        tokio::spawn(async move {
+            h.infer(clips(n, side), Duration::from_secs(120), &c.stats)
+                .await
+        })
+    };
+    let computing = infer(48, 112); // takes seconds
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = infer(1, 32); // fills the one place in the queue
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let refused = handle
         .infer(clips(1, 32), Duration::from_secs(5), &cache.stats)
         .await;
@@ -97,9 +103,9 @@ async fn a_full_queue_answers_overloaded_and_the_accepted_request_still_succeeds
         "{refused:?}"
     );
     assert_eq!(cache.stats.rejected_overloaded.load(Ordering::Relaxed), 1);
-    assert_eq!(slow.await.unwrap().unwrap().size(), [48, 2]);
-    // Once the thread is idle again, requests run again.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(computing.await.unwrap().unwrap().size(), [48, 2]);
+    assert_eq!(waiting.await.unwrap().unwrap().size(), [1, 2]);
+    // With the queue drained, requests run again.
     assert!(
         handle
             .infer(clips(1, 32), Duration::from_secs(30), &cache.stats)

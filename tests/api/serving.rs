@@ -247,9 +247,9 @@ async fn untrained_model(app: &crate::helpers::TestApp, key: &str) -> String {
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn overload_gets_503_while_accepted_predictions_succeed(db: PgPool) {
-    // No waiting room in front of the model: a request arriving while it computes is refused.
+    // Room for one waiting request: while the model computes, a third request is refused.
     let app = crate::helpers::spawn_app_with(db, |s| {
-        s.serve.queue = 0;
+        s.serve.queue = 1;
         s.serve.max_delay = std::time::Duration::ZERO;
     })
     .await;
