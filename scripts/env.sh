@@ -50,10 +50,18 @@ pg_embedded_start() {
       || { cat "$dir.initdb.log" >&2; die "initdb failed"; }
   fi
   if ! "${run[@]}" "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+    # Another server on the port (another checkout's cluster, say): take the next free one.
+    local tries=0
+    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+      tries=$((tries + 1)); [ $tries -lt 50 ] || die "no free port near $port for PostgreSQL"
+      port=$((port + 1))
+    done
     say "starting embedded PostgreSQL on 127.0.0.1:$port"
     "${run[@]}" "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
       -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200" start >/dev/null \
       || { tail -n 20 "$dir/server.log" >&2; die "PostgreSQL did not start"; }
   fi
-  echo "postgres://vidtune@127.0.0.1:$port/postgres"
+  # The port the running cluster listens on (it may have been started earlier on another one).
+  port=$("${run[@]}" cat "$dir/postmaster.pid" 2>/dev/null | sed -n 4p)
+  echo "postgres://vidtune@127.0.0.1:${port}/postgres"
 }
