@@ -187,6 +187,8 @@ pub struct NewUpload<'a> {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PendingUpload {
     pub id: Uuid,
+    /// SHA-256 of the received body (computed while it streamed to disk).
+    pub sha256: String,
     pub dataset_id: Uuid,
     pub tenant_id: Uuid,
     pub kind: String,
@@ -196,7 +198,7 @@ pub struct PendingUpload {
 /// Uploads not yet ingested (after a restart, ingest resumes from these).
 pub async fn pending_uploads(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<PendingUpload>> {
     sqlx::query_as(
-        "select id, dataset_id, tenant_id, kind, meta from uploads
+        "select id, sha256, dataset_id, tenant_id, kind, meta from uploads
          where status = 'received' order by created_at",
     )
     .fetch_all(db)

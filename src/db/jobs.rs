@@ -456,6 +456,17 @@ pub async fn epochs(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Vec<Epoch
     .await
 }
 
+/// The newest epoch's metrics, if any.
+pub async fn latest_epoch(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<EpochRow>> {
+    sqlx::query_as(
+        "select epoch, attempt, train_loss, train_accuracy, val, lr, clips_per_s, data_wait_share, created_at
+         from job_epochs where job_id = $1 order by epoch desc limit 1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StepRow {
     pub step: i64,

@@ -293,6 +293,7 @@ async fn accept_upload(
         s.ingest.clone(),
         db::datasets::PendingUpload {
             id: upload.id,
+            sha256: upload.sha256.to_owned(),
             dataset_id,
             tenant_id: upload.tenant_id,
             kind: upload.kind.to_owned(),

@@ -277,9 +277,9 @@ async fn job_view(
     Path(id): Path<Uuid>,
 ) -> ApiResult<Json<Value>> {
     let job = fetch(&s, &caller, id).await?;
-    let epochs = db::jobs::epochs(&s.db, id).await?;
+    let latest = db::jobs::latest_epoch(&s.db, id).await?;
     let mut v = serde_json::to_value(&job).expect("serialises");
-    v["latest_metrics"] = epochs.last().map_or(Value::Null, |e| {
+    v["latest_metrics"] = latest.as_ref().map_or(Value::Null, |e| {
         json!({
             "epoch": e.epoch,
             "train_loss": e.train_loss,

@@ -191,7 +191,7 @@ async fn run(
         let meta: VideoMeta = serde_json::from_value(upload.meta.clone()).context("upload meta")?;
         let path = files_dir.join("video");
         let bytes = std::fs::metadata(&path)?.len();
-        let sha256 = sha256_file(&path)?;
+        let sha256 = upload.sha256.clone();
         let label_problem = match &target.classes {
             Some(c) if !c.contains(&meta.label) => Some((
                 "unknown_label",

@@ -188,6 +188,13 @@ impl Extraction<'_> {
         Ok(())
     }
 
+    /// The entry's path if it is safe, else the entry is refused.
+    fn checked_path(&mut self, name: &str) -> Option<PathBuf> {
+        safe_relative(name)
+            .map_err(|why| self.refuse(name, "unsafe_path", why))
+            .ok()
+    }
+
     fn refuse(&mut self, rel: &str, code: &'static str, detail: impl Into<String>) {
         self.out.refused.push(RefusedEntry {
             rel: rel.to_owned(),
@@ -312,12 +319,8 @@ fn extract_zip(archive: &Path, st: &mut Extraction<'_>) -> Result<(), ArchiveErr
             );
             continue;
         }
-        let rel = match safe_relative(&name) {
-            Ok(rel) => rel,
-            Err(why) => {
-                st.refuse(&name, "unsafe_path", why);
-                continue;
-            }
+        let Some(rel) = st.checked_path(&name) else {
+            continue;
         };
         // Never trust the declared size: cap by ratio against the compressed size actually stored.
         let cap =
@@ -365,12 +368,8 @@ fn extract_tar<R: Read>(
             );
             continue;
         }
-        let rel = match safe_relative(&name) {
-            Ok(rel) => rel,
-            Err(why) => {
-                st.refuse(&name, "unsafe_path", why);
-                continue;
-            }
+        let Some(rel) = st.checked_path(&name) else {
+            continue;
         };
         st.write_entry(&name, &rel, &mut entry, None)?;
     }
