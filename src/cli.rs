@@ -7,7 +7,7 @@ use clap::Parser;
 use crate::app::{Application, shutdown_signal};
 use crate::backbone::Arch;
 use crate::config::{Cli, Command, KeysCommand, Settings, WeightsCommand};
-use crate::{auth, db, doctor, telemetry, worker};
+use crate::{auth, client, db, doctor, telemetry, worker};
 
 /// Parse arguments, run the command, map errors to exit code 1.
 pub fn main() -> ExitCode {
@@ -129,6 +129,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Keys { command } => return keys(command).await,
         Command::Doctor(args) => print!("{}", doctor::report(args.database_url.as_deref()).await),
         Command::Weights { command } => weights(command).await?,
+        Command::Datasets { command } => client::commands::datasets(command).await?,
+        Command::Jobs { command } => return client::commands::jobs(command).await,
+        Command::Predict(args) => client::commands::predict(args).await?,
+        Command::Demo(args) => return client::commands::demo(args).await,
         Command::MediaWorker | Command::InspectTorchscript { .. } | Command::TrainJob { .. } => {
             unreachable!("handled before the runtime starts")
         }

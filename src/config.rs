@@ -46,6 +46,21 @@ pub enum Command {
         #[command(subcommand)]
         command: WeightsCommand,
     },
+    /// Datasets: write a synthetic one, upload an archive, list (client of the REST API).
+    Datasets {
+        #[command(subcommand)]
+        command: crate::client::commands::DatasetsCommand,
+    },
+    /// Fine-tuning jobs: create, watch with a progress bar, list (client of the REST API).
+    Jobs {
+        #[command(subcommand)]
+        command: crate::client::commands::JobsCommand,
+    },
+    /// Classify videos with a fine-tuned model (client of the REST API).
+    Predict(crate::client::commands::PredictArgs),
+    /// The whole loop on a running server: generate synthetic echocardiography, upload it,
+    /// fine-tune, watch it learn, and predict held-out patients.
+    Demo(crate::client::commands::DemoArgs),
     /// Internal: run one attempt of a fine-tuning job (started by a worker).
     #[command(hide = true)]
     TrainJob {

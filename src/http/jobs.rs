@@ -1,5 +1,5 @@
 //! Fine-tuning jobs: create (idempotent), list, view, cancel, metric history (JSON or CSV),
-//! live events (Server-Sent Events) and logs.
+//! live events (Server-Sent Events), logs, and plots (SVG).
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -58,6 +58,13 @@ pub fn routes(r: Routes) -> Routes {
             "job_logs",
             Tenant,
             job_logs,
+        )
+        .op(
+            Method::GET,
+            "/v1/jobs/{job_id}/plots/{name}",
+            "job_plot",
+            Tenant,
+            job_plot,
         )
 }
 
@@ -460,4 +467,152 @@ async fn job_logs(
         }
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], out).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlotQuery {
+    split: Option<String>,
+    epoch: Option<i32>,
+}
+
+/// `training-curves`: loss and validation metrics per epoch, the best epoch marked.
+/// `confusion-matrix`: the test evaluation of the final model by default (the latest
+/// validation until there is one); `?split=val&epoch=N` for an epoch's validation.
+async fn job_plot(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((id, name)): Path<(Uuid, String)>,
+    Query(q): Query<PlotQuery>,
+) -> ApiResult<Response> {
+    let job = fetch(&s, &caller, id).await?;
+    let short = &id.to_string()[..8];
+    let epochs = db::jobs::epochs(&s.db, id).await?;
+    let svg = match name.as_str() {
+        "training-curves" => {
+            if q.split.is_some() || q.epoch.is_some() {
+                return Err(ApiError::validation(
+                    "split",
+                    "training-curves takes no split or epoch",
+                ));
+            }
+            if epochs.is_empty() {
+                return Err(ApiError::conflict("no epoch has finished yet"));
+            }
+            let metric = job.hyperparameters["selection_metric"]
+                .as_str()
+                .unwrap_or("balanced_accuracy");
+            training_curves(&format!("{} on job {short}", job.base_model), metric, &epochs)
+        }
+        "confusion-matrix" => {
+            let test = match q.split.as_deref() {
+                None => q.epoch.is_none(),
+                Some("test") => true,
+                Some("val") => false,
+                Some(_) => return Err(ApiError::validation("split", "test or val")),
+            };
+            let test_metrics = if test {
+                db::jobs::model_test_metrics(&s.db, id).await?
+            } else {
+                None
+            };
+            let (title, metrics) = match test_metrics {
+                Some(m) => (format!("job {short}: test split, final model"), m),
+                None if test && q.split.is_some() => {
+                    return Err(ApiError::conflict(
+                        "the job has no test evaluation (yet, or its dataset has no test split)",
+                    ));
+                }
+                None => {
+                    let e = match q.epoch {
+                        Some(n) => epochs.iter().find(|e| e.epoch == n).ok_or_else(|| {
+                            ApiError::validation("epoch", format!("no epoch {n} has finished"))
+                        })?,
+                        None => epochs
+                            .last()
+                            .ok_or_else(|| ApiError::conflict("no epoch has finished yet"))?,
+                    };
+                    (
+                        format!("job {short}: validation split, epoch {}", e.epoch),
+                        e.val.clone(),
+                    )
+                }
+            };
+            let labels: Vec<String> = metrics["per_class"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|c| c["label"].as_str().unwrap_or("?").to_string())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let matrix: Vec<Vec<usize>> =
+                serde_json::from_value(metrics["confusion"].clone()).unwrap_or_default();
+            crate::plots::confusion_matrix(&title, &labels, &matrix)
+        }
+        _ => {
+            return Err(ApiError::not_found(
+                "plot (training-curves or confusion-matrix)",
+            ));
+        }
+    };
+    Ok((
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        AuditResource(id),
+        svg,
+    )
+        .into_response())
+}
+
+fn training_curves(title: &str, metric: &str, epochs: &[db::jobs::EpochRow]) -> String {
+    use crate::plots::{Panel, Series, line_panels};
+    let series = |name: &'static str, f: &dyn Fn(&db::jobs::EpochRow) -> Option<f64>, dashed| {
+        Series {
+            name,
+            points: epochs
+                .iter()
+                .filter_map(|e| f(e).map(|v| (f64::from(e.epoch), v)))
+                .collect(),
+            dashed,
+        }
+    };
+    let val = |k: &'static str| move |e: &db::jobs::EpochRow| e.val[k].as_f64();
+    let mut best: Option<(i32, f64)> = None;
+    for e in epochs {
+        if let Some(v) = e.val[metric].as_f64()
+            && crate::train::run::better(metric, v, best.map(|b| b.1))
+        {
+            best = Some((e.epoch, v));
+        }
+    }
+    let label = best.map(|(e, v)| format!("best: epoch {e}, {metric} {v:.3}"));
+    line_panels(
+        title,
+        &[
+            Panel {
+                title: "loss",
+                series: vec![
+                    series("train", &|e| Some(e.train_loss), false),
+                    series("validation", &val("loss"), false),
+                ],
+                y_range: None,
+            },
+            Panel {
+                title: "validation metrics",
+                series: vec![
+                    series("accuracy", &val("accuracy"), false),
+                    series("balanced accuracy", &val("balanced_accuracy"), false),
+                    series("macro-F1", &val("macro_f1"), false),
+                    series("macro ROC-AUC", &val("macro_auc"), false),
+                    series("train accuracy", &|e| Some(e.train_accuracy), true),
+                ],
+                y_range: Some((0.0, 1.0)),
+            },
+        ],
+        best.zip(label.as_deref())
+            .map(|((e, _), l)| (f64::from(e), l)),
+    )
 }

@@ -103,7 +103,8 @@ struct LoopState {
     es_bad: u32,
 }
 
-fn better(metric: &str, new: f64, old: Option<f64>) -> bool {
+/// Whether `new` improves on `old` for a selection metric (lower is better only for `loss`).
+pub fn better(metric: &str, new: f64, old: Option<f64>) -> bool {
     match old {
         None => true,
         Some(old) if metric == "loss" => new < old,

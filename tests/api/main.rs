@@ -14,3 +14,4 @@ mod jobs;
 mod openapi;
 mod problems;
 mod serving;
+mod walkthrough;

@@ -1,0 +1,65 @@
+"""B2 PyTorch reference: one SGD training step of a torchvision video ResNet, one JSON line.
+
+Kinetics-400 backbone with fc replaced by Linear(512, 3); SGD lr 0.01, momentum 0.9,
+weight decay 1e-4; cross-entropy; model.train(). A step is zero_grad, forward (under autocast
+bf16 with --precision bf16), loss, backward, optimizer.step, on one fixed random batch.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--arch", choices=["r2plus1d_18", "r3d_18"], default="r2plus1d_18")
+p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+p.add_argument("--batch", type=int, default=4)
+p.add_argument("--frames", type=int, default=16)
+p.add_argument("--crop", type=int, default=112)
+p.add_argument("--runs", type=int, default=5)
+p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+p.add_argument("--device", default="cpu", help="cpu or cuda")
+p.add_argument("--smoke", action="store_true", help="1 run, batch 1, 4 frames, crop 32")
+args = p.parse_args()
+if args.smoke:
+    args.runs, args.batch, args.frames, args.crop = 1, 1, 4, 32
+if args.threads:
+    torch.set_num_threads(args.threads)
+dev = torch.device(args.device)
+torch.manual_seed(0)
+
+model = getattr(torchvision.models.video, args.arch)(weights=None)
+model.fc = nn.Linear(512, 3)
+model.to(dev).train()
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+x = torch.randn(args.batch, 3, args.frames, args.crop, args.crop, device=dev)
+y = torch.randint(0, 3, (args.batch,), device=dev)
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step():
+    sync()
+    t = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    sync()
+    return (time.perf_counter() - t) * 1e3
+
+
+step()  # warm-up
+steps = [step() for _ in range(args.runs)]
+print(json.dumps({
+    "bench": "B2", "arch": args.arch, "precision": args.precision, "batch": args.batch,
+    "frames": args.frames, "crop": args.crop, "device": args.device, "threads": torch.get_num_threads(),
+    "median_ms": round(statistics.median(steps), 3), "steps": [round(s, 3) for s in steps],
+}))

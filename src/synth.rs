@@ -1,0 +1,408 @@
+//! Synthetic echocardiography-like datasets, so that the whole loop can be tried, tested and
+//! benchmarked without patient data.
+//!
+//! Each video is a grey cine loop in an ultrasound sector: a dark blood pool inside a bright
+//! myocardial wall, over speckled tissue, beating at a heart rate drawn from its class's band.
+//! Contraction lasts about `0.36·√RR` seconds (Bazett's scaling of systole with the RR interval),
+//! so a slow heart rests long between short beats and a fast one never rests. A patient fixes
+//! the anatomy (chamber size, position, wall thickness, gain, shortening) and a base rate; each of
+//! the patient's clips varies the rate by a few percent, the phase and the noise. Every file is
+//! an H.264 MP4 with a `labels.csv` (`path,label,patient_id`), so a dataset's split can keep a
+//! patient's clips together.
+use std::f64::consts::PI;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use crate::media::encode::Mp4Writer;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    /// Number of heart-rate classes (2 to 8).
+    pub classes: u32,
+    /// Patients per class.
+    pub patients: u32,
+    /// Clips per patient.
+    pub clips: u32,
+    /// Length of each clip.
+    pub seconds: f64,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// Same seed, same files (bit for bit with the same FFmpeg).
+    pub seed: u64,
+}
+
+impl Default for SynthSpec {
+    fn default() -> Self {
+        Self {
+            classes: 3,
+            patients: 8,
+            clips: 2,
+            seconds: 4.0,
+            width: 128,
+            height: 112,
+            fps: 30,
+            seed: 1,
+        }
+    }
+}
+
+impl SynthSpec {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!((2..=8).contains(&self.classes), "classes: 2 to 8");
+        anyhow::ensure!((1..=10_000).contains(&self.patients), "patients: 1 to 10000");
+        anyhow::ensure!((1..=100).contains(&self.clips), "clips: 1 to 100");
+        anyhow::ensure!(
+            (0.5..=600.0).contains(&self.seconds),
+            "seconds: 0.5 to 600"
+        );
+        anyhow::ensure!(
+            (32..=1920).contains(&self.width)
+                && (32..=1080).contains(&self.height)
+                && self.width % 2 == 0
+                && self.height % 2 == 0,
+            "size: even, from 32×32 to 1920×1080"
+        );
+        anyhow::ensure!((5..=120).contains(&self.fps), "fps: 5 to 120");
+        Ok(())
+    }
+}
+
+/// A class: a name and its heart-rate band in beats per minute.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RateClass {
+    pub label: String,
+    pub bpm: (f64, f64),
+}
+
+/// The classes for `n` bands. Two and three use clinical names; more split 36–170 bpm evenly on
+/// a log scale, with a gap between neighbours so that every label is decidable from the video.
+pub fn rate_classes(n: u32) -> Vec<RateClass> {
+    let named = |v: &[(&str, f64, f64)]| {
+        v.iter()
+            .map(|&(l, a, b)| RateClass {
+                label: l.to_string(),
+                bpm: (a, b),
+            })
+            .collect()
+    };
+    match n {
+        2 => named(&[("normal", 58.0, 92.0), ("tachycardia", 112.0, 170.0)]),
+        3 => named(&[
+            ("bradycardia", 36.0, 52.0),
+            ("normal", 62.0, 92.0),
+            ("tachycardia", 112.0, 170.0),
+        ]),
+        _ => {
+            let (lo, hi) = (36f64.ln(), 170f64.ln());
+            let step = (hi - lo) / f64::from(n);
+            (0..n)
+                .map(|i| {
+                    let a = (lo + step * f64::from(i)).exp();
+                    let b = (lo + step * (f64::from(i) + 0.8)).exp();
+                    RateClass {
+                        label: format!("hr_{:.0}_{:.0}", a, b),
+                        bpm: (a, b),
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// One generated file.
+#[derive(Debug, Clone, Serialize)]
+pub struct SynthVideo {
+    /// Relative to the dataset folder: `<label>/<patient>_<clip>.mp4`.
+    pub path: String,
+    pub label: String,
+    pub patient_id: String,
+    pub bpm: f64,
+}
+
+/// Anatomy of one patient, shared by the patient's clips.
+#[derive(Debug, Clone)]
+struct Patient {
+    id: String,
+    class: usize,
+    bpm: f64,
+    centre: (f64, f64),
+    radii: (f64, f64),
+    wall: f64,
+    gain: f64,
+    shortening: f64,
+}
+
+/// Everything one clip needs to be rendered.
+#[derive(Debug, Clone)]
+struct Clip {
+    patient: Patient,
+    index: u32,
+    bpm: f64,
+    phase: f64,
+    noise: f64,
+    seed: u64,
+}
+
+fn plan(spec: &SynthSpec) -> (Vec<RateClass>, Vec<Clip>) {
+    let classes = rate_classes(spec.classes);
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let (w, h) = (f64::from(spec.width), f64::from(spec.height));
+    let mut clips = Vec::new();
+    for (c, class) in classes.iter().enumerate() {
+        let (lo, hi) = class.bpm;
+        for p in 0..spec.patients {
+            let rx = rng.random_range(0.12..0.16) * w.min(h * 1.2);
+            let patient = Patient {
+                id: format!("s{}-c{c}-p{p:03}", spec.seed),
+                class: c,
+                bpm: rng.random_range(lo + 0.1 * (hi - lo)..hi - 0.1 * (hi - lo)),
+                centre: (
+                    rng.random_range(0.42..0.58) * w,
+                    rng.random_range(0.48..0.6) * h,
+                ),
+                radii: (rx, rx * rng.random_range(1.3..1.7)),
+                wall: rx * rng.random_range(0.35..0.55),
+                gain: rng.random_range(0.75..1.1),
+                shortening: rng.random_range(0.3..0.42),
+            };
+            for k in 0..spec.clips {
+                clips.push(Clip {
+                    bpm: (patient.bpm * rng.random_range(0.96..1.04)).clamp(lo, hi),
+                    phase: rng.random_range(0.0..1.0),
+                    noise: rng.random_range(0.04..0.1),
+                    seed: rng.random(),
+                    index: k,
+                    patient: patient.clone(),
+                });
+            }
+        }
+    }
+    (classes, clips)
+}
+
+/// How far the chamber has contracted (0 relaxed, 1 end-systole) at time `t`.
+fn contraction(t: f64, bpm: f64, phase: f64) -> f64 {
+    let rr = 60.0 / bpm;
+    let systole = (0.36 * rr.sqrt()).min(0.5 * rr);
+    let tau = ((t / rr + phase).fract()) * rr;
+    if tau < systole {
+        (PI * tau / systole).sin().powi(2)
+    } else if tau > 0.85 * rr {
+        // The atrial kick at the end of diastole: a small extra filling movement.
+        0.12 * (PI * (tau - 0.85 * rr) / (0.15 * rr)).sin().powi(2)
+    } else {
+        0.0
+    }
+}
+
+/// Render and encode one clip.
+fn render(spec: &SynthSpec, clip: &Clip, path: &Path) -> anyhow::Result<()> {
+    let (w, h) = (spec.width as usize, spec.height as usize);
+    let mut rng = StdRng::seed_from_u64(clip.seed);
+    // Static speckle: exponential intensities (fully developed speckle), smoothed over 3×3 so
+    // the grains span a few pixels like the point-spread function of a probe.
+    let raw: Vec<f64> = (0..w * h)
+        .map(|_| -(1.0 - rng.random::<f64>()).ln())
+        .collect();
+    let mut speckle = vec![0.0f64; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let mut s = 0.0;
+            let mut n = 0.0;
+            for yy in y.saturating_sub(1)..(y + 2).min(h) {
+                for xx in x.saturating_sub(1)..(x + 2).min(w) {
+                    s += raw[yy * w + xx];
+                    n += 1.0;
+                }
+            }
+            speckle[y * w + x] = s / n;
+        }
+    }
+    // The sector: apex at the top centre, ±40°, reaching 95 % of the height.
+    let (ax, ay) = (w as f64 / 2.0, 2.0);
+    let reach = 0.95 * h as f64;
+    let half_angle = 40f64.to_radians();
+    let p = &clip.patient;
+
+    let frames = (spec.seconds * f64::from(spec.fps)).round().max(1.0) as usize;
+    let mut writer = Mp4Writer::create(path, spec.width, spec.height, spec.fps, spec.fps * 2)?;
+    let mut luma = vec![0u8; w * h];
+    for f in 0..frames {
+        let t = f as f64 / f64::from(spec.fps);
+        let c = contraction(t, clip.bpm, clip.phase);
+        let rx = p.radii.0 * (1.0 - p.shortening * c);
+        let ry = p.radii.1 * (1.0 - 0.6 * p.shortening * c);
+        // The wall keeps its mass, so it thickens as the chamber shrinks.
+        let wall = p.wall * (1.0 + 0.8 * p.shortening * c);
+        for y in 0..h {
+            for x in 0..w {
+                let (dx, dy) = (x as f64 - ax, y as f64 - ay);
+                let r = (dx * dx + dy * dy).sqrt();
+                let i = y * w + x;
+                if r > reach || dx.atan2(dy).abs() > half_angle {
+                    luma[i] = 0;
+                    continue;
+                }
+                let (u, v) = ((x as f64 - p.centre.0) / rx, (y as f64 - p.centre.1) / ry);
+                let d = (u * u + v * v).sqrt();
+                let echo = if d < 1.0 {
+                    0.05
+                } else if (d - 1.0) * rx.min(ry) < wall {
+                    0.85
+                } else {
+                    0.32
+                };
+                let depth = 1.0 - 0.45 * r / reach;
+                let value = p.gain * depth * echo * speckle[i]
+                    + clip.noise * (rng.random::<f64>() - 0.5);
+                luma[i] = (value.clamp(0.0, 1.0) * 235.0) as u8;
+            }
+        }
+        writer.push_gray(&luma)?;
+    }
+    writer.finish()
+}
+
+/// Write the dataset as `<out>/<label>/<patient>_<clip>.mp4` plus `<out>/labels.csv`, encoding
+/// on every core. Returns what was written, in class, patient, clip order.
+pub fn write_folder(spec: &SynthSpec, out: &Path) -> anyhow::Result<Vec<SynthVideo>> {
+    spec.validate()?;
+    let (classes, clips) = plan(spec);
+    for c in &classes {
+        std::fs::create_dir_all(out.join(&c.label))
+            .with_context(|| format!("creating {}", out.join(&c.label).display()))?;
+    }
+    let videos: Vec<SynthVideo> = clips
+        .iter()
+        .map(|clip| {
+            let label = classes[clip.patient.class].label.clone();
+            SynthVideo {
+                path: format!("{label}/{}_{}.mp4", clip.patient.id, clip.index),
+                label,
+                patient_id: clip.patient.id.clone(),
+                bpm: (clip.bpm * 10.0).round() / 10.0,
+            }
+        })
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.min(clips.len()))
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(clip) = clips.get(i) else {
+                            return Ok(());
+                        };
+                        let path = out.join(&videos[i].path);
+                        render(spec, clip, &path)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("synth thread panicked"))
+    })?;
+    let mut csv = csv::Writer::from_path(out.join("labels.csv"))?;
+    csv.write_record(["path", "label", "patient_id"])?;
+    for v in &videos {
+        csv.write_record([&v.path, &v.label, &v.patient_id])?;
+    }
+    csv.flush()?;
+    Ok(videos)
+}
+
+/// Zip a folder written by [`write_folder`] (videos stored, not recompressed).
+pub fn zip_folder(dir: &Path, videos: &[SynthVideo], zip_path: &Path) -> anyhow::Result<()> {
+    use zip::write::SimpleFileOptions;
+    let file = std::fs::File::create(zip_path)
+        .with_context(|| format!("creating {}", zip_path.display()))?;
+    let mut z = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let names = std::iter::once("labels.csv".to_string()).chain(videos.iter().map(|v| v.path.clone()));
+    for name in names {
+        z.start_file(name.as_str(), stored)?;
+        z.write_all(&std::fs::read(dir.join(&name))?)?;
+    }
+    z.finish()?.flush()?;
+    Ok(())
+}
+
+/// Write the dataset to `out`: a folder, or a `.zip` archive when the name ends in `.zip`.
+pub fn write(spec: &SynthSpec, out: &Path) -> anyhow::Result<Vec<SynthVideo>> {
+    if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("zip")) {
+        let staging = tempdir_next_to(out)?;
+        let result = write_folder(spec, &staging)
+            .and_then(|videos| zip_folder(&staging, &videos, out).map(|()| videos));
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    } else {
+        write_folder(spec, out)
+    }
+}
+
+fn tempdir_next_to(file: &Path) -> anyhow::Result<PathBuf> {
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = parent.join(format!(".vidtune-synth-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_are_disjoint_bands() {
+        for n in 2..=8 {
+            let c = rate_classes(n);
+            assert_eq!(c.len(), n as usize);
+            for pair in c.windows(2) {
+                assert!(pair[0].bpm.1 < pair[1].bpm.0, "{pair:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn slow_hearts_rest_and_fast_hearts_do_not() {
+        // Share of time the chamber is moving, over 6 s sampled at 1 kHz.
+        let moving = |bpm: f64| {
+            (0..6000)
+                .filter(|&i| contraction(i as f64 / 1000.0, bpm, 0.3) > 0.01)
+                .count() as f64
+                / 6000.0
+        };
+        let (brady, normal, tachy) = (moving(44.0), moving(76.0), moving(140.0));
+        assert!(brady < normal && normal < tachy, "{brady} {normal} {tachy}");
+        assert!(tachy > 0.75 && brady < 0.5, "{brady} {tachy}");
+    }
+
+    #[test]
+    fn same_seed_same_plan_and_patients_keep_their_class() {
+        let spec = SynthSpec::default();
+        let (_, a) = plan(&spec);
+        let (_, b) = plan(&spec);
+        assert_eq!(a.len(), 3 * 8 * 2);
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((x.bpm, x.seed), (y.bpm, y.seed));
+        }
+        let classes = rate_classes(3);
+        for clip in &a {
+            let (lo, hi) = classes[clip.patient.class].bpm;
+            assert!((lo..=hi).contains(&clip.bpm));
+        }
+    }
+}
