@@ -176,7 +176,7 @@ fn plan(spec: &SynthSpec) -> (Vec<RateClass>, Vec<Clip>) {
                 clips.push(Clip {
                     bpm: (patient.bpm * rng.random_range(0.96..1.04)).clamp(lo, hi),
                     phase: rng.random_range(0.0..1.0),
-                    noise: rng.random_range(0.04..0.1),
+                    noise: rng.random_range(0.01..0.03),
                     seed: rng.random(),
                     index: k,
                     patient: patient.clone(),

@@ -4,7 +4,7 @@
 //! figures tch does not expose.
 use std::ffi::c_int;
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 unsafe extern "C" {
     fn vidtune_autocast_enter(cuda: c_int);
@@ -108,5 +108,33 @@ mod tests {
         let rel =
             ((bf16.to_kind(Kind::Float) - &fp32).abs().max() / fp32.abs().max()).double_value(&[]);
         assert!(rel < 0.02, "bf16 result differs by {rel} (relative)");
+    }
+}
+
+/// `x` with channels-last-3d strides (`N, D, H, W, C` in memory): the same shape and values,
+/// the layout oneDNN's 3D convolutions prefer. A permuted contiguous copy has exactly the strides
+/// `torch.channels_last_3d` gives, so no libtorch call beyond tch's is needed.
+pub fn channels_last_3d(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 4, 1])
+        .contiguous()
+        .permute([0, 4, 1, 2, 3])
+}
+
+/// Whether `x` is laid out channels-last-3d.
+pub fn is_channels_last_3d(x: &Tensor) -> bool {
+    let (st, sz) = (x.stride(), x.size());
+    sz.len() == 5 && st[1] == 1 && st[4] == sz[1] && st[3] == sz[1] * sz[4]
+}
+
+/// Convert every 5-d variable of `vs` (the 3D convolution weights) to channels-last-3d in
+/// place, keeping each variable (and its gradient tracking) the same tensor, as
+/// `module.to(memory_format=torch.channels_last_3d)` does.
+pub fn to_channels_last_3d(vs: &tch::nn::VarStore) {
+    let _g = tch::no_grad_guard();
+    for (_, mut t) in vs.variables() {
+        if t.dim() == 5 {
+            let cl = channels_last_3d(&t);
+            t.set_data(&cl);
+        }
     }
 }

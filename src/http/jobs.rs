@@ -163,8 +163,11 @@ async fn job_create(
         "cpu" => "cpu",
         _ => "cuda",
     };
+    // The job, its attempt limit and its `queued` event become visible together, so a worker
+    // that claims it at once cannot log `running` before `queued`.
+    let mut tx = s.db.begin().await?;
     let created = db::jobs::create(
-        &s.db,
+        &mut *tx,
         &db::jobs::NewJob {
             tenant_id: caller.tenant_id,
             dataset_id: body.dataset_id,
@@ -178,10 +181,11 @@ async fn job_create(
         },
     )
     .await;
-    let job = match created {
+    let mut job = match created {
         Ok(j) => j,
         Err(sqlx::Error::Database(d)) if d.is_unique_violation() && key.is_some() => {
             // A concurrent retry with the same key won the race.
+            drop(tx);
             let existing = db::jobs::by_idempotency_key(
                 &s.db,
                 caller.tenant_id,
@@ -196,10 +200,11 @@ async fn job_create(
     sqlx::query("update jobs set max_attempts = $2 where id = $1")
         .bind(job.id)
         .bind(body.max_attempts)
-        .execute(&s.db)
+        .execute(&mut *tx)
         .await?;
+    job.max_attempts = body.max_attempts;
     db::jobs::event_unfenced(
-        &s.db,
+        &mut *tx,
         job.id,
         0,
         "state",
@@ -208,6 +213,7 @@ async fn job_create(
         json!({"state": "queued"}),
     )
     .await?;
+    tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, format!("/v1/jobs/{}", job.id))],

@@ -168,11 +168,17 @@ async fn run(
         .await??;
         let extracted = match extracted {
             Ok(x) => x,
-            Err(reason) => return finish_failed(db, upload, &reason).await,
+            Err(reason) => {
+                discard_archive(&dirs, upload.id, &files_dir);
+                return finish_failed(db, upload, &reason).await;
+            }
         };
         let mut planned = match layout::plan(extracted.files, target.classes.as_deref()) {
             Ok(p) => p,
-            Err(e) => return finish_failed(db, upload, &e.0).await,
+            Err(e) => {
+                discard_archive(&dirs, upload.id, &files_dir);
+                return finish_failed(db, upload, &e.0).await;
+            }
         };
         for r in extracted.refused {
             planned.push(layout::Planned {
@@ -460,6 +466,13 @@ async fn finalize(
         .await?;
     tx.commit().await?;
     Ok(())
+}
+
+/// An archive refused whole: its bytes and whatever was extracted are removed, so that a bad
+/// multi-gigabyte upload does not keep holding the disk.
+fn discard_archive(dirs: &DatasetDirs, upload_id: Uuid, files_dir: &Path) {
+    let _ = std::fs::remove_file(dirs.incoming().join(upload_id.to_string()));
+    let _ = std::fs::remove_dir_all(files_dir);
 }
 
 /// The upload as a whole could not be used; keep what the dataset already had.

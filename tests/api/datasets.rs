@@ -403,6 +403,45 @@ async fn oversized_uploads_get_413_and_leave_nothing_behind(db: PgPool) {
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn an_upload_that_is_no_archive_fails_and_frees_its_disk(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("radiology", false).await;
+    let ds = app.dataset(&key, json!({"name": "junk"})).await;
+    let resp = app
+        .request(Method::POST, &format!("/v1/datasets/{ds}/uploads"), &key)
+        .header("content-type", "application/zip")
+        .body(vec![7u8; 256 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let view = loop {
+        let view: Value = app
+            .get(&format!("/v1/datasets/{ds}"), &key)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if view["status"] == "failed" {
+            break view;
+        }
+        assert!(std::time::Instant::now() < deadline, "{view}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        view["status_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a zip, tar or tar.gz archive"),
+        "{view}"
+    );
+    let root = app.data_dir.join("datasets").join(&ds);
+    let left = std::fs::read_dir(root.join("incoming")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "the refused upload is still on disk");
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn a_checksum_mismatch_is_refused(db: PgPool) {
     let app = spawn_app(db).await;
     let key = app.key_for("lab", false).await;
