@@ -94,6 +94,9 @@ fn main() {
         if device.is_cuda() { "cuda" } else { "cpu" },
         tch::get_num_threads(),
         times[times.len() / 2],
-        steps.iter().map(|t| (t * 1000.0).round() / 1000.0).collect::<Vec<_>>()
+        steps
+            .iter()
+            .map(|t| (t * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
     );
 }

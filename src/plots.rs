@@ -119,7 +119,10 @@ pub fn line_panels(title: &str, panels: &[Panel<'_>], marker: Option<(f64, &str)
                 fmt_tick(t)
             );
         }
-        for t in ticks(x_lo, x_hi, 8).into_iter().filter(|t| t.fract() == 0.0) {
+        for t in ticks(x_lo, x_hi, 8)
+            .into_iter()
+            .filter(|t| t.fract() == 0.0)
+        {
             let x = px(t);
             let _ = writeln!(
                 s,
@@ -171,7 +174,10 @@ pub fn line_panels(title: &str, panels: &[Panel<'_>], marker: Option<(f64, &str)
             }
             for p in &pts {
                 let (x, y) = p.split_once(',').expect("formatted above");
-                let _ = writeln!(s, "<circle cx=\"{x}\" cy=\"{y}\" r=\"2.5\" fill=\"{color}\"/>");
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{x}\" cy=\"{y}\" r=\"2.5\" fill=\"{color}\"/>"
+                );
             }
             // Legend under the panel, two entries per row.
             let (lx, ly) = (

@@ -77,6 +77,34 @@ impl Drop for Autocast {
     }
 }
 
+/// `x` with channels-last-3d strides (`N, D, H, W, C` in memory): the same shape and values,
+/// the layout oneDNN's 3D convolutions prefer. A permuted contiguous copy has exactly the strides
+/// `torch.channels_last_3d` gives, so no libtorch call beyond tch's is needed.
+pub fn channels_last_3d(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 4, 1])
+        .contiguous()
+        .permute([0, 4, 1, 2, 3])
+}
+
+/// Whether `x` is laid out channels-last-3d.
+pub fn is_channels_last_3d(x: &Tensor) -> bool {
+    let (st, sz) = (x.stride(), x.size());
+    sz.len() == 5 && st[1] == 1 && st[4] == sz[1] && st[3] == sz[1] * sz[4]
+}
+
+/// Convert every 5-d variable of `vs` (the 3D convolution weights) to channels-last-3d in
+/// place, keeping each variable (and its gradient tracking) the same tensor, as
+/// `module.to(memory_format=torch.channels_last_3d)` does.
+pub fn to_channels_last_3d(vs: &tch::nn::VarStore) {
+    let _g = tch::no_grad_guard();
+    for (_, mut t) in vs.variables() {
+        if t.dim() == 5 {
+            let cl = channels_last_3d(&t);
+            t.set_data(&cl);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,32 +137,27 @@ mod tests {
             ((bf16.to_kind(Kind::Float) - &fp32).abs().max() / fp32.abs().max()).double_value(&[]);
         assert!(rel < 0.02, "bf16 result differs by {rel} (relative)");
     }
-}
 
-/// `x` with channels-last-3d strides (`N, D, H, W, C` in memory): the same shape and values,
-/// the layout oneDNN's 3D convolutions prefer. A permuted contiguous copy has exactly the strides
-/// `torch.channels_last_3d` gives, so no libtorch call beyond tch's is needed.
-pub fn channels_last_3d(x: &Tensor) -> Tensor {
-    x.permute([0, 2, 3, 4, 1])
-        .contiguous()
-        .permute([0, 4, 1, 2, 3])
-}
-
-/// Whether `x` is laid out channels-last-3d.
-pub fn is_channels_last_3d(x: &Tensor) -> bool {
-    let (st, sz) = (x.stride(), x.size());
-    sz.len() == 5 && st[1] == 1 && st[4] == sz[1] && st[3] == sz[1] * sz[4]
-}
-
-/// Convert every 5-d variable of `vs` (the 3D convolution weights) to channels-last-3d in
-/// place, keeping each variable (and its gradient tracking) the same tensor, as
-/// `module.to(memory_format=torch.channels_last_3d)` does.
-pub fn to_channels_last_3d(vs: &tch::nn::VarStore) {
-    let _g = tch::no_grad_guard();
-    for (_, mut t) in vs.variables() {
-        if t.dim() == 5 {
-            let cl = channels_last_3d(&t);
-            t.set_data(&cl);
-        }
+    #[test]
+    fn channels_last_3d_keeps_values_and_has_ndhwc_strides() {
+        let x = Tensor::randn([2, 3, 4, 5, 6], (tch::Kind::Float, Device::Cpu));
+        let y = channels_last_3d(&x);
+        assert!(!is_channels_last_3d(&x) && is_channels_last_3d(&y));
+        assert_eq!(y.stride(), vec![360, 1, 90, 18, 3]);
+        assert_eq!((&x - &y).abs().max().double_value(&[]), 0.0);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var(
+            "conv",
+            &[8, 3, 3, 3, 3],
+            tch::nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        );
+        let before = w.copy();
+        to_channels_last_3d(&vs);
+        let w = vs.variables()["conv"].shallow_clone();
+        assert!(is_channels_last_3d(&w) && w.requires_grad());
+        assert_eq!((&w - &before).abs().max().double_value(&[]), 0.0);
     }
 }

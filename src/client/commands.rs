@@ -157,7 +157,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "vidtune-demo")]
     pub workdir: PathBuf,
     /// Patients per class in the training dataset (two clips each).
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 16)]
     pub patients: u32,
     #[arg(long, default_value_t = 10)]
     pub epochs: u32,
@@ -250,7 +250,12 @@ fn str_field(v: &Value, key: &str) -> anyhow::Result<String> {
 
 /// Upload an archive with a byte progress bar, then (if `wait`) follow ingest with a video
 /// progress bar and print the report's totals. Returns the dataset after ingest.
-pub async fn upload(client: &Client, dataset: &str, file: &Path, wait: bool) -> anyhow::Result<Value> {
+pub async fn upload(
+    client: &Client,
+    dataset: &str,
+    file: &Path,
+    wait: bool,
+) -> anyhow::Result<Value> {
     let bar = ProgressBar::new(0).with_style(style(
         "upload  [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
     ));
@@ -272,9 +277,8 @@ pub async fn upload(client: &Client, dataset: &str, file: &Path, wait: bool) -> 
     if !wait {
         return Ok(accepted);
     }
-    let bar = ProgressBar::new(0).with_style(style(
-        "ingest  [{bar:32}] {pos}/{len} videos decoded {msg}",
-    ));
+    let bar = ProgressBar::new(0)
+        .with_style(style("ingest  [{bar:32}] {pos}/{len} videos decoded {msg}"));
     let ds = loop {
         let ds: Value = client.get(&format!("/v1/datasets/{dataset}")).await?;
         bar.set_length(ds["videos_total"].as_u64().unwrap_or(0));
@@ -325,8 +329,9 @@ fn hyperparameters(base: Option<&str>, set: &[String]) -> anyhow::Result<Value> 
         None => json!({}),
         Some(s) => {
             let text = match s.strip_prefix('@') {
-                Some(path) => std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {path}"))?,
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+                }
                 None => s.to_string(),
             };
             serde_json::from_str(&text).context("--hyperparameters is not JSON")?
@@ -452,8 +457,12 @@ pub async fn watch(client: &Client, job: &str) -> anyhow::Result<Value> {
                 if let Some(m) = j["latest_metrics"].as_object() {
                     msg.push_str(&format!(
                         " · loss {:.3} · val acc {:.3}",
-                        m.get("train_loss").and_then(Value::as_f64).unwrap_or(f64::NAN),
-                        m.get("val_accuracy").and_then(Value::as_f64).unwrap_or(f64::NAN)
+                        m.get("train_loss")
+                            .and_then(Value::as_f64)
+                            .unwrap_or(f64::NAN),
+                        m.get("val_accuracy")
+                            .and_then(Value::as_f64)
+                            .unwrap_or(f64::NAN)
                     ));
                 }
                 if let Some(s) = j["eta_s"].as_f64().filter(|_| j["state"] == "running") {
@@ -580,7 +589,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
     let (zip2, held2) = (zip.clone(), held_dir.clone());
     let (_, held) = tokio::task::spawn_blocking(move || {
         let _ = std::fs::remove_dir_all(&held2);
-        anyhow::Ok((synth::write(&train_spec, &zip2)?, synth::write(&held_spec, &held2)?))
+        anyhow::Ok((
+            synth::write(&train_spec, &zip2)?,
+            synth::write(&held_spec, &held2)?,
+        ))
     })
     .await??;
 
@@ -592,7 +604,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
                 "name": format!("demo-echo-{}", &uuid::Uuid::new_v4().to_string()[..8]),
                 "description": "synthetic echocardiography-like cine loops (vidtune demo)",
                 "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1},
-                "cache": {"short_side": 40},
+                "cache": {"short_side": 36},
             }),
         )
         .await?;
@@ -671,26 +683,30 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
             .await?;
         let out = args.workdir.join(format!("{name}.svg"));
         std::fs::write(&out, &svg).with_context(|| format!("writing {}", out.display()))?;
-        println!("plot: {} ({}/v1/jobs/{job_id}/plots/{name})", out.display(), client.base());
+        println!(
+            "plot: {} ({}/v1/jobs/{job_id}/plots/{name})",
+            out.display(),
+            client.base()
+        );
     }
     println!("model {model}: try `vidtune predict {model} <video.mp4>`");
     Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// A recipe that learns the synthetic heart rates from scratch on a laptop CPU in minutes:
-/// small frames (the cache keeps a 40-pixel short side) and 16 consecutive frames at 15 fps.
+/// small frames (the cache keeps a 36-pixel short side) and 16 consecutive frames at 15 fps.
 pub fn demo_hyperparameters(epochs: u32) -> Value {
     json!({
         "epochs": epochs,
         "batch_size": 4,
         "optimizer": "adamw",
-        "lr": 0.002,
+        "lr": 0.0005,
         "weight_decay": 0.01,
         "schedule": "cosine",
         "warmup_epochs": 1,
         "frames": 16,
         "frame_stride": 1,
-        "crop": 36,
+        "crop": 32,
         "freeze": {"policy": "full"},
         "backbone_lr_mult": 1.0,
         "eval_clips": 3,

@@ -117,7 +117,11 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        Ok(self.send(self.request(Method::GET, path)).await?.json().await?)
+        Ok(self
+            .send(self.request(Method::GET, path))
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &Value) -> anyhow::Result<T> {
@@ -141,13 +145,12 @@ impl Client {
         let len = f.metadata().await?.len();
         bar.set_length(len);
         let b = bar.clone();
-        let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024).inspect(
-            move |chunk| {
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024).inspect(move |chunk| {
                 if let Ok(c) = chunk {
                     b.inc(c.len() as u64);
                 }
-            },
-        );
+            });
         let rb = rb
             .header(reqwest::header::CONTENT_TYPE, content_type(file))
             .header(reqwest::header::CONTENT_LENGTH, len)

@@ -461,15 +461,13 @@ pub async fn model_test_metrics(
     db: impl PgExecutor<'_>,
     job_id: Uuid,
 ) -> sqlx::Result<Option<serde_json::Value>> {
-    Ok(
-        sqlx::query_scalar::<_, Option<serde_json::Value>>(
-            "select test_metrics from models where job_id = $1",
-        )
-        .bind(job_id)
-        .fetch_optional(db)
-        .await?
-        .flatten(),
+    Ok(sqlx::query_scalar::<_, Option<serde_json::Value>>(
+        "select test_metrics from models where job_id = $1",
     )
+    .bind(job_id)
+    .fetch_optional(db)
+    .await?
+    .flatten())
 }
 
 /// The newest epoch's metrics, if any.

@@ -508,7 +508,11 @@ async fn job_plot(
             let metric = job.hyperparameters["selection_metric"]
                 .as_str()
                 .unwrap_or("balanced_accuracy");
-            training_curves(&format!("{} on job {short}", job.base_model), metric, &epochs)
+            training_curves(
+                &format!("{} on job {short}", job.base_model),
+                metric,
+                &epochs,
+            )
         }
         "confusion-matrix" => {
             let test = match q.split.as_deref() {
@@ -575,16 +579,15 @@ async fn job_plot(
 
 fn training_curves(title: &str, metric: &str, epochs: &[db::jobs::EpochRow]) -> String {
     use crate::plots::{Panel, Series, line_panels};
-    let series = |name: &'static str, f: &dyn Fn(&db::jobs::EpochRow) -> Option<f64>, dashed| {
-        Series {
+    let series =
+        |name: &'static str, f: &dyn Fn(&db::jobs::EpochRow) -> Option<f64>, dashed| Series {
             name,
             points: epochs
                 .iter()
                 .filter_map(|e| f(e).map(|v| (f64::from(e.epoch), v)))
                 .collect(),
             dashed,
-        }
-    };
+        };
     let val = |k: &'static str| move |e: &db::jobs::EpochRow| e.val[k].as_f64();
     let mut best: Option<(i32, f64)> = None;
     for e in epochs {

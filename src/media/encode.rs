@@ -20,9 +20,15 @@ pub struct Mp4Writer {
 
 impl Mp4Writer {
     /// `width` and `height` must be even (4:2:0 chroma); `gop` is the keyframe interval in frames.
-    pub fn create(path: &Path, width: u32, height: u32, fps: u32, gop: u32) -> anyhow::Result<Self> {
+    pub fn create(
+        path: &Path,
+        width: u32,
+        height: u32,
+        fps: u32,
+        gop: u32,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(
-            width >= 16 && height >= 16 && width % 2 == 0 && height % 2 == 0,
+            width >= 16 && height >= 16 && width.is_multiple_of(2) && height.is_multiple_of(2),
             "frame size must be even and at least 16×16, not {width}×{height}"
         );
         ff::init().context("initialising FFmpeg")?;
@@ -104,7 +110,9 @@ impl Mp4Writer {
     pub fn finish(mut self) -> anyhow::Result<()> {
         self.encoder.send_eof()?;
         self.drain()?;
-        self.octx.write_trailer().context("writing the MP4 trailer")?;
+        self.octx
+            .write_trailer()
+            .context("writing the MP4 trailer")?;
         Ok(())
     }
 

@@ -437,7 +437,9 @@ async fn an_upload_that_is_no_archive_fails_and_frees_its_disk(db: PgPool) {
         "{view}"
     );
     let root = app.data_dir.join("datasets").join(&ds);
-    let left = std::fs::read_dir(root.join("incoming")).map(|d| d.count()).unwrap_or(0);
+    let left = std::fs::read_dir(root.join("incoming"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(left, 0, "the refused upload is still on disk");
 }
 

@@ -33,7 +33,13 @@ fn readme_walkthrough() -> String {
 
 /// Run `program args` in `dir` with the built `vidtune` first on PATH; fails the test after
 /// `secs`.
-async fn run_in(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)], secs: u64) -> Output {
+async fn run_in(
+    dir: &Path,
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    secs: u64,
+) -> Output {
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_vidtune")).parent().unwrap();
     let path = format!(
         "{}:{}",
@@ -69,7 +75,10 @@ async fn the_readme_walkthrough_runs_as_written(db: PgPool) {
     let _workers = app.start_workers(1, 30).await;
     let dir = tempfile::tempdir().unwrap();
     let script = readme_walkthrough();
-    assert!(script.contains("curl") && script.lines().count() > 20, "{script}");
+    assert!(
+        script.contains("curl") && script.lines().count() > 20,
+        "{script}"
+    );
     let base = app.url("");
     let out = run_in(
         dir.path(),
@@ -90,7 +99,10 @@ async fn the_readme_walkthrough_runs_as_written(db: PgPool) {
             .unwrap_or_else(|| panic!("no line starting {prefix}\n{stdout}"));
         serde_json::from_str(l).unwrap()
     };
-    assert_eq!(json_line("{\"status\":\"ok\"")["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        json_line("{\"status\":\"ok\"")["version"],
+        env!("CARGO_PKG_VERSION")
+    );
     let report = json_line("{\"status\":\"ready\"");
     assert_eq!(report["totals"]["accepted"], 24, "{report}");
     assert_eq!(report["totals"]["rejected"], 0, "{report}");
@@ -109,16 +121,28 @@ async fn the_readme_walkthrough_runs_as_written(db: PgPool) {
     let prediction = json_line("{\"predictions\":");
     let preds = prediction["predictions"].as_array().unwrap();
     assert_eq!(preds.len(), 2, "{prediction}");
-    let total: f64 = preds.iter().map(|p| p["probability"].as_f64().unwrap()).sum();
+    let total: f64 = preds
+        .iter()
+        .map(|p| p["probability"].as_f64().unwrap())
+        .sum();
     assert!((total - 1.0).abs() < 1e-4, "{prediction}");
     assert_eq!(prediction["clips"], 2);
     // A 6 s video in 2 s windows every second.
-    let windows = lines.iter().filter(|l| l.starts_with("{\"start_s\":")).count();
+    let windows = lines
+        .iter()
+        .filter(|l| l.starts_with("{\"start_s\":"))
+        .count();
     assert!((4..=5).contains(&windows), "{stdout}");
-    assert!(lines.contains(&"model.safetensors") && lines.contains(&"model.json"), "{stdout}");
+    assert!(
+        lines.contains(&"model.safetensors") && lines.contains(&"model.json"),
+        "{stdout}"
+    );
     for svg in ["curves.svg", "confusion.svg"] {
         let s = std::fs::read_to_string(dir.path().join(svg)).unwrap();
-        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"), "{s}");
+        assert!(
+            s.starts_with("<svg") && s.trim_end().ends_with("</svg>"),
+            "{s}"
+        );
     }
 }
 
@@ -131,7 +155,15 @@ async fn vidtune_demo_runs_the_whole_loop_through_the_api(db: PgPool) {
     let out = run_in(
         dir.path(),
         "vidtune",
-        &["demo", "--patients", "3", "--epochs", "2", "--workdir", "demo"],
+        &[
+            "demo",
+            "--patients",
+            "5",
+            "--epochs",
+            "2",
+            "--workdir",
+            "demo",
+        ],
         &[("VIDTUNE_URL", &base), ("VIDTUNE_API_KEY", &app.admin_key)],
         900,
     )
@@ -142,14 +174,24 @@ async fn vidtune_demo_runs_the_whole_loop_through_the_api(db: PgPool) {
     for step in ["1/5", "2/5", "3/5", "4/5", "5/5"] {
         assert!(stdout.contains(step), "{stdout}");
     }
-    assert!(stdout.contains("18 videos accepted, 0 rejected"), "{stdout}");
+    assert!(
+        stdout.contains("30 videos accepted, 0 rejected"),
+        "{stdout}"
+    );
     assert!(stdout.contains("epoch 2/2"), "{stdout}");
-    assert!(stdout.contains("accuracy") && stdout.contains("sensitivity"), "{stdout}");
+    assert!(
+        stdout.contains("accuracy") && stdout.contains("sensitivity"),
+        "{stdout}"
+    );
     // Two held-out patients per class, one clip each, each printed with its truth.
     assert_eq!(stdout.matches(" truth ").count(), 6, "{stdout}");
     assert!(stdout.contains(" of 6 correct"), "{stdout}");
     let curves = std::fs::read_to_string(dir.path().join("demo/training-curves.svg")).unwrap();
-    assert_eq!(curves.matches("<polyline").count(), 7, "two loss and five metric curves");
+    assert_eq!(
+        curves.matches("<polyline").count(),
+        7,
+        "two loss and five metric curves"
+    );
     let confusion = std::fs::read_to_string(dir.path().join("demo/confusion-matrix.svg")).unwrap();
     assert_eq!(confusion.matches("<rect x=").count(), 9, "3 × 3 cells");
     for label in ["bradycardia", "normal", "tachycardia"] {
@@ -163,39 +205,80 @@ async fn vidtune_demo_runs_the_whole_loop_through_the_api(db: PgPool) {
         .and_then(|l| l.split(':').next())
         .expect("the demo names its model")
         .to_string();
-    let env = [("VIDTUNE_URL", base.as_str()), ("VIDTUNE_API_KEY", app.admin_key.as_str())];
+    let env = [
+        ("VIDTUNE_URL", base.as_str()),
+        ("VIDTUNE_API_KEY", app.admin_key.as_str()),
+    ];
     let held = dir.path().join("demo/held-out/normal/s1001-c1-p000_0.mp4");
-    let out = run_in(dir.path(), "vidtune", &["predict", &model, held.to_str().unwrap()], &env, 120).await;
+    let out = run_in(
+        dir.path(),
+        "vidtune",
+        &["predict", &model, held.to_str().unwrap()],
+        &env,
+        120,
+    )
+    .await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("s1001-c1-p000_0.mp4  "), "{stdout}");
-    let out = run_in(dir.path(), "vidtune", &["jobs", "list", "--state", "succeeded"], &env, 60).await;
+    let out = run_in(
+        dir.path(),
+        "vidtune",
+        &["jobs", "list", "--state", "succeeded"],
+        &env,
+        60,
+    )
+    .await;
     let (stdout, _) = text(&out);
-    assert_eq!(stdout.lines().count(), 2, "a header and the demo's job: {stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        2,
+        "a header and the demo's job: {stdout}"
+    );
     assert!(stdout.contains(&model), "{stdout}");
     plots_refuse_bad_requests(&app, &stdout).await;
 }
 
 /// The plot endpoint's problems, on a finished job from `jobs list` output.
 async fn plots_refuse_bad_requests(app: &TestApp, jobs_list: &str) {
-    let job = jobs_list.lines().nth(1).unwrap().split_whitespace().next().unwrap();
+    let job = jobs_list
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
     let key = &app.admin_key;
     let resp = app.get(&format!("/v1/jobs/{job}/plots/roc"), key).await;
     assert_problem(resp, 404, "not_found").await;
     let resp = app
-        .get(&format!("/v1/jobs/{job}/plots/confusion-matrix?split=train"), key)
+        .get(
+            &format!("/v1/jobs/{job}/plots/confusion-matrix?split=train"),
+            key,
+        )
         .await;
     assert_problem(resp, 422, "validation_failed").await;
     let resp = app
-        .get(&format!("/v1/jobs/{job}/plots/confusion-matrix?split=val&epoch=9"), key)
+        .get(
+            &format!("/v1/jobs/{job}/plots/confusion-matrix?split=val&epoch=9"),
+            key,
+        )
         .await;
     assert_problem(resp, 422, "validation_failed").await;
     let resp = app
-        .get(&format!("/v1/jobs/{job}/plots/confusion-matrix?split=val&epoch=1"), key)
+        .get(
+            &format!("/v1/jobs/{job}/plots/confusion-matrix?split=val&epoch=1"),
+            key,
+        )
         .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "image/svg+xml");
-    assert!(resp.text().await.unwrap().contains("validation split, epoch 1"));
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("validation split, epoch 1")
+    );
     // Another tenant sees no such job.
     let other = app.key_for("elsewhere", false).await;
     let resp = app
@@ -219,11 +302,24 @@ async fn client_commands_report_problems_and_unreachable_servers(db: PgPool) {
     .await;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr.contains("unauthenticated") && stderr.contains("401"), "{stderr}");
+    assert!(
+        stderr.contains("unauthenticated") && stderr.contains("401"),
+        "{stderr}"
+    );
     // No key anywhere: says where one comes from.
-    let out = run_in(dir.path(), "vidtune", &["jobs", "list", "--url", &base], &[], 60).await;
+    let out = run_in(
+        dir.path(),
+        "vidtune",
+        &["jobs", "list", "--url", &base],
+        &[],
+        60,
+    )
+    .await;
     let (_, stderr) = text(&out);
-    assert!(stderr.contains("no API key") && stderr.contains("admin.key"), "{stderr}");
+    assert!(
+        stderr.contains("no API key") && stderr.contains("admin.key"),
+        "{stderr}"
+    );
     // Nothing listening.
     let out = run_in(
         dir.path(),
@@ -234,7 +330,10 @@ async fn client_commands_report_problems_and_unreachable_servers(db: PgPool) {
     )
     .await;
     let (_, stderr) = text(&out);
-    assert!(stderr.contains("cannot reach vidtune at http://127.0.0.1:9"), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach vidtune at http://127.0.0.1:9"),
+        "{stderr}"
+    );
     // A job on a dataset that does not exist: the field is named.
     let out = run_in(
         dir.path(),
@@ -256,5 +355,8 @@ async fn client_commands_report_problems_and_unreachable_servers(db: PgPool) {
     )
     .await;
     let (_, stderr) = text(&out);
-    assert!(stderr.contains("validation_failed") && stderr.contains("no such dataset"), "{stderr}");
+    assert!(
+        stderr.contains("validation_failed") && stderr.contains("no such dataset"),
+        "{stderr}"
+    );
 }
