@@ -28,6 +28,7 @@ p.add_argument("--runs", type=int, default=5)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--seek-mode", choices=["approximate", "exact"], default="approximate")
 p.add_argument("--resize-impl", choices=["torchcodec", "interpolate"], default="torchcodec")
+p.add_argument("--write-plan", help="also write the drawn clip starts as JSON here (for the vidtune side)")
 p.add_argument("--smoke", action="store_true", help="1 run, 1 clip per video, 4 frames, 32x40")
 args = p.parse_args()
 if args.smoke:
@@ -52,6 +53,9 @@ for v in videos:
     n = open_video(v).metadata.num_frames
     plan.append((v, [rng.randint(0, max(n - args.frames, 0)) for _ in range(args.clips_per_video)], n))
 clips = sum(len(s) for _, s, _ in plan)
+if args.write_plan:
+    with open(args.write_plan, "w") as f:
+        json.dump([{"video": str(v), "starts": s, "frames": n} for v, s, n in plan], f)
 
 
 def decode(dec, start, n):

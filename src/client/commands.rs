@@ -157,7 +157,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "vidtune-demo")]
     pub workdir: PathBuf,
     /// Patients per class in the training dataset (two clips each).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 24)]
     pub patients: u32,
     #[arg(long, default_value_t = 10)]
     pub epochs: u32,
@@ -604,7 +604,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
                 "name": format!("demo-echo-{}", &uuid::Uuid::new_v4().to_string()[..8]),
                 "description": "synthetic echocardiography-like cine loops (vidtune demo)",
                 "split": {"train": 0.6, "val": 0.2, "test": 0.2, "seed": 1},
-                "cache": {"short_side": 36},
+                "cache": {"short_side": 40},
             }),
         )
         .await?;
@@ -694,7 +694,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 /// A recipe that learns the synthetic heart rates from scratch on a laptop CPU in minutes:
-/// small frames (the cache keeps a 36-pixel short side) and 16 consecutive frames at 15 fps.
+/// small frames (the cache keeps a 40-pixel short side) and 16 consecutive frames at 15 fps.
 pub fn demo_hyperparameters(epochs: u32) -> Value {
     json!({
         "epochs": epochs,
@@ -706,7 +706,7 @@ pub fn demo_hyperparameters(epochs: u32) -> Value {
         "warmup_epochs": 1,
         "frames": 16,
         "frame_stride": 1,
-        "crop": 32,
+        "crop": 36,
         "freeze": {"policy": "full"},
         "backbone_lr_mult": 1.0,
         "eval_clips": 3,
