@@ -60,7 +60,13 @@ fn fmt_tick(v: f64) -> String {
 /// epoch) with its label.
 pub fn line_panels(title: &str, panels: &[Panel<'_>], marker: Option<(f64, &str)>) -> String {
     let (pw, ph) = (420.0, 300.0);
-    let (ml, mr, mt, mb) = (56.0, 16.0, 56.0, 84.0);
+    // Room under the panels for the axis title and the legend, two entries a row.
+    let legend_rows = panels
+        .iter()
+        .map(|p| p.series.len().div_ceil(2))
+        .max()
+        .unwrap_or(0);
+    let (ml, mr, mt, mb) = (56.0, 16.0, 56.0, 60.0 + 16.0 * legend_rows as f64);
     let width = panels.len() as f64 * (pw + ml + mr);
     let height = ph + mt + mb;
     let mut s = String::new();
@@ -143,13 +149,25 @@ pub fn line_panels(title: &str, panels: &[Panel<'_>], marker: Option<(f64, &str)
             && (x_lo..=x_hi).contains(&mx)
         {
             let x = px(mx);
+            // The label on the first panel only, on the side of the line with more room.
+            let text = if k == 0 {
+                let (tx, anchor) = if x > ox + pw / 2.0 {
+                    (x - 4.0, "end")
+                } else {
+                    (x + 4.0, "start")
+                };
+                format!(
+                    "<text x=\"{tx:.1}\" y=\"{}\" fill=\"#555\" text-anchor=\"{anchor}\">{}</text>",
+                    mt + 14.0,
+                    esc(label)
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{mt}\" y2=\"{}\" stroke=\"#555\" stroke-dasharray=\"2 3\"/><text x=\"{:.1}\" y=\"{}\" fill=\"#555\">{}</text>",
+                "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{mt}\" y2=\"{}\" stroke=\"#555\" stroke-dasharray=\"2 3\"/>{text}",
                 mt + ph,
-                x + 4.0,
-                mt + 14.0,
-                esc(label)
             );
         }
         for (i, series) in panel.series.iter().enumerate() {
@@ -207,10 +225,10 @@ pub fn confusion_matrix(title: &str, labels: &[String], matrix: &[Vec<usize>]) -
     let cell = (360.0 / n as f64).clamp(36.0, 90.0);
     let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1) as f64;
     let ml = 40.0 + longest * 7.0;
-    let mt = 70.0;
+    let mt = 76.0;
     let grid = cell * n as f64;
-    let width = ml + grid + 30.0;
-    let height = mt + grid + 40.0 + longest * 7.0;
+    let width = (ml + grid + 30.0).max(320.0);
+    let height = mt + grid + 24.0;
     let mut s = String::new();
     let _ = write!(
         s,
@@ -218,7 +236,7 @@ pub fn confusion_matrix(title: &str, labels: &[String], matrix: &[Vec<usize>]) -
         width / 2.0,
         esc(title),
         ml + grid / 2.0,
-        mt - 34.0,
+        mt - 30.0,
         mt + grid / 2.0,
         mt + grid / 2.0,
     );

@@ -44,7 +44,14 @@ pub struct Client {
     key: String,
 }
 
-static TLS: Once = Once::new();
+/// Install the process-wide TLS provider (ring) that reqwest needs for https:// URLs, for
+/// example a hospital's TLS-terminating proxy; idempotent.
+pub fn install_tls_provider() {
+    static TLS: Once = Once::new();
+    TLS.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
 
 impl Client {
     pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
@@ -62,10 +69,7 @@ impl Client {
                     })?
             }
         };
-        TLS.call_once(|| {
-            // One process-wide TLS provider, for https:// URLs behind a hospital's proxy.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        });
+        install_tls_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("vidtune-cli/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(std::time::Duration::from_secs(10))

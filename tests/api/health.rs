@@ -37,6 +37,7 @@ async fn readyz_is_503_when_the_database_cannot_be_reached() {
     .unwrap();
     let addr = app.local_addr();
     tokio::spawn(app.run_until(std::future::pending()));
+    vidtune::client::install_tls_provider();
     let client = reqwest::Client::new();
 
     let live = client

@@ -26,6 +26,7 @@ pub async fn spawn_app_with(db: PgPool, tweak: impl FnOnce(&mut Settings)) -> Te
     if std::env::var_os("TEST_LOG").is_some() {
         vidtune::telemetry::init(vidtune::config::LogFormat::Pretty);
     }
+    vidtune::client::install_tls_provider();
     let data = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::ephemeral(
         data.path().to_path_buf(),
