@@ -160,7 +160,10 @@ impl Preprocessing {
             .to_device(device)
             .view([1, 3, 1, 1, 1]);
         let x = frames.permute([0, 4, 1, 2, 3]).to_kind(Kind::Float) / 255.0;
-        (x - mean) / std
+        // Contiguous `[N, 3, T, H, W]`: the permuted view has channels-last-3d strides, which
+        // elementwise ops keep and which would send every convolution down the (here slower)
+        // channels-last path.
+        ((x - mean) / std).contiguous()
     }
 }
 
@@ -513,6 +516,19 @@ pub fn load_into(vs: &nn::VarStore, tensors: &[(String, Tensor)]) -> anyhow::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalised_clips_are_contiguous_ncthw_with_kinetics_statistics() {
+        let p = Arch::R3d18.preprocessing();
+        let frames = Tensor::full([2, 4, 6, 8, 3], 128, (Kind::Uint8, Device::Cpu));
+        let x = p.normalise(&frames);
+        assert_eq!(x.size(), [2, 3, 4, 6, 8]);
+        // Not the channels-last strides of the permuted input: convolutions take the
+        // contiguous path.
+        assert!(x.is_contiguous());
+        let want = (128.0 / 255.0 - p.mean[0]) / p.std[0];
+        assert!((x.double_value(&[0, 0, 0, 0, 0]) - want).abs() < 1e-6);
+    }
 
     fn build(arch: Arch, head: HeadSpec, freeze: Freeze) -> (nn::VarStore, VideoClassifier) {
         let vs = nn::VarStore::new(Device::Cpu);

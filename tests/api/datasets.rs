@@ -415,20 +415,8 @@ async fn an_upload_that_is_no_archive_fails_and_frees_its_disk(db: PgPool) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let view = loop {
-        let view: Value = app
-            .get(&format!("/v1/datasets/{ds}"), &key)
-            .await
-            .json()
-            .await
-            .unwrap();
-        if view["status"] == "failed" {
-            break view;
-        }
-        assert!(std::time::Instant::now() < deadline, "{view}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let view = app.wait_ingested(&key, &ds).await;
+    assert_eq!(view["status"], "failed", "{view}");
     assert!(
         view["status_reason"]
             .as_str()
