@@ -176,11 +176,13 @@ impl Client {
             )
             .await?;
         let mut body = resp.bytes_stream();
-        let mut buf = String::new();
+        // Bytes until a whole event has arrived: a chunk may end inside a UTF-8 character.
+        let mut buf: Vec<u8> = Vec::new();
         while let Some(chunk) = body.next().await {
-            buf.push_str(&String::from_utf8_lossy(&chunk?));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
+            buf.extend_from_slice(&chunk?);
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = buf.drain(..end + 2).collect();
+                let block = String::from_utf8_lossy(&raw);
                 let mut kind = "message".to_string();
                 let mut data = String::new();
                 for line in block.lines() {
