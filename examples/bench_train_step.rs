@@ -2,7 +2,10 @@
 //! video model, fp32 or bf16 autocast, on the CPU or a CUDA device; the same work as
 //! scripts/bench/train_step_torch.py. Prints one JSON line.
 //!     bench_train_step --arch r2plus1d_18 --precision bf16 --batch 4 --frames 16 --crop 112
-//!                      --runs 5 [--device cuda] [--channels-last]
+//!                      --runs 5 [--device cuda] [--channels-last] [--freeze last_stages:1]
+//! With `--freeze`, the frozen stages run without gradients and BatchNorm in eval mode, as in a
+//! job with that freeze policy. `phases_ms` splits the median step into forward (with the loss),
+//! backward and optimizer.
 use std::time::Instant;
 
 use tch::nn::VarStore;
@@ -35,13 +38,23 @@ fn main() {
         _ => Device::Cpu,
     };
     let channels_last = flag("--channels-last");
+    let freeze_arg = arg("--freeze", "full");
+    let freeze = match freeze_arg.as_str() {
+        "full" => Freeze::Full,
+        "head_only" => Freeze::HeadOnly,
+        f => Freeze::LastStages {
+            stages: f
+                .strip_prefix("last_stages:")
+                .and_then(|n| n.parse().ok())
+                .expect("--freeze full, head_only or last_stages:N"),
+        },
+    };
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
     }
     tch::manual_seed(0);
     let vs = VarStore::new(device);
-    let model =
-        VideoClassifier::new(&vs.root(), arch, 3, &HeadSpec::default(), Freeze::Full).unwrap();
+    let model = VideoClassifier::new(&vs.root(), arch, 3, &HeadSpec::default(), freeze).unwrap();
     if channels_last {
         amp::to_channels_last_3d(&vs);
     }
@@ -67,6 +80,11 @@ fn main() {
     }
     let y = Tensor::randint(3, [batch], (Kind::Int64, device));
     let bf16 = precision == "bf16";
+    let sync = || {
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+    };
     let mut step = || {
         let t = Instant::now();
         opt.zero_grad();
@@ -77,23 +95,36 @@ fn main() {
                 .to_kind(Kind::Float)
                 .cross_entropy_for_logits(&y)
         };
+        sync();
+        let forward = t.elapsed();
         loss.backward();
-        opt.step(0.01);
-        if device.is_cuda() {
-            tch::Cuda::synchronize(0);
-        }
-        t.elapsed().as_secs_f64() * 1e3
+        sync();
+        let backward = t.elapsed();
+        opt.step(0.01).unwrap();
+        sync();
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let total = t.elapsed();
+        [
+            ms(total),
+            ms(forward),
+            ms(backward - forward),
+            ms(total - backward),
+        ]
     };
     step(); // warm-up (and cuDNN's algorithm search)
-    let mut times: Vec<f64> = (0..runs).map(|_| step()).collect();
-    let steps = times.clone();
-    times.sort_by(f64::total_cmp);
+    let mut phases: Vec<[f64; 4]> = (0..runs).map(|_| step()).collect();
+    let steps: Vec<f64> = phases.iter().map(|p| p[0]).collect();
+    phases.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    let median = phases[phases.len() / 2];
     println!(
-        "{{\"bench\": \"B2\", \"impl\": \"vidtune\", \"arch\": \"{}\", \"precision\": \"{precision}\", \"batch\": {batch}, \"frames\": {frames}, \"crop\": {crop}, \"device\": \"{}\", \"channels_last\": {channels_last}, \"threads\": {}, \"median_ms\": {:.3}, \"steps\": {:?}}}",
+        "{{\"bench\": \"B2\", \"impl\": \"vidtune\", \"arch\": \"{}\", \"precision\": \"{precision}\", \"batch\": {batch}, \"frames\": {frames}, \"crop\": {crop}, \"device\": \"{}\", \"channels_last\": {channels_last}, \"freeze\": \"{freeze_arg}\", \"threads\": {}, \"median_ms\": {:.3}, \"phases_ms\": {{\"forward\": {:.3}, \"backward\": {:.3}, \"optimizer\": {:.3}}}, \"steps\": {:?}}}",
         arch.name(),
         if device.is_cuda() { "cuda" } else { "cpu" },
         tch::get_num_threads(),
-        times[times.len() / 2],
+        median[0],
+        median[1],
+        median[2],
+        median[3],
         steps
             .iter()
             .map(|t| (t * 1000.0).round() / 1000.0)

@@ -1,7 +1,8 @@
 //! Parity with PyTorch: the tch models load torchvision-format checkpoints and give the same
 //! outputs as torchvision for the same input — in eval mode and in one training-mode forward
-//! (BatchNorm batch statistics). This is the evidence that imported Kinetics/ImageNet weights
-//! behave as they do in PyTorch.
+//! (BatchNorm batch statistics), and for the video models the gradients of that forward. This is
+//! the evidence that imported Kinetics/ImageNet weights behave, and fine-tune, as they do in
+//! PyTorch.
 //!
 //! Reference files come from `tests/fixtures/parity.py`, run with the PyTorch 2.11 venv that
 //! `scripts/setup` installs.
@@ -95,6 +96,46 @@ fn check(arch: Arch, probe: Option<&str>) {
             "{}: running stats after a training step differ by {d}",
             arch.name()
         );
+    }
+}
+
+/// Gradients of sum(logits²) after a training-mode forward, against the reference's, for every
+/// parameter it saved (`grad.<name>`), relative to the largest reference value.
+fn check_gradients(arch: Arch) {
+    let io = io(arch.name());
+    let (vs, m) = model(arch);
+    m.forward_t(&io["input"], true)
+        .square()
+        .sum(tch::Kind::Float)
+        .backward();
+    let vars = vs.variables();
+    let mut compared = 0;
+    for (key, want) in &io {
+        let Some(name) = key.strip_prefix("grad.") else {
+            continue;
+        };
+        let got = vars[name].grad();
+        assert!(got.defined(), "{}: no gradient for {name}", arch.name());
+        let scale = want.abs().max().double_value(&[]).max(1e-6);
+        let d = max_diff(&got, want) / scale;
+        assert!(
+            d < 1e-3,
+            "{}: gradient of {name} differs by {d} (relative)",
+            arch.name()
+        );
+        compared += 1;
+    }
+    assert!(
+        compared > 20,
+        "{}: only {compared} gradients compared",
+        arch.name()
+    );
+}
+
+#[test]
+fn video_model_gradients_match_torchvision() {
+    for arch in [Arch::R3d18, Arch::Mc318, Arch::R2plus1d18] {
+        check_gradients(arch);
     }
 }
 

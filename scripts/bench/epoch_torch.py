@@ -4,7 +4,7 @@
 torchcodec (1 FFmpeg thread) and resized there to --resize, random-cropped to --crop, normalised
 with the Kinetics mean/std, as (C, T, H, W) float and the label's index. The epoch visits every
 video once (shuffled); training is as in train_step_torch.py
-(head: Linear(512, number of labels)). One invocation is one run.
+(head: Linear(512, number of labels)); --freeze matches vidtune's freeze policies. One invocation is one run.
 """
 import argparse
 import json
@@ -28,6 +28,8 @@ p.add_argument("--frames", type=int, default=16)
 p.add_argument("--crop", type=int, default=112)
 p.add_argument("--resize", default="128x171", help="H x W before the crop")
 p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: os.cpu_count())")
+p.add_argument("--freeze", default="full",
+               help="full, head_only or last_stages:N (frozen stages: no gradients, BatchNorm in eval mode)")
 p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
 p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the training loop")
 p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -82,7 +84,19 @@ if not len(data):
 model = getattr(torchvision.models.video, args.arch)(weights=None)
 model.fc = nn.Linear(512, data.classes)  # 3 for the benchmark's data sets
 model.to(dev).train()
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
+if args.freeze == "full":
+    frozen = []
+elif args.freeze == "head_only":
+    frozen = STAGES
+elif args.freeze.startswith("last_stages:"):
+    frozen = STAGES[: len(STAGES) - int(args.freeze.split(":")[1])]
+else:
+    sys.exit(f"unknown --freeze {args.freeze}")
+for name in frozen:
+    getattr(model, name).eval().requires_grad_(False)
+trainable = [q for q in model.parameters() if q.requires_grad]
+opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=1e-4)
 loader = DataLoader(
     data, batch_size=args.batch, shuffle=True, num_workers=args.workers,
     persistent_workers=False, drop_last=False, pin_memory=dev.type == "cuda",
@@ -111,7 +125,7 @@ if dev.type == "cuda":
 epoch = time.perf_counter() - t0
 print(json.dumps({
     "bench": "B3", "arch": args.arch, "precision": args.precision, "batch": args.batch,
-    "workers": args.workers, "device": args.device, "threads": torch.get_num_threads(),
+    "workers": args.workers, "freeze": args.freeze, "device": args.device, "threads": torch.get_num_threads(),
     "videos": len(data), "classes": data.classes, "epoch_s": round(epoch, 4),
     "clips_per_s": round(len(data) / epoch, 3), "data_wait_s": round(wait, 4),
 }))

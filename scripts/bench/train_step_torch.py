@@ -3,6 +3,8 @@
 Kinetics-400 backbone with fc replaced by Linear(512, 3); SGD lr 0.01, momentum 0.9,
 weight decay 1e-4; cross-entropy; model.train(). A step is zero_grad, forward (under autocast
 bf16 with --precision bf16), loss, backward, optimizer.step, on one fixed random batch.
+--freeze last_stages:N freezes the stages before the last N as vidtune does (no gradients,
+BatchNorm in eval mode); phases_ms splits the median step into forward, backward and optimizer.
 """
 import argparse
 import json
@@ -22,6 +24,7 @@ p.add_argument("--crop", type=int, default=112)
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
 p.add_argument("--device", default="cpu", help="cpu or cuda")
+p.add_argument("--freeze", default="full", help="full, head_only or last_stages:N")
 p.add_argument("--smoke", action="store_true", help="1 run, batch 1, 4 frames, crop 32")
 args = p.parse_args()
 if args.smoke:
@@ -34,7 +37,18 @@ torch.manual_seed(0)
 model = getattr(torchvision.models.video, args.arch)(weights=None)
 model.fc = nn.Linear(512, 3)
 model.to(dev).train()
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
+if args.freeze == "full":
+    frozen = []
+elif args.freeze == "head_only":
+    frozen = STAGES
+elif args.freeze.startswith("last_stages:"):
+    frozen = STAGES[: len(STAGES) - int(args.freeze.split(":")[1])]
+else:
+    raise SystemExit(f"unknown --freeze {args.freeze}")
+for name in frozen:
+    getattr(model, name).eval().requires_grad_(False)
+opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01, momentum=0.9, weight_decay=1e-4)
 x = torch.randn(args.batch, 3, args.frames, args.crop, args.crop, device=dev)
 y = torch.randint(0, 3, (args.batch,), device=dev)
 
@@ -50,16 +64,24 @@ def step():
     opt.zero_grad(set_to_none=True)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         loss = nn.functional.cross_entropy(model(x), y)
+    sync()
+    f = time.perf_counter()
     loss.backward()
+    sync()
+    b = time.perf_counter()
     opt.step()
     sync()
-    return (time.perf_counter() - t) * 1e3
+    e = time.perf_counter()
+    return [(e - t) * 1e3, (f - t) * 1e3, (b - f) * 1e3, (e - b) * 1e3]
 
 
 step()  # warm-up
-steps = [step() for _ in range(args.runs)]
+phases = [step() for _ in range(args.runs)]
+steps = [p[0] for p in phases]
+mid = sorted(phases)[len(phases) // 2]
 print(json.dumps({
     "bench": "B2", "arch": args.arch, "precision": args.precision, "batch": args.batch,
-    "frames": args.frames, "crop": args.crop, "device": args.device, "threads": torch.get_num_threads(),
-    "median_ms": round(statistics.median(steps), 3), "steps": [round(s, 3) for s in steps],
+    "frames": args.frames, "crop": args.crop, "device": args.device, "freeze": args.freeze,
+    "threads": torch.get_num_threads(), "median_ms": round(statistics.median(steps), 3),
+    "phases_ms": {"forward": round(mid[1], 3), "backward": round(mid[2], 3), "optimizer": round(mid[3], 3)}, "steps": [round(s, 3) for s in steps],
 }))

@@ -99,9 +99,17 @@ impl BlockConv {
                 spatial,
                 bn,
                 temporal,
-            } => x.apply(spatial).apply_t(bn, train).relu().apply(temporal),
+            } => relu_(x.apply(spatial).apply_t(bn, train)).apply(temporal),
         }
     }
+}
+
+/// ReLU in place on a fresh BatchNorm output, as torchvision's `ReLU(inplace=True)`: no extra
+/// activation-sized tensor. (BatchNorm's backward needs its input, not its output; the residual
+/// sum is formed in place for the same reason.)
+fn relu_(mut x: Tensor) -> Tensor {
+    let _ = x.relu_();
+    x
 }
 
 #[derive(Debug)]
@@ -144,17 +152,13 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = self
-            .conv1
-            .forward_t(x, train)
-            .apply_t(&self.bn1, train)
-            .relu();
-        let out = self.conv2.forward_t(&out, train).apply_t(&self.bn2, train);
-        let residual = match &self.downsample {
-            Some((c, bn)) => x.apply(c).apply_t(bn, train),
-            None => x.shallow_clone(),
+        let out = relu_(self.conv1.forward_t(x, train).apply_t(&self.bn1, train));
+        let mut out = self.conv2.forward_t(&out, train).apply_t(&self.bn2, train);
+        let _ = match &self.downsample {
+            Some((c, bn)) => out.g_add_(&x.apply(c).apply_t(bn, train)),
+            None => out.g_add_(x),
         };
-        (out + residual).relu()
+        relu_(out)
     }
 }
 
@@ -217,14 +221,12 @@ impl VideoResNet {
     /// `train[i]` says whether stage i (see [`Self::STAGES`]) runs BatchNorm in training mode.
     pub fn features(&self, x: &Tensor, train: [bool; 5]) -> Tensor {
         let mut x = match &self.stem {
-            Stem::Basic(c, bn) => x.apply(c).apply_t(bn, train[0]).relu(),
-            Stem::TwoPlusOne(c1, bn1, c2, bn2) => x
-                .apply(c1)
-                .apply_t(bn1, train[0])
-                .relu()
-                .apply(c2)
-                .apply_t(bn2, train[0])
-                .relu(),
+            Stem::Basic(c, bn) => relu_(x.apply(c).apply_t(bn, train[0])),
+            Stem::TwoPlusOne(c1, bn1, c2, bn2) => relu_(
+                relu_(x.apply(c1).apply_t(bn1, train[0]))
+                    .apply(c2)
+                    .apply_t(bn2, train[0]),
+            ),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             for block in layer {

@@ -13,6 +13,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace {
 char *copy_message(const std::exception &e) {
@@ -118,6 +119,69 @@ int vidtune_cuda_memory(int device, int64_t *allocated, int64_t *reserved, int64
 
 int vidtune_autocast_enabled(int cuda) {
   return at::autocast::is_autocast_enabled(cuda ? at::kCUDA : at::kCPU) ? 1 : 0;
+}
+
+namespace {
+std::vector<at::Tensor> tensor_list(torch::Tensor **ts, int n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+}  // namespace
+
+// Drop the gradients of `n` tensors (`zero_grad(set_to_none=True)`): the next backward writes
+// fresh gradients instead of reading, adding to and writing zeroed ones.
+void vidtune_clear_grads(torch::Tensor **ts, int n) {
+  for (int i = 0; i < n; ++i) ts[i]->mutable_grad().reset();
+}
+
+// One SGD step over `n` parameters in libtorch's fused kernel (one pass over parameter, gradient
+// and momentum buffer each; torch.optim.SGD(fused=True)). `bufs` is null without momentum; with
+// `first_step` the buffers are set to the (weight-decayed) gradient, as SGD does on its first step.
+// Returns 0, or -1 with `*err` set.
+int vidtune_fused_sgd(torch::Tensor **params, torch::Tensor **grads, torch::Tensor **bufs, int n,
+                      double lr, double momentum, double weight_decay, int first_step,
+                      char **err) {
+  *err = nullptr;
+  try {
+    const auto p = tensor_list(params, n);
+    const auto g = tensor_list(grads, n);
+    const auto b = bufs != nullptr ? tensor_list(bufs, n) : std::vector<at::Tensor>{};
+    at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, /*dampening=*/0.0, /*nesterov=*/false,
+                    /*maximize=*/false, first_step != 0);
+    return 0;
+  } catch (const std::exception &e) {
+    *err = copy_message(e);
+    return -1;
+  }
+}
+
+// One Adam (or, with `decoupled`, AdamW) step over `n` parameters in libtorch's fused kernel;
+// `step` is a one-element float tensor holding the step number (already counted).
+int vidtune_fused_adam(torch::Tensor **params, torch::Tensor **grads, torch::Tensor **exp_avgs,
+                       torch::Tensor **exp_avg_sqs, torch::Tensor *step, int n, double lr,
+                       double beta1, double beta2, double eps, double weight_decay, int decoupled,
+                       char **err) {
+  *err = nullptr;
+  try {
+    const auto p = tensor_list(params, n);
+    const auto g = tensor_list(grads, n);
+    const auto m = tensor_list(exp_avgs, n);
+    const auto v = tensor_list(exp_avg_sqs, n);
+    const std::vector<at::Tensor> steps(n, *step);
+    if (decoupled != 0) {
+      at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
+    } else {
+      at::_fused_adam_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                       /*amsgrad=*/false, /*maximize=*/false);
+    }
+    return 0;
+  } catch (const std::exception &e) {
+    *err = copy_message(e);
+    return -1;
+  }
 }
 
 }  // extern "C"

@@ -420,7 +420,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
                     opt.clip_grad_norm(c);
                 }
                 lr_now = hp.lr * hp.lr_factor(epoch as f64 + b as f64 / steps_per_epoch as f64);
-                opt.step(lr_now);
+                opt.step(lr_now)?;
                 opt.zero_grad();
             }
             let loss_v = loss.double_value(&[]);
