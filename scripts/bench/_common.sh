@@ -118,7 +118,7 @@ wait_job() {
     st=$(api "$url/v1/jobs/$id" | jq -r .state)
     case "$st" in succeeded|failed|canceled) echo "$st"; return 0 ;; esac
     [ $((SECONDS - t0)) -lt "$limit" ] || die "job $id still $st after $limit s"
-    sleep 0.5
+    sleep 1
   done
 }
 
