@@ -40,7 +40,7 @@ fn main() {
     };
     let channels_last = flag("--channels-last");
     // As the training process does (`vidtune train-job`), unless measuring glibc's defaults.
-    let kept = !flag("--malloc-defaults") && vidtune::train::keep_freed_memory();
+    let kept = !flag("--malloc-defaults") && vidtune::backbone::heap::keep_freed_memory();
     let freeze_arg = arg("--freeze", "full");
     let freeze = match freeze_arg.as_str() {
         "full" => Freeze::Full,

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 pub mod amp;
 pub mod export;
+pub mod heap;
 pub mod image;
 pub mod pth;
 pub mod video_resnet;
