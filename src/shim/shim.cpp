@@ -1,4 +1,5 @@
-// vidtune's few additions to what tch exposes of libtorch.
+// vidtune's few additions to what tch exposes of libtorch: TorchScript export, bf16 autocast,
+// CUDA memory figures, and the fused optimizer kernels with gradients set to none.
 //
 // Tracing a classifier into a TorchScript module whose weights are module attributes:
 // tch's tracer bakes captured tensors into the graph as constants, which libtorch can save but
