@@ -3,7 +3,6 @@
 //! scripts/bench/train_step_torch.py. Prints one JSON line.
 //!     bench_train_step --arch r2plus1d_18 --precision bf16 --batch 4 --frames 16 --crop 112
 //!                      --runs 5 [--device cuda] [--channels-last] [--freeze last_stages:1]
-//!                      [--malloc-defaults]
 //! With `--freeze`, the frozen stages run without gradients and BatchNorm in eval mode, as in a
 //! job with that freeze policy. `phases_ms` splits the median step into forward (with the loss),
 //! backward and optimizer.
@@ -39,8 +38,9 @@ fn main() {
         _ => Device::Cpu,
     };
     let channels_last = flag("--channels-last");
-    // As the training process does (`vidtune train-job`), unless measuring glibc's defaults.
-    let kept = !flag("--malloc-defaults") && vidtune::backbone::heap::keep_freed_memory();
+    // As the training process does (`vidtune train-job`); VIDTUNE_KEEP_FREED_MEMORY=0 measures
+    // the C library's defaults.
+    let kept = vidtune::backbone::heap::keep_freed_memory();
     let freeze_arg = arg("--freeze", "full");
     let freeze = match freeze_arg.as_str() {
         "full" => Freeze::Full,
@@ -115,16 +115,16 @@ fn main() {
         ]
     };
     let warmup = step(); // warm-up (and cuDNN's algorithm search)
-    eprintln!("warm-up step {:.1} ms", warmup[0]);
     let mut phases: Vec<[f64; 4]> = (0..runs).map(|_| step()).collect();
     let steps: Vec<f64> = phases.iter().map(|p| p[0]).collect();
     phases.sort_by(|a, b| a[0].total_cmp(&b[0]));
     let median = phases[phases.len() / 2];
     println!(
-        "{{\"bench\": \"B2\", \"impl\": \"vidtune\", \"arch\": \"{}\", \"precision\": \"{precision}\", \"batch\": {batch}, \"frames\": {frames}, \"crop\": {crop}, \"device\": \"{}\", \"channels_last\": {channels_last}, \"keep_freed_memory\": {kept}, \"freeze\": \"{freeze_arg}\", \"threads\": {}, \"median_ms\": {:.3}, \"phases_ms\": {{\"forward\": {:.3}, \"backward\": {:.3}, \"optimizer\": {:.3}}}, \"steps\": {:?}}}",
+        "{{\"bench\": \"B2\", \"impl\": \"vidtune\", \"arch\": \"{}\", \"precision\": \"{precision}\", \"batch\": {batch}, \"frames\": {frames}, \"crop\": {crop}, \"device\": \"{}\", \"channels_last\": {channels_last}, \"keep_freed_memory\": {kept}, \"freeze\": \"{freeze_arg}\", \"threads\": {}, \"warmup_ms\": {:.3}, \"median_ms\": {:.3}, \"phases_ms\": {{\"forward\": {:.3}, \"backward\": {:.3}, \"optimizer\": {:.3}}}, \"steps\": {:?}}}",
         arch.name(),
         if device.is_cuda() { "cuda" } else { "cpu" },
         tch::get_num_threads(),
+        warmup[0],
         median[0],
         median[1],
         median[2],
