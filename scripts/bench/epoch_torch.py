@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchcodec.decoders import VideoDecoder
 from torchcodec.transforms import Resize
 
+from _freeze import freeze
+
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--videos", required=True, help="folder of <label>/<name>.mp4")
 p.add_argument("--arch", choices=["r2plus1d_18", "r3d_18"], default="r3d_18")
@@ -84,18 +86,7 @@ if not len(data):
 model = getattr(torchvision.models.video, args.arch)(weights=None)
 model.fc = nn.Linear(512, data.classes)  # 3 for the benchmark's data sets
 model.to(dev).train()
-STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
-if args.freeze == "full":
-    frozen = []
-elif args.freeze == "head_only":
-    frozen = STAGES
-elif args.freeze.startswith("last_stages:"):
-    frozen = STAGES[: len(STAGES) - int(args.freeze.split(":")[1])]
-else:
-    sys.exit(f"unknown --freeze {args.freeze}")
-for name in frozen:
-    getattr(model, name).eval().requires_grad_(False)
-trainable = [q for q in model.parameters() if q.requires_grad]
+trainable = freeze(model, args.freeze)
 opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=1e-4)
 loader = DataLoader(
     data, batch_size=args.batch, shuffle=True, num_workers=args.workers,

@@ -15,6 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
+from _freeze import freeze
+
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--arch", choices=["r2plus1d_18", "r3d_18"], default="r2plus1d_18")
 p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -37,18 +39,8 @@ torch.manual_seed(0)
 model = getattr(torchvision.models.video, args.arch)(weights=None)
 model.fc = nn.Linear(512, 3)
 model.to(dev).train()
-STAGES = ["stem", "layer1", "layer2", "layer3", "layer4"]
-if args.freeze == "full":
-    frozen = []
-elif args.freeze == "head_only":
-    frozen = STAGES
-elif args.freeze.startswith("last_stages:"):
-    frozen = STAGES[: len(STAGES) - int(args.freeze.split(":")[1])]
-else:
-    raise SystemExit(f"unknown --freeze {args.freeze}")
-for name in frozen:
-    getattr(model, name).eval().requires_grad_(False)
-opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01, momentum=0.9, weight_decay=1e-4)
+trainable = freeze(model, args.freeze)
+opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9, weight_decay=1e-4)
 x = torch.randn(args.batch, 3, args.frames, args.crop, args.crop, device=dev)
 y = torch.randint(0, 3, (args.batch,), device=dev)
 
