@@ -34,6 +34,8 @@ if args.smoke:
 if args.threads:
     torch.set_num_threads(args.threads)
 dev = torch.device(args.device)
+if dev.type == "cuda":
+    torch.backends.cudnn.benchmark = True  # as vidtune's worker does on CUDA
 torch.manual_seed(0)
 
 model = getattr(torchvision.models.video, args.arch)(weights=None)
