@@ -7,9 +7,9 @@
 /// heap top after a free, so every step page-faults its working set in again: about 60 000
 /// faults a step for r3d_18 at 8×56², two thirds of its backward pass on the 2-core benchmark
 /// machine (BENCHMARKS.md), and a quarter of a 5-clip prediction (B4). Raising both thresholds
-/// keeps the process at its peak, which it reaches on every step or request anyway; that peak
-/// is about a third higher. Called at the start of `vidtune train-job` and
-/// `vidtune serve`; `VIDTUNE_KEEP_FREED_MEMORY=0` keeps glibc's defaults. Returns whether glibc
+/// keeps the process at its peak, which it reaches on every step or request anyway; the peak
+/// itself is 35–45 % higher (a training step at 16×112²). Called at the start of
+/// `vidtune train-job` and `vidtune serve`; `VIDTUNE_KEEP_FREED_MEMORY=0` keeps glibc's defaults. Returns whether glibc
 /// took both settings (`false`: nothing changed).
 pub fn keep_freed_memory() -> bool {
     if std::env::var("VIDTUNE_KEEP_FREED_MEMORY")
