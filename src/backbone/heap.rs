@@ -9,8 +9,8 @@
 /// machine (BENCHMARKS.md), and a quarter of a 5-clip prediction (B4). Raising both thresholds
 /// keeps the process at its peak, which it reaches on every step or request anyway; the peak
 /// itself is 35–45 % higher (a training step at 16×112²). Called at the start of
-/// `vidtune train-job` and `vidtune serve`; `VIDTUNE_KEEP_FREED_MEMORY=0` keeps glibc's defaults. Returns whether glibc
-/// took both settings (`false`: nothing changed).
+/// `vidtune train-job` and `vidtune serve`; `VIDTUNE_KEEP_FREED_MEMORY=0` keeps glibc's
+/// defaults. Returns whether glibc took both settings (`false`: nothing changed).
 pub fn keep_freed_memory() -> bool {
     if std::env::var("VIDTUNE_KEEP_FREED_MEMORY")
         .is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off"))
