@@ -1,6 +1,6 @@
 //! Parity with PyTorch: the tch models load torchvision-format checkpoints and give the same
 //! outputs as torchvision for the same input — in eval mode and in one training-mode forward
-//! (BatchNorm batch statistics), and for the video models the gradients of that forward. This is
+//! (BatchNorm batch statistics), and the gradients of that forward. This is
 //! the evidence that imported Kinetics/ImageNet weights behave, and fine-tune, as they do in
 //! PyTorch.
 //!
@@ -133,8 +133,8 @@ fn check_gradients(arch: Arch) {
 }
 
 #[test]
-fn video_model_gradients_match_torchvision() {
-    for arch in [Arch::R3d18, Arch::Mc318, Arch::R2plus1d18] {
+fn gradients_match_torchvision() {
+    for arch in Arch::ALL {
         check_gradients(arch);
     }
 }

@@ -3,6 +3,8 @@
 //! torchvision's stride-on-3×3 bottleneck) and VGG-16 (Simonyan & Zisserman, ICLR 2015).
 //! Parameter names equal torchvision's `state_dict` keys.
 use tch::Tensor;
+
+use super::relu_;
 use tch::nn;
 
 fn conv2d(
@@ -36,15 +38,15 @@ impl Block {
         let mut out = x.shallow_clone();
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             if i > 0 {
-                out = out.relu();
+                out = relu_(out);
             }
             out = out.apply(conv).apply_t(bn, train);
         }
-        let residual = match &self.downsample {
-            Some((c, bn)) => x.apply(c).apply_t(bn, train),
-            None => x.shallow_clone(),
+        let _ = match &self.downsample {
+            Some((c, bn)) => out.g_add_(&x.apply(c).apply_t(bn, train)),
+            None => out.g_add_(x),
         };
-        (out + residual).relu()
+        relu_(out)
     }
 }
 
@@ -129,11 +131,13 @@ impl ResNet2d {
     pub const STAGES: [&'static str; 5] = ["conv1|bn1", "layer1", "layer2", "layer3", "layer4"];
 
     pub fn features(&self, x: &Tensor, train: [bool; 5]) -> Tensor {
-        let mut x = x
-            .apply(&self.conv1)
-            .apply_t(&self.bn1, train[0])
-            .relu()
-            .max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut x = relu_(x.apply(&self.conv1).apply_t(&self.bn1, train[0])).max_pool2d(
+            [3, 3],
+            [2, 2],
+            [1, 1],
+            [1, 1],
+            false,
+        );
         for (i, layer) in self.layers.iter().enumerate() {
             for block in layer {
                 x = block.forward_t(&x, train[i + 1]);
@@ -202,13 +206,13 @@ impl Vgg16 {
     pub fn features(&self, x: &Tensor, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
         for (i, conv) in &self.convs {
-            x = x.apply(conv).relu();
+            x = relu_(x.apply(conv));
             if matches!(i, 2 | 7 | 14 | 21 | 28) {
                 x = x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
             }
         }
         let x = x.adaptive_avg_pool2d([7, 7]).flatten(1, -1);
-        let x = x.apply(&self.fc6).relu().dropout(self.dropout, train);
-        x.apply(&self.fc7).relu().dropout(self.dropout, train)
+        let x = relu_(x.apply(&self.fc6)).dropout(self.dropout, train);
+        relu_(x.apply(&self.fc7)).dropout(self.dropout, train)
     }
 }

@@ -415,6 +415,15 @@ fn stage_match(name: &str, prefix: &str) -> bool {
     }
 }
 
+/// ReLU in place on a fresh convolution, BatchNorm or linear output, as torchvision's
+/// `ReLU(inplace=True)`: no extra activation-sized tensor. Safe under autograd because those
+/// layers' backward needs their input, not their output; residual sums are formed in place on
+/// the BatchNorm output for the same reason.
+fn relu_(mut x: Tensor) -> Tensor {
+    let _ = x.relu_();
+    x
+}
+
 /// Apply a 2D network to every frame of `[N, 3, T, H, W]` and average the features over time.
 fn per_frame(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
     let (n, c, t, h, w) = x.size5().expect("[N, 3, T, H, W] input");

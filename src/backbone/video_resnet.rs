@@ -4,6 +4,8 @@
 //! temporal 3×1×1 one). Parameter names equal torchvision's `state_dict` keys, so Kinetics-400
 //! checkpoints load unchanged.
 use tch::Tensor;
+
+use super::relu_;
 use tch::nn::{self, ModuleT};
 
 /// Which convolution each stage uses.
@@ -102,14 +104,6 @@ impl BlockConv {
             } => relu_(x.apply(spatial).apply_t(bn, train)).apply(temporal),
         }
     }
-}
-
-/// ReLU in place on a fresh BatchNorm output, as torchvision's `ReLU(inplace=True)`: no extra
-/// activation-sized tensor. (BatchNorm's backward needs its input, not its output; the residual
-/// sum is formed in place for the same reason.)
-fn relu_(mut x: Tensor) -> Tensor {
-    let _ = x.relu_();
-    x
 }
 
 #[derive(Debug)]
