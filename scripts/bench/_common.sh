@@ -1,6 +1,8 @@
-# Shared by the benchmark drivers serve_e2e (B4) and memory (B5); sourced after scripts/env.sh.
+# Shared by the benchmark drivers; sourced after scripts/env.sh.
 # shellcheck shell=bash
 #
+#   bench_example NAME     the path of examples/NAME built in $VIDTUNE_BENCH_PROFILE (default
+#                          release; the smoke run uses debug), building it where cargo is at hand
 #   bench_init NAME        work dir ($work), cleanup trap, a private copy of $VIDTUNE_BIN ($bin),
 #                          a fresh database in the embedded PostgreSQL target/bench-postgres-NAME
 #                          (port ${VIDTUNE_BENCH_PG_PORT:-54333}; dropped again on exit), an API key ($key)
@@ -61,6 +63,14 @@ bench_init() {
   export DATABASE_URL
   "$bin" migrate >/dev/null
   key=$("$bin" keys create --tenant "bench-$name" | tail -n 1)
+}
+
+bench_example() {
+  local profile="${VIDTUNE_BENCH_PROFILE:-release}"
+  if command -v cargo >/dev/null; then
+    cargo build $([ "$profile" = release ] && echo --release) --quiet --example "$1" >&2 || return 1
+  fi
+  echo "$VIDTUNE_ROOT/target/$profile/examples/$1"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
