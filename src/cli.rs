@@ -68,9 +68,7 @@ pub fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve(args) => {
-            if !crate::backbone::heap::keep_freed_memory() {
-                tracing::debug!("glibc allocator thresholds unchanged");
-            }
+            crate::backbone::heap::keep_freed_memory();
             let pool = db::connect(&args.db.database_url, args.db.db_max_connections).await?;
             db::migrate(&pool).await?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -12,15 +12,18 @@
 /// `vidtune train-job` and `vidtune serve`; `VIDTUNE_KEEP_FREED_MEMORY=0` keeps glibc's
 /// defaults. Returns whether glibc took both settings (`false`: nothing changed).
 pub fn keep_freed_memory() -> bool {
-    if std::env::var("VIDTUNE_KEEP_FREED_MEMORY")
-        .is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off"))
-    {
-        return false;
-    }
+    let opted_out = std::env::var("VIDTUNE_KEEP_FREED_MEMORY")
+        .is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off"));
+    let kept = !opted_out && raise_thresholds();
+    tracing::debug!(kept, opted_out, "heap policy: keep freed memory");
+    kept
+}
+
+fn raise_thresholds() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         const GIB: libc::c_int = 1 << 30;
-        // SAFETY: mallopt only adjusts allocator parameters; called before the training starts.
+        // SAFETY: mallopt only adjusts the allocator's parameters, under its own lock.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, GIB) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, GIB) == 1

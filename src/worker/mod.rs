@@ -70,9 +70,7 @@ pub fn train_job_main(
     if let Device::Cuda(_) = device {
         tch::Cuda::cudnn_set_benchmark(true);
     }
-    if !crate::backbone::heap::keep_freed_memory() {
-        tracing::debug!("glibc allocator thresholds unchanged");
-    }
+    crate::backbone::heap::keep_freed_memory();
     let ctx = Context {
         db: db.clone(),
         rt,
