@@ -31,16 +31,31 @@ pub struct Application {
     listener: TcpListener,
     router: Router,
     operations: Vec<Operation>,
+    /// The keyless `/metrics` address and its router, when `metrics_listen` is set.
+    metrics: Option<(TcpListener, Router)>,
 }
 
 impl Application {
     /// Bind `settings.listen` (port 0 picks a free port) and build the router.
     pub async fn build(settings: Settings, db: PgPool) -> anyhow::Result<Self> {
+        // Custom backbones run in sandboxed children of this binary (serving, inspection).
+        crate::backbone::script_host::configure(crate::backbone::script_host::HostConfig {
+            exe: settings.ingest.media_worker_exe.clone(),
+            ..Default::default()
+        });
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
+        let metrics_listener = match settings.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the metrics address {addr}"))?,
+            ),
+            None => None,
+        };
         let state = AppState {
             db,
             ingest: Arc::new(settings.ingest.clone()),
@@ -65,15 +80,24 @@ impl Application {
             }
         });
         let (router, operations) = http::router(state.clone(), &state.settings);
+        let metrics = metrics_listener.map(|l| (l, http::metrics_router(state.clone())));
         Ok(Self {
             listener,
             router,
             operations,
+            metrics,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener")
+    }
+
+    /// The address serving `/metrics` without a key, when one was configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+            .as_ref()
+            .map(|(l, _)| l.local_addr().expect("bound listener"))
     }
 
     /// The `/v1` operations the router serves.
@@ -87,14 +111,40 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(addr = %self.local_addr(), "vidtune listening");
-        axum::serve(
+        let Some((metrics_listener, metrics_router)) = self.metrics else {
+            return axum::serve(
+                self.listener,
+                self.router
+                    .into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP");
+        };
+        tracing::info!(addr = %metrics_listener.local_addr()?, "serving /metrics without a key");
+        // One shutdown signal, seen by both servers.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            // An error means the sender is gone, which also ends serving.
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let api = axum::serve(
             self.listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let api = async { api.await.context("serving HTTP") };
+        let metrics =
+            axum::serve(metrics_listener, metrics_router).with_graceful_shutdown(stopped(stop_rx));
+        let metrics = async { metrics.await.context("serving /metrics") };
+        // Either one failing ends both, as a lone server would end.
+        tokio::try_join!(api, metrics)?;
+        Ok(())
     }
 }
 

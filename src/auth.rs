@@ -6,6 +6,47 @@ use sha2::{Digest, Sha256};
 
 const KEY_PREFIX: &str = "vt_";
 
+/// What a key may do. Each role includes the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Works with its own tenant's datasets, jobs and models.
+    Member,
+    /// Also manages its own tenant's keys and reads its own tenant's audit trail.
+    Admin,
+    /// Also manages what every tenant shares: tenants, pretrained weights, TorchScript
+    /// backbones, `/metrics`. Minted only on the host (`vidtune keys create --operator`),
+    /// because whoever holds one can reach every tenant.
+    Operator,
+}
+
+impl Role {
+    /// The role stored as the `admin` and `operator` flags of `api_keys`.
+    pub fn from_flags(admin: bool, operator: bool) -> Self {
+        match (admin, operator) {
+            (_, true) => Self::Operator,
+            (true, false) => Self::Admin,
+            (false, false) => Self::Member,
+        }
+    }
+
+    pub fn is_admin(self) -> bool {
+        self >= Self::Admin
+    }
+
+    pub fn is_operator(self) -> bool {
+        self == Self::Operator
+    }
+
+    /// The word used in messages and `vidtune keys create` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Member => "tenant",
+            Self::Admin => "admin",
+            Self::Operator => "operator",
+        }
+    }
+}
+
 /// A freshly minted key: `secret` is the full key, returned to the user exactly once.
 pub struct MintedKey {
     pub secret: String,
@@ -52,5 +93,14 @@ mod tests {
         assert!(a.secret.starts_with(&format!("vt_{}_", a.prefix)));
         assert_eq!(digest(&a.secret), a.digest);
         assert!(!looks_like_key("vt_short"));
+    }
+
+    #[test]
+    fn roles_include_the_ones_below_and_round_trip_through_the_flags() {
+        for role in [Role::Member, Role::Admin, Role::Operator] {
+            assert_eq!(Role::from_flags(role.is_admin(), role.is_operator()), role);
+        }
+        assert!(Role::Operator.is_admin() && !Role::Admin.is_operator());
+        assert!(!Role::Member.is_admin());
     }
 }

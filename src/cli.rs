@@ -19,12 +19,19 @@ pub fn main() -> ExitCode {
             Err(_) => ExitCode::FAILURE,
         };
     }
-    if let Command::InspectTorchscript { path, frames, crop } = &cli.command {
-        return match crate::registry::inspect_torchscript_here(path, *frames, *crop) {
-            Ok(r) => {
-                println!("{}", serde_json::to_string(&r).expect("serialises"));
-                ExitCode::SUCCESS
+    if let Command::ScriptHost = cli.command {
+        // stdout carries the protocol; stderr is the parent's log.
+        return match crate::backbone::script_host::host_main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
             }
+        };
+    }
+    if let Command::SandboxProbe { read, write } = &cli.command {
+        return match crate::sandbox::probe_main(read, write) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE
@@ -134,7 +141,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Jobs { command } => return client::commands::jobs(command).await,
         Command::Predict(args) => client::commands::predict(args).await?,
         Command::Demo(args) => return client::commands::demo(args).await,
-        Command::MediaWorker | Command::InspectTorchscript { .. } | Command::TrainJob { .. } => {
+        Command::MediaWorker
+        | Command::ScriptHost
+        | Command::SandboxProbe { .. }
+        | Command::TrainJob { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }
@@ -146,9 +156,13 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
         KeysCommand::Create {
             tenant,
             admin,
+            operator,
             name,
             db: dbargs,
         } => {
+            // Operator keys exist only through this command: whoever runs it already holds the
+            // host and the database URL, which is as much as an operator key grants.
+            let role = auth::Role::from_flags(admin, operator);
             let pool = db::connect(&dbargs.database_url, 2).await?;
             db::migrate(&pool).await?;
             let mut tx = pool.begin().await?;
@@ -164,13 +178,13 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
                 &name,
                 &minted.prefix,
                 &minted.digest,
-                admin,
+                role,
             )
             .await?;
             tx.commit().await?;
             println!(
                 "created {} key {} for tenant {} ({}); it is shown only once:",
-                if admin { "admin" } else { "tenant" },
+                role.name(),
                 key.id,
                 t.name,
                 t.id
@@ -182,7 +196,11 @@ async fn keys(command: KeysCommand) -> anyhow::Result<ExitCode> {
             let pool = db::connect(&dbargs.database_url, 1).await?;
             match db::tenants::authenticate(&pool, &auth::digest(&key)).await? {
                 Some(owner) if !owner.revoked => {
-                    println!("valid key of tenant {}", owner.tenant_name);
+                    println!(
+                        "valid {} key of tenant {}",
+                        owner.role().name(),
+                        owner.tenant_name
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Some(_) => {

@@ -78,15 +78,13 @@ pub enum Command {
     /// Internal: decode videos for the server, isolated in a child process (JSON lines on stdio).
     #[command(hide = true)]
     MediaWorker,
-    /// Internal: try a TorchScript backbone on a zero clip in a child process; prints JSON.
+    /// Internal: run a user's TorchScript backbone in a sandbox (framed tensors on stdio).
     #[command(hide = true)]
-    InspectTorchscript {
-        path: PathBuf,
-        #[arg(long)]
-        frames: i64,
-        #[arg(long)]
-        crop: i64,
-    },
+    ScriptHost,
+    /// Internal: lock down as a script host does, then try what the sandbox must refuse
+    /// (read `read`, write `write`, TCP, start a process, fork); prints JSON.
+    #[command(hide = true)]
+    SandboxProbe { read: PathBuf, write: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +181,19 @@ pub struct ServeArgs {
     /// Time allowed to decode one video at ingest, in seconds.
     #[arg(long, env = "VIDTUNE_DECODE_TIMEOUT_SECS", default_value_t = 600.0)]
     pub decode_timeout_secs: f64,
+    /// A second address that serves only `/metrics`, without a key (for a Prometheus inside the
+    /// cluster; keep it off public networks). On the API address `/metrics` needs an operator key.
+    #[arg(long, env = "VIDTUNE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Let tenant keys register TorchScript backbones (`base_model_create`). A backbone is code
+    /// that runs on the server, so by default only operator keys may. The variable takes
+    /// true/false, 1/0, yes/no or on/off.
+    #[arg(long, env = "VIDTUNE_TENANT_BACKBONES", value_parser = clap::builder::BoolishValueParser::new())]
+    pub tenant_backbones: bool,
+    /// Longest a custom TorchScript backbone may take to load and run once on a zero clip
+    /// when it is registered (its sandbox is killed then).
+    #[arg(long, env = "VIDTUNE_SANDBOX_INSPECT_SECS", default_value_t = 120)]
+    pub sandbox_inspect_secs: u64,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -207,16 +218,20 @@ pub enum KeysCommand {
         /// Tenant name (lowercase letters, digits, `_`, `.`, `-`).
         #[arg(long)]
         tenant: String,
-        /// Allow the key to manage tenants and keys.
+        /// Allow the key to manage its own tenant's keys and read its audit trail.
         #[arg(long)]
         admin: bool,
+        /// Make an operator key: also manages every tenant, pretrained weights, TorchScript
+        /// backbones and `/metrics` (implies --admin). Only this command can make one.
+        #[arg(long)]
+        operator: bool,
         /// A label to tell keys apart.
         #[arg(long, default_value = "")]
         name: String,
         #[command(flatten)]
         db: DbArgs,
     },
-    /// Exit 0 when the key is valid and not revoked; print its tenant.
+    /// Exit 0 when the key is valid and not revoked; print its role and tenant.
     Check {
         /// The API key.
         key: String,
@@ -243,6 +258,12 @@ pub struct Settings {
     pub max_video_bytes: u64,
     pub ingest: IngestConfig,
     pub serve: crate::serve::ServeConfig,
+    /// Where `/metrics` is served without a key, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Whether tenant (non-operator) keys may register TorchScript backbones.
+    pub tenant_backbones: bool,
+    /// Time a custom backbone gets to load and run once when it is registered.
+    pub inspect_timeout: Duration,
 }
 
 impl Settings {
@@ -258,6 +279,9 @@ impl Settings {
             max_video_bytes: 8 << 30,
             ingest: IngestConfig::new(media_worker_exe),
             serve: crate::serve::ServeConfig::default(),
+            metrics_listen: None,
+            tenant_backbones: false,
+            inspect_timeout: Duration::from_secs(120),
         }
     }
 
@@ -287,6 +311,9 @@ impl Settings {
                 memory_budget: a.model_memory_mib << 20,
                 rate_per_s: a.predict_rate,
             },
+            metrics_listen: a.metrics_listen,
+            tenant_backbones: a.tenant_backbones,
+            inspect_timeout: Duration::from_secs(a.sandbox_inspect_secs),
         })
     }
 }

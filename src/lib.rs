@@ -16,6 +16,7 @@ pub mod media;
 pub mod metrics;
 pub mod plots;
 pub mod registry;
+pub mod sandbox;
 pub mod serve;
 pub mod synth;
 pub mod telemetry;

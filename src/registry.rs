@@ -120,70 +120,24 @@ pub struct ScriptInspection {
     pub feature_dim: i64,
 }
 
-/// The child-process side of [`inspect_torchscript`]: load the module and run it on a zero clip
-/// of the declared shape. Prints the result as JSON; errors go to stderr.
-pub fn inspect_torchscript_here(
-    path: &Path,
-    frames: i64,
-    crop: i64,
-) -> anyhow::Result<ScriptInspection> {
-    let module =
-        tch::CModule::load(path).map_err(|e| anyhow::anyhow!("not a TorchScript module: {e}"))?;
-    let x = Tensor::zeros(
-        [2, 3, frames, crop, crop],
-        (tch::Kind::Float, tch::Device::Cpu),
-    );
-    let out = tch::no_grad(|| module.forward_ts(&[x])).map_err(|e| {
-        anyhow::anyhow!("the module does not accept a [N, 3, T, H, W] float clip: {e}")
-    })?;
-    let size = out.size();
-    if size.len() != 2 || size[0] != 2 || size[1] < 1 {
-        anyhow::bail!("the module must return [N, D] features; for N = 2 it returned {size:?}");
-    }
-    Ok(ScriptInspection {
-        feature_dim: size[1],
-    })
-}
-
-/// Try an uploaded TorchScript module in a child process (a hostile or broken module can
-/// crash libtorch; it must not take the server with it).
+/// Try an uploaded TorchScript module on a zero clip of the declared shape, in a sandboxed
+/// script host (`backbone::script_host`): the module is code, and it must not run here.
+/// `timeout` bounds the whole try; a module that loops or hangs is killed.
 pub async fn inspect_torchscript(
-    exe: &Path,
     path: &Path,
     prep: &Preprocessing,
+    timeout: Duration,
 ) -> Result<ScriptInspection, ImportError> {
-    let child = tokio::process::Command::new(exe)
-        .arg("inspect-torchscript")
-        .arg(path)
-        .args([
-            "--frames",
-            &prep.frames.to_string(),
-            "--crop",
-            &prep.crop.to_string(),
-        ])
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), child)
-        .await
-        .map_err(|_| {
-            ImportError::Invalid("the module did not finish a forward pass within 120 s".into())
-        })?
-        .context("starting the inspection process")?;
-    if out.status.success() {
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| ImportError::Other(anyhow::anyhow!("unreadable inspection result: {e}")))
-    } else {
-        let msg = String::from_utf8_lossy(&out.stderr);
-        let msg = msg
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or("the module crashed libtorch")
-            .to_owned();
-        Err(ImportError::Invalid(
-            msg.trim_start_matches("error: ").to_owned(),
-        ))
-    }
+    let (path, frames, crop) = (path.to_path_buf(), prep.frames, prep.crop);
+    // The host is started from this blocking thread and dies with it at the latest (the
+    // parent-death signal follows the thread): it is only needed for the duration of the call.
+    let feature_dim = tokio::task::spawn_blocking(move || {
+        backbone::script_host::inspect(&path, frames, crop, timeout)
+    })
+    .await
+    .context("inspection task")?
+    .map_err(|e| ImportError::Invalid(format!("{e:#}")))?;
+    Ok(ScriptInspection { feature_dim })
 }
 
 #[cfg(test)]

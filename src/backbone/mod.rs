@@ -12,7 +12,10 @@ pub mod export;
 pub mod heap;
 pub mod image;
 pub mod pth;
+pub mod safetensors;
+pub mod script_host;
 pub mod video_resnet;
+pub mod weights;
 
 use image::{ResNet2d, Vgg16};
 use video_resnet::{Variant, VideoResNet};
@@ -219,8 +222,9 @@ enum Net {
     Video(VideoResNet),
     Res2d(ResNet2d),
     Vgg(Vgg16),
-    /// A user's TorchScript module; train/eval mode is switched per forward.
-    Script(std::cell::RefCell<tch::TrainableCModule>),
+    /// A user's TorchScript module, run in a sandboxed child (`script_host`); its parameters
+    /// live in this var store.
+    Script(std::cell::RefCell<script_host::Remote>),
 }
 
 /// What a classifier is built on.
@@ -293,9 +297,9 @@ impl VideoClassifier {
             Base::Builtin(Arch::Resnet18) => Net::Res2d(ResNet2d::resnet18(root)),
             Base::Builtin(Arch::Resnet50) => Net::Res2d(ResNet2d::resnet50(root)),
             Base::Builtin(Arch::Vgg16) => Net::Vgg(Vgg16::new(root)),
-            Base::TorchScript { path, .. } => Net::Script(std::cell::RefCell::new(
-                tch::TrainableCModule::load(path, root / "backbone")
-                    .with_context(|| format!("loading TorchScript backbone {}", path.display()))?,
+            Base::TorchScript { path, feature_dim } => Net::Script(std::cell::RefCell::new(
+                script_host::Remote::load(path, &(root / "backbone"), *feature_dim)
+                    .context("loading the TorchScript backbone")?,
             )),
         };
         let dim = base.feature_dim();
@@ -336,29 +340,53 @@ impl VideoClassifier {
         }
     }
 
-    /// Pooled backbone features `[N, D]`.
+    /// Pooled backbone features `[N, D]`. Panics if a sandboxed TorchScript backbone fails;
+    /// callers that must survive a hostile module use [`VideoClassifier::try_forward_t`].
     pub fn features(&self, x: &Tensor, train: bool) -> Tensor {
+        self.try_features(x, train)
+            .unwrap_or_else(|e| panic!("TorchScript backbone: {e:#}"))
+    }
+
+    fn try_features(&self, x: &Tensor, train: bool) -> anyhow::Result<Tensor> {
         let stage = |i: usize| train && self.trainable[i];
-        match &self.net {
+        Ok(match &self.net {
             Net::Video(m) => m.features(x, std::array::from_fn(stage)),
             Net::Res2d(m) => per_frame(x, |f| m.features(f, std::array::from_fn(stage))),
             Net::Vgg(m) => per_frame(x, |f| m.features(f, stage(5))),
-            Net::Script(m) => {
-                let mut m = m.borrow_mut();
-                if stage(0) {
-                    m.set_train();
-                } else {
-                    m.set_eval();
-                }
-                m.forward_ts(&[x])
-                    .expect("TorchScript backbone forward (checked at registration)")
-            }
+            // Train mode only when the backbone trains; then the sandbox keeps the graph for
+            // `finish_backward`.
+            Net::Script(m) => m.borrow_mut().features(x, stage(0), stage(0))?,
+        })
+    }
+
+    /// Complete a `backward` through a sandboxed TorchScript backbone: its parameters get
+    /// their gradients. Call after every `loss.backward()`; built-in backbones need nothing.
+    pub fn finish_backward(&self) -> anyhow::Result<()> {
+        match &self.net {
+            Net::Script(m) => m.borrow_mut().finish_backward(),
+            _ => Ok(()),
         }
     }
 
     /// Logits `[N, classes]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let f = self.features(x, train);
+        self.head_forward(f, train)
+    }
+
+    /// Logits `[N, classes]`, with a sandboxed backbone's failure as an error (serving and
+    /// evaluation: a hostile module must not abort the caller).
+    pub fn try_forward_t(&self, x: &Tensor, train: bool) -> anyhow::Result<Tensor> {
+        let f = self.try_features(x, train)?;
+        Ok(self.head_forward(f, train))
+    }
+
+    /// Whether the backbone is a user's TorchScript module (run in a sandbox).
+    pub fn is_sandboxed(&self) -> bool {
+        matches!(self.net, Net::Script(_))
+    }
+
+    fn head_forward(&self, f: Tensor, train: bool) -> Tensor {
         match &self.head {
             Head::Linear(l, p) => f.dropout(*p, train).apply(l),
             Head::Mlp(layers, p) => {
@@ -456,20 +484,14 @@ pub fn expected_backbone(arch: Arch) -> Vec<(String, Vec<i64>)> {
 /// Read weights (`.pth`/`.pt` from torch.save, or `.safetensors`) and check them against the
 /// architecture: every backbone tensor present with the right shape. Extra tensors the
 /// architecture has no use for (the original classifier, `num_batches_tracked`) are dropped;
-/// anything else unexpected is an error that names the key.
+/// anything else unexpected is an error that names the key. Names and shapes are checked from
+/// the file's structure before any tensor data is read (see [`weights`]); errors describe the
+/// file, never its path.
 pub fn read_backbone_weights(
     arch: Arch,
     path: &std::path::Path,
 ) -> anyhow::Result<Vec<(String, Tensor)>> {
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors")
-        || std::fs::read(path)
-            .map(|b| b.len() > 8 && b[8] == b'{')
-            .unwrap_or(false);
-    let tensors = if is_safetensors {
-        Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?
-    } else {
-        pth::read(path).with_context(|| format!("reading {}", path.display()))?
-    };
+    let mut file = weights::WeightsFile::open(path)?;
     let expected = expected_backbone(arch);
     let wanted: HashMap<&str, &Vec<i64>> = expected.iter().map(|(n, s)| (n.as_str(), s)).collect();
     // The original classifier (and a vidtune head) are replaced for the new classes.
@@ -477,10 +499,13 @@ pub fn read_backbone_weights(
         Arch::Vgg16 => &["classifier.6.", "fc.", "head."],
         _ => &["fc.", "head."],
     };
-    let mut out = Vec::new();
+    let unused = |name: &str| {
+        name.ends_with("num_batches_tracked") || classifier.iter().any(|p| name.starts_with(p))
+    };
     let mut seen = HashSet::new();
-    for (name, t) in tensors {
-        if name.ends_with("num_batches_tracked") || classifier.iter().any(|p| name.starts_with(p)) {
+    for t in file.tensors() {
+        let name = &t.name;
+        if unused(name) {
             continue;
         }
         match wanted.get(name.as_str()) {
@@ -488,25 +513,28 @@ pub fn read_backbone_weights(
                 "unexpected key `{name}`: {} has no such parameter",
                 arch.name()
             ),
-            Some(shape) if **shape != t.size() => bail!(
+            Some(shape) if **shape != t.shape => bail!(
                 "shape mismatch for `{name}`: the file has {:?}, {} expects {:?}",
-                t.size(),
+                t.shape,
                 arch.name(),
                 shape
             ),
             Some(_) => {
-                seen.insert(name.clone());
-                out.push((name, t.to_kind(Kind::Float)));
+                seen.insert(name.as_str());
             }
         }
     }
-    if let Some((missing, _)) = expected.iter().find(|(n, _)| !seen.contains(n)) {
+    if let Some((missing, _)) = expected.iter().find(|(n, _)| !seen.contains(n.as_str())) {
         bail!(
             "missing key `{missing}`: the file lacks a parameter {} needs",
             arch.name()
         );
     }
-    Ok(out)
+    Ok(file
+        .read(|t| !unused(&t.name))?
+        .into_iter()
+        .map(|(name, t)| (name, t.to_kind(Kind::Float)))
+        .collect())
 }
 
 /// Copy named tensors into the matching variables of a var store.

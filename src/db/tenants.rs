@@ -4,6 +4,8 @@ use sqlx::PgExecutor;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::auth::Role;
+
 /// A hospital, department or team: every resource belongs to exactly one tenant.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Tenant {
@@ -21,6 +23,7 @@ pub struct ApiKey {
     pub name: String,
     pub prefix: String,
     pub admin: bool,
+    pub operator: bool,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -37,7 +40,14 @@ pub struct KeyOwner {
     pub tenant_id: Uuid,
     pub tenant_name: String,
     pub admin: bool,
+    pub operator: bool,
     pub revoked: bool,
+}
+
+impl KeyOwner {
+    pub fn role(&self) -> Role {
+        Role::from_flags(self.admin, self.operator)
+    }
 }
 
 pub async fn create_tenant(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Tenant> {
@@ -75,7 +85,7 @@ pub async fn list_tenants(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Tenant>> 
 }
 
 const KEY_COLUMNS: &str =
-    "id, tenant_id, name, prefix, admin, created_at, last_used_at, revoked_at";
+    "id, tenant_id, name, prefix, admin, operator, created_at, last_used_at, revoked_at";
 
 pub async fn insert_key(
     db: impl PgExecutor<'_>,
@@ -83,18 +93,19 @@ pub async fn insert_key(
     name: &str,
     prefix: &str,
     digest: &[u8; 32],
-    admin: bool,
+    role: Role,
 ) -> sqlx::Result<ApiKey> {
     sqlx::query_as(&format!(
-        "insert into api_keys (id, tenant_id, name, prefix, digest, admin)
-         values ($1, $2, $3, $4, $5, $6) returning {KEY_COLUMNS}"
+        "insert into api_keys (id, tenant_id, name, prefix, digest, admin, operator)
+         values ($1, $2, $3, $4, $5, $6, $7) returning {KEY_COLUMNS}"
     ))
     .bind(Uuid::new_v4())
     .bind(tenant_id)
     .bind(name)
     .bind(prefix)
     .bind(&digest[..])
-    .bind(admin)
+    .bind(role.is_admin())
+    .bind(role.is_operator())
     .fetch_one(db)
     .await
 }
@@ -123,13 +134,20 @@ pub async fn get_key(
     .await
 }
 
-/// Revoke a key; revoking twice keeps the first revocation time. `None` when no such key.
-pub async fn revoke_key(db: impl PgExecutor<'_>, key_id: Uuid) -> sqlx::Result<Option<ApiKey>> {
+/// Revoke a key; revoking twice keeps the first revocation time. `tenant_id` limits the search
+/// to one tenant's keys (`None`: any tenant's, for operators). `None` when no such key.
+pub async fn revoke_key(
+    db: impl PgExecutor<'_>,
+    tenant_id: Option<Uuid>,
+    key_id: Uuid,
+) -> sqlx::Result<Option<ApiKey>> {
     sqlx::query_as(&format!(
-        "update api_keys set revoked_at = coalesce(revoked_at, now()) where id = $1
+        "update api_keys set revoked_at = coalesce(revoked_at, now())
+         where id = $1 and ($2::uuid is null or tenant_id = $2)
          returning {KEY_COLUMNS}"
     ))
     .bind(key_id)
+    .bind(tenant_id)
     .fetch_optional(db)
     .await
 }
@@ -145,7 +163,8 @@ pub async fn authenticate(
          from tenants t
          where k.digest = $1 and t.id = k.tenant_id
          returning k.id as key_id, k.prefix as key_prefix, t.id as tenant_id,
-                   t.name as tenant_name, k.admin, k.revoked_at is not null as revoked",
+                   t.name as tenant_name, k.admin, k.operator,
+                   k.revoked_at is not null as revoked",
     )
     .bind(&digest[..])
     .fetch_optional(db)

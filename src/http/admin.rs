@@ -1,4 +1,7 @@
 //! Tenants, API keys, the caller's own identity and the audit trail.
+//!
+//! Roles: operators create and list tenants and administer every tenant; an admin administers
+//! only its own tenant, and another tenant's id answers 404 to it as to any tenant key.
 use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
@@ -7,24 +10,25 @@ use uuid::Uuid;
 use super::extract::{Json, Path, Query};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
 use crate::app::AppState;
+use crate::auth::Role;
 use crate::db::{self, tenants::ApiKey, tenants::Tenant};
 use axum::extract::State;
 
 pub fn routes(r: Routes) -> Routes {
-    use Access::{Admin, Tenant};
+    use Access::{Admin, Operator, Tenant};
     r.op(Method::GET, "/v1/me", "caller_view", Tenant, caller_view)
         .op(
             Method::GET,
             "/v1/tenants",
             "tenant_list",
-            Admin,
+            Operator,
             tenant_list,
         )
         .op(
             Method::POST,
             "/v1/tenants",
             "tenant_create",
-            Admin,
+            Operator,
             tenant_create,
         )
         .op(
@@ -33,6 +37,13 @@ pub fn routes(r: Routes) -> Routes {
             "tenant_view",
             Admin,
             tenant_view,
+        )
+        .op(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/keys",
+            "tenant_key_list",
+            Admin,
+            tenant_key_list,
         )
         .op(
             Method::POST,
@@ -71,6 +82,7 @@ struct CallerView {
     key_id: Uuid,
     key_prefix: String,
     admin: bool,
+    operator: bool,
 }
 
 #[derive(Serialize)]
@@ -89,6 +101,7 @@ async fn caller_view(caller: Caller) -> Json<CallerView> {
         key_id: caller.key_id,
         key_prefix: caller.key_prefix,
         admin: caller.admin,
+        operator: caller.operator,
     })
 }
 
@@ -144,14 +157,34 @@ async fn tenant_create(
     ))
 }
 
-async fn tenant_view(
-    State(s): State<AppState>,
-    Path(tenant_id): Path<Uuid>,
-) -> ApiResult<Json<Tenant>> {
+/// A tenant the caller administers; any other answers 404, whether it exists or not.
+async fn administered_tenant(s: &AppState, caller: &Caller, tenant_id: Uuid) -> ApiResult<Tenant> {
+    if !caller.administers(tenant_id) {
+        return Err(ApiError::not_found("tenant"));
+    }
     db::tenants::get_tenant(&s.db, tenant_id)
         .await?
-        .map(Json)
         .ok_or_else(|| ApiError::not_found("tenant"))
+}
+
+async fn tenant_view(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<Uuid>,
+) -> ApiResult<Json<Tenant>> {
+    Ok(Json(administered_tenant(&s, &caller, tenant_id).await?))
+}
+
+/// The keys of a tenant the caller administers (operators: any tenant).
+async fn tenant_key_list(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<Uuid>,
+) -> ApiResult<Json<Items<ApiKey>>> {
+    let tenant = administered_tenant(&s, &caller, tenant_id).await?;
+    Ok(Json(Items {
+        items: db::tenants::list_keys(&s.db, tenant.id).await?,
+    }))
 }
 
 #[derive(Deserialize, Default)]
@@ -161,6 +194,10 @@ struct KeyCreate {
     name: String,
     #[serde(default)]
     admin: bool,
+    /// Accepted only as `false`: named so that asking for it is refused with a reason rather
+    /// than as an unknown field.
+    #[serde(default)]
+    operator: bool,
 }
 
 /// A new key: the only response that ever contains the secret.
@@ -173,23 +210,34 @@ struct CreatedKey {
 
 async fn key_create(
     State(s): State<AppState>,
+    caller: Caller,
     Path(tenant_id): Path<Uuid>,
     Json(body): Json<KeyCreate>,
 ) -> ApiResult<impl IntoResponse> {
+    let tenant = administered_tenant(&s, &caller, tenant_id).await?;
+    // Not even an operator mints operators over HTTP: a leaked operator key must not be able to
+    // make more of itself, and the host's shell is the one place the role is granted.
+    if body.operator {
+        return Err(ApiError::forbidden(
+            "`operator` keys are made only on the host with `vidtune keys create --operator`",
+        ));
+    }
     if body.name.len() > 100 {
         return Err(ApiError::validation("name", "at most 100 characters"));
     }
-    db::tenants::get_tenant(&s.db, tenant_id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    let role = if body.admin {
+        Role::Admin
+    } else {
+        Role::Member
+    };
     let minted = crate::auth::mint();
     let record = db::tenants::insert_key(
         &s.db,
-        tenant_id,
+        tenant.id,
         &body.name,
         &minted.prefix,
         &minted.digest,
-        body.admin,
+        role,
     )
     .await?;
     Ok((
@@ -224,12 +272,25 @@ async fn key_view(
         .ok_or_else(|| ApiError::not_found("key"))
 }
 
-/// Revoke any tenant's key (admin). Idempotent.
+/// Revoke a key: an operator any tenant's, an admin its own tenant's. Idempotent.
 async fn key_revoke(
     State(s): State<AppState>,
+    caller: Caller,
     Path(key_id): Path<Uuid>,
 ) -> ApiResult<Json<ApiKey>> {
-    db::tenants::revoke_key(&s.db, key_id)
+    let scope = (!caller.operator).then_some(caller.tenant_id);
+    if !caller.operator {
+        let key = db::tenants::get_key(&s.db, caller.tenant_id, key_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("key"))?;
+        // An operator key may sit in an admin's tenant; the admin must not lock the operator out.
+        if key.operator {
+            return Err(ApiError::forbidden(
+                "only an operator key may revoke an operator key",
+            ));
+        }
+    }
+    db::tenants::revoke_key(&s.db, scope, key_id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found("key"))
@@ -243,16 +304,25 @@ struct AuditQuery {
     limit: Option<i64>,
 }
 
+/// The audit trail: an operator's of every tenant (or `tenant_id`'s), an admin's of its own
+/// tenant only.
 async fn audit_event_list(
     State(s): State<AppState>,
+    caller: Caller,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<Items<db::audit::AuditEvent>>> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::validation("limit", "between 1 and 1000"));
     }
+    let tenant_id = match q.tenant_id {
+        Some(t) if !caller.administers(t) => return Err(ApiError::not_found("tenant")),
+        Some(t) => Some(t),
+        None if caller.operator => None,
+        None => Some(caller.tenant_id),
+    };
     Ok(Json(Items {
-        items: db::audit::list(&s.db, q.tenant_id, q.before, limit).await?,
+        items: db::audit::list(&s.db, tenant_id, q.before, limit).await?,
     }))
 }
 

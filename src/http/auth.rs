@@ -14,7 +14,19 @@ pub struct Caller {
     pub tenant_name: String,
     pub key_id: Uuid,
     pub key_prefix: String,
+    /// Manages its own tenant's keys and reads its own tenant's audit trail.
     pub admin: bool,
+    /// Manages every tenant and what they share (implies `admin`).
+    pub operator: bool,
+}
+
+impl Caller {
+    /// Whether this caller administers `tenant_id`: an operator every tenant, an admin only its
+    /// own. Handlers answer 404 (not 403) otherwise, as for any other tenant's resource, so a
+    /// tenant admin cannot even learn which tenant ids exist.
+    pub fn administers(&self, tenant_id: Uuid) -> bool {
+        self.operator || (self.admin && self.tenant_id == tenant_id)
+    }
 }
 
 /// Resolve the bearer key in `headers`, refusing missing, malformed, unknown and revoked keys.
@@ -42,12 +54,14 @@ pub async fn authenticate(db: &PgPool, headers: &HeaderMap) -> Result<Caller, Ap
     if owner.revoked {
         return Err(ApiError::unauthenticated("this API key has been revoked"));
     }
+    let role = owner.role();
     Ok(Caller {
         tenant_id: owner.tenant_id,
         tenant_name: owner.tenant_name,
         key_id: owner.key_id,
         key_prefix: owner.key_prefix,
-        admin: owner.admin,
+        admin: role.is_admin(),
+        operator: role.is_operator(),
     })
 }
 

@@ -1,5 +1,6 @@
 //! Base models: the built-in architectures with their input specs and installed weights,
-//! pretrained weight import (admin), and tenants' own TorchScript backbones.
+//! pretrained weight import (operator), and tenants' own TorchScript backbones (operator, or
+//! any key with `VIDTUNE_TENANT_BACKBONES`).
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
@@ -12,6 +13,7 @@ use super::upload::{PartialFile, receive};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Routes};
 use crate::app::AppState;
 use crate::backbone::{Arch, Preprocessing};
+use crate::config::Settings;
 use crate::db;
 use crate::registry::{self, ImportError};
 
@@ -34,7 +36,7 @@ pub fn routes(r: Routes) -> Routes {
         Method::POST,
         "/v1/base-models/{arch}/weights",
         "weights_import",
-        Access::Admin,
+        Access::Operator,
         weights_import,
     )
 }
@@ -119,6 +121,13 @@ async fn weights_import(
     Ok((StatusCode::CREATED, AuditResource(w.id), Json(w)))
 }
 
+/// Whether `caller` may register a TorchScript backbone. A backbone is code that the server
+/// runs (to inspect it, then to train and predict), so by default only operators may; with
+/// `tenant_backbones` every key may. The one place this decision is made.
+fn may_register_backbone(settings: &Settings, caller: &Caller) -> bool {
+    caller.operator || settings.tenant_backbones
+}
+
 /// Register a TorchScript backbone: multipart `file` (from `torch.jit.trace`/`script`), `name`,
 /// optional `description` and `preprocessing` (JSON). Contract: input `[N, 3, T, H, W]` float,
 /// output `[N, D]` features.
@@ -127,6 +136,13 @@ async fn base_model_create(
     caller: Caller,
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
+    // Refused before a byte of the upload is read or written.
+    if !may_register_backbone(&s.settings, &caller) {
+        return Err(ApiError::forbidden(
+            "registering a TorchScript backbone needs an operator key \
+             (or a server started with VIDTUNE_TENANT_BACKBONES=true)",
+        ));
+    }
     let id = Uuid::new_v4();
     let rel = std::path::Path::new("backbones").join(format!("{id}.pt"));
     let dest = s.settings.data_dir.join(&rel);
@@ -153,7 +169,7 @@ async fn base_model_create(
             "frames 1–256 and crop 16–1024",
         ));
     }
-    let inspected = registry::inspect_torchscript(&s.ingest.media_worker_exe, &dest, &prep).await?;
+    let inspected = registry::inspect_torchscript(&dest, &prep, s.settings.inspect_timeout).await?;
     let b = db::base_models::insert_custom(
         &s.db,
         &db::base_models::NewCustomBackbone {

@@ -105,24 +105,31 @@ async fn dataset_create(
     Json(body): Json<DatasetCreate>,
 ) -> ApiResult<impl IntoResponse> {
     let name = body.name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::validation("name", "1 to 200 characters"));
+    if name.is_empty() || name.len() > 200 || has_control(name) {
+        return Err(ApiError::validation(
+            "name",
+            "1 to 200 characters, no control characters",
+        ));
     }
-    if body.description.len() > 10_000 {
+    // PostgreSQL text cannot hold NUL: refuse it here rather than fail in the database.
+    if body.description.len() > 10_000 || body.description.contains('\0') {
         return Err(ApiError::validation(
             "description",
-            "at most 10000 characters",
+            "at most 10000 characters, no NUL",
         ));
     }
     if let Some(classes) = &body.classes {
         let unique: HashSet<_> = classes.iter().collect();
         if classes.is_empty()
             || unique.len() != classes.len()
-            || classes.iter().any(|c| c.trim().is_empty() || c.len() > 100)
+            || classes
+                .iter()
+                .any(|c| c.trim().is_empty() || c.len() > 100 || has_control(c))
         {
             return Err(ApiError::validation(
                 "classes",
-                "a non-empty list of distinct, non-empty labels of at most 100 characters",
+                "a non-empty list of distinct, non-empty labels of at most 100 characters \
+                 without control characters",
             ));
         }
     }
@@ -423,12 +430,18 @@ async fn video_create(
     Ok(response)
 }
 
+/// Control characters (NUL above all, which PostgreSQL text cannot hold) have no place in names
+/// and labels.
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 fn video_meta(q: VideoQuery) -> ApiResult<VideoMeta> {
     let label = q.label.unwrap_or_default().trim().to_owned();
-    if label.is_empty() || label.len() > 100 {
+    if label.is_empty() || label.len() > 100 || has_control(&label) {
         return Err(ApiError::validation(
             "label",
-            "a label of 1 to 100 characters is required",
+            "a label of 1 to 100 characters, without control characters, is required",
         ));
     }
     let split = match q.split.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
@@ -441,12 +454,20 @@ fn video_meta(q: VideoQuery) -> ApiResult<VideoMeta> {
         .patient_id
         .map(|p| p.trim().to_owned())
         .filter(|p| !p.is_empty());
-    if patient_id.as_ref().is_some_and(|p| p.len() > 100) {
-        return Err(ApiError::validation("patient_id", "at most 100 characters"));
+    if patient_id
+        .as_ref()
+        .is_some_and(|p| p.len() > 100 || has_control(p))
+    {
+        return Err(ApiError::validation(
+            "patient_id",
+            "at most 100 characters, no control characters",
+        ));
     }
+    // Only shown back to the tenant: keep it, minus what cannot be stored or displayed.
     let filename = q
         .filename
         .map(|f| f.rsplit(['/', '\\']).next().unwrap_or_default().to_owned())
+        .map(|f| f.replace(char::is_control, "\u{FFFD}"))
         .filter(|f| !f.is_empty())
         .unwrap_or_else(|| "video".into());
     Ok(VideoMeta {

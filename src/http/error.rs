@@ -6,6 +6,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::media::decode::Rejection;
+
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 tokio::task_local! {
@@ -35,6 +37,7 @@ error_codes! {
     ChecksumMismatch => ("checksum_mismatch", BAD_REQUEST, "The body does not match its checksum"),
     InvalidModelFile => ("invalid_model_file", UNPROCESSABLE_ENTITY, "The model file cannot be used"),
     InvalidVideo => ("invalid_video", UNPROCESSABLE_ENTITY, "The video cannot be used"),
+    UnsupportedContainer => ("unsupported_container", UNPROCESSABLE_ENTITY, "The video's container format is not accepted"),
     Unauthenticated => ("unauthenticated", UNAUTHORIZED, "A valid API key is required"),
     Forbidden => ("forbidden", FORBIDDEN, "The API key may not do this"),
     NotFound => ("not_found", NOT_FOUND, "No such resource"),
@@ -121,6 +124,20 @@ impl ApiError {
     pub fn with_retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs);
         self
+    }
+    /// A video the media worker did not accept (predictions). The detail starts with the
+    /// rejection's reason code; a container outside the allow-list has its own problem code, and
+    /// a failure of the server itself is a 500 whose cause is logged, not sent.
+    pub fn video_rejected(r: Rejection) -> Self {
+        if r.is_server_fault() {
+            let cause = r.log.unwrap_or(r.detail);
+            return Self::internal(anyhow::anyhow!("{}: {cause}", r.code));
+        }
+        let code = match r.code.as_str() {
+            "unsupported_container" => ErrorCode::UnsupportedContainer,
+            _ => ErrorCode::InvalidVideo,
+        };
+        Self::new(code, format!("{}: {}", r.code, r.detail))
     }
     pub fn internal(source: anyhow::Error) -> Self {
         Self {

@@ -1,7 +1,10 @@
-//! Liveness and readiness probes (unauthenticated, not audited).
+//! Liveness and readiness probes (unauthenticated) and Prometheus metrics; none of them audited
+//! (a scraper or a load balancer would drown the trail).
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
@@ -9,11 +12,18 @@ use serde_json::{Value, json};
 use super::error::{ApiError, ErrorCode};
 use crate::app::AppState;
 
+/// The probes and `/metrics` on the API address.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_for_operators))
+}
+
+/// `/metrics` on the metrics address (`VIDTUNE_METRICS_LISTEN`), which is meant to be reachable
+/// only from the cluster's own network: no key, so Prometheus needs no secret.
+pub fn metrics_router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
 }
 
 /// The process is up and answering.
@@ -42,8 +52,25 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
     }
 }
 
-/// Prometheus text exposition: predictions, batching, rejections, loaded models, jobs by state.
-async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+/// `/metrics` on the API address. The numbers span every tenant (jobs by state, requests per
+/// operation), so there only an operator key reads them.
+async fn metrics_for_operators(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = super::auth::authenticate(&state.db, &headers).await?;
+    if !caller.operator {
+        return Err(ApiError::forbidden(
+            "/metrics on the API address needs an operator key; \
+             scrape the metrics address (VIDTUNE_METRICS_LISTEN) without one",
+        ));
+    }
+    Ok(metrics(State(state)).await.into_response())
+}
+
+/// Prometheus text exposition: API requests and latency, predictions and their latency, batch
+/// sizes, rejections, loaded models, jobs by state.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     use std::fmt::Write as _;
     use std::sync::atomic::Ordering::Relaxed;
     let st = &state.models.stats;
@@ -88,6 +115,19 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
         "vidtune_predictions_rejected_total{{reason=\"rate_limited\"}} {}",
         st.rejected_rate_limited.load(Relaxed)
     );
+    let _ = writeln!(
+        out,
+        "# HELP vidtune_prediction_duration_seconds Time from request to answer of successful predictions.\n# TYPE vidtune_prediction_duration_seconds histogram"
+    );
+    st.prediction_seconds
+        .render("vidtune_prediction_duration_seconds", "", &mut out);
+    let _ = writeln!(
+        out,
+        "# HELP vidtune_inference_batch_clips Clips per forward pass.\n# TYPE vidtune_inference_batch_clips histogram"
+    );
+    st.batch_clips
+        .render("vidtune_inference_batch_clips", "", &mut out);
+    state.http_metrics.render(&mut out);
     let _ = writeln!(
         out,
         "# HELP vidtune_models_loaded Models loaded for serving.\n# TYPE vidtune_models_loaded gauge\nvidtune_models_loaded {}",

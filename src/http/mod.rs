@@ -42,8 +42,11 @@ pub use error::{ApiError, ApiResult, ErrorCode};
 pub enum Access {
     /// Any valid key; the operation sees only the key's tenant.
     Tenant,
-    /// Admin keys only (tenant and key management, audit trail).
+    /// Admin keys (and operators): their own tenant's keys and audit trail. The handler scopes
+    /// the work to the tenants the caller administers ([`Caller::administers`]).
     Admin,
+    /// Operator keys only: what every tenant shares (tenants, pretrained weights).
+    Operator,
 }
 
 /// A declared API operation.
@@ -84,7 +87,8 @@ impl Routes {
     }
 
     /// Add one operation. `handler` runs after the key was authenticated (and, for
-    /// [`Access::Admin`], found to be an admin key); the outcome is audited either way.
+    /// [`Access::Admin`] and [`Access::Operator`], found to have that role); the outcome is
+    /// audited either way.
     pub fn op<H, T>(
         self,
         method: Method,
@@ -154,6 +158,17 @@ impl Routes {
         self.ops.push(op);
         self
     }
+}
+
+/// The router of the optional metrics address (`VIDTUNE_METRICS_LISTEN`): `/metrics` without a
+/// key, for a Prometheus that scrapes from inside the cluster. Nothing else is served there, so
+/// exposing that address never exposes the API.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .merge(health::metrics_router())
+        .fallback(route_not_found)
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
 }
 
 /// Build the whole application router. Returns the declared `/v1` operations alongside.
@@ -276,6 +291,14 @@ async fn guard_operation(State(g): State<Guard>, mut req: Request, next: Next) -
         Err(e) => (e.into_response(), None),
         Ok(c) if g.op.access == Access::Admin && !c.admin => (
             ApiError::forbidden(format!("{} needs an admin key", g.op.id)).into_response(),
+            Some(c),
+        ),
+        Ok(c) if g.op.access == Access::Operator && !c.operator => (
+            ApiError::forbidden(format!(
+                "{} needs an operator key (`vidtune keys create --operator` on the host)",
+                g.op.id
+            ))
+            .into_response(),
             Some(c),
         ),
         Ok(c) => {

@@ -201,6 +201,13 @@ async fn model_export(
             let ts = dir.join("model.ts.pt");
             if !ts.exists() {
                 let meta = meta(&s, &caller, &m).await?;
+                // A custom backbone runs only in its sandbox; tracing would run it here.
+                if matches!(meta.base, crate::backbone::Base::TorchScript { .. }) {
+                    return Err(ApiError::validation(
+                        "format",
+                        "models on a custom TorchScript backbone export as safetensors only",
+                    ));
+                }
                 let out = ts.clone();
                 tokio::task::spawn_blocking(move || trace(&meta, &out))
                     .await
@@ -336,7 +343,7 @@ async fn model_predict(
             Duration::from_secs_f64(s.ingest.video_limits.max_decode_s + 30.0),
         )
         .await
-        .map_err(|r| ApiError::new(ErrorCode::InvalidVideo, format!("{}: {}", r.code, r.detail)))?;
+        .map_err(ApiError::video_rejected)?;
     let t_decode = started.elapsed() - t_upload;
 
     let handle = s

@@ -69,6 +69,11 @@ pub fn plan(
             Some(("missing_label", "no label given".into()))
         } else if label.len() > 100 {
             Some(("invalid_label", "labels are at most 100 characters".into()))
+        } else if label.chars().any(char::is_control) {
+            Some((
+                "invalid_label",
+                "labels may not contain control characters".into(),
+            ))
         } else if classes.is_some_and(|c| !c.iter().any(|k| k == label)) {
             Some((
                 "unknown_label",
@@ -179,6 +184,44 @@ pub fn plan(
         });
     }
     Ok(out)
+}
+
+/// Longest path shown for a video, in bytes; a longer one is cut at a character boundary. An
+/// archive may name an entry with up to 64 KiB, which no index (nor reader) wants.
+pub const MAX_SHOWN_PATH: usize = 1024;
+
+/// Make every planned row storable and unique, whatever the upload held: PostgreSQL text cannot
+/// hold NUL (replaced by U+FFFD), very long names are cut, and since videos are keyed by their
+/// path within the upload, a path met again (an archive holding one name twice, a refused entry
+/// named like an extracted one) is shown as `path (2)`, `path (3)`, … after the first.
+pub fn make_storable(planned: &mut [Planned]) {
+    let mut seen: HashSet<String> = HashSet::new();
+    for p in planned.iter_mut() {
+        for text in [Some(&mut p.path), p.label.as_mut(), p.patient_id.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if text.contains('\0') {
+                *text = text.replace('\0', "\u{FFFD}");
+            }
+        }
+        if p.path.len() > MAX_SHOWN_PATH {
+            let mut end = MAX_SHOWN_PATH - '…'.len_utf8();
+            while !p.path.is_char_boundary(end) {
+                end -= 1;
+            }
+            p.path.truncate(end);
+            p.path.push('…');
+        }
+        if seen.contains(&p.path) {
+            let base = std::mem::take(&mut p.path);
+            p.path = (2..)
+                .map(|n| format!("{base} ({n})"))
+                .find(|c| !seen.contains(c))
+                .expect("an unused suffix exists");
+        }
+        seen.insert(p.path.clone());
+    }
 }
 
 fn skipped(path: String, file: Option<ExtractedFile>, code: &'static str, detail: &str) -> Planned {
@@ -328,6 +371,31 @@ mod tests {
                 .0,
             "skipped"
         );
+    }
+
+    #[test]
+    fn hostile_paths_become_distinct_storable_rows() {
+        let mut planned = plan(vec![file("polyp/a.mp4"), file("polyp/a.mp4 (2)")], None).unwrap();
+        // What extraction adds for a second `polyp/a.mp4` and for a name with a NUL byte.
+        for path in ["polyp/a.mp4", "polyp/b\0.mp4", "x".repeat(5000).as_str()] {
+            planned.push(skipped(path.into(), None, "duplicate_entry", "twice"));
+        }
+        planned[0].label = Some("po\0lyp".into());
+        make_storable(&mut planned);
+        let paths: Vec<&str> = planned.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            &paths[..4],
+            [
+                "polyp/a.mp4",
+                "polyp/a.mp4 (2)",
+                "polyp/a.mp4 (3)",
+                "polyp/b\u{FFFD}.mp4"
+            ]
+        );
+        assert!(paths[4].len() <= MAX_SHOWN_PATH && paths[4].ends_with('…'));
+        assert_eq!(planned[0].label.as_deref(), Some("po\u{FFFD}lyp"));
+        let unique: HashSet<_> = paths.iter().collect();
+        assert_eq!(unique.len(), paths.len());
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub struct VideoMeta {
     pub patient_id: Option<String>,
 }
 
+/// The `status_reason` detail of an upload that failed because of the server, not the upload.
+const INTERNAL_FAILURE: &str =
+    "an internal error stopped ingest; the server log has the details under this upload id";
+
 /// Start ingesting an upload in the background.
 pub fn spawn(
     db: PgPool,
@@ -93,8 +97,10 @@ pub fn spawn(
     tokio::spawn(async move {
         let dataset_id = upload.dataset_id;
         if let Err(e) = run(&db, &data_dir, &config, &upload).await {
-            tracing::error!(error.cause_chain = ?e, %dataset_id, "ingest failed");
-            let _ = finish_failed(&db, &upload, &format!("ingest failed: {e:#}")).await;
+            // The cause (database text, server paths) is for the log; the tenant reads a stable
+            // reason that the upload id ties to this log line.
+            tracing::error!(error.cause_chain = ?e, %dataset_id, upload_id = %upload.id, "ingest failed");
+            let _ = finish_failed(&db, &upload, INTERNAL_FAILURE).await;
         }
     });
 }
@@ -148,10 +154,11 @@ async fn run(
     std::fs::create_dir_all(dirs.cache())?;
 
     // 1. Files and their labels.
-    let planned = if upload.kind == "archive" {
+    let mut planned = if upload.kind == "archive" {
         let incoming = dirs.incoming().join(upload.id.to_string());
         let limits = config.archive_limits.clone();
         let dest = files_dir.clone();
+        let (dataset_id, upload_id) = (upload.dataset_id, upload.id);
         let extracted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             if dest.exists() {
                 std::fs::remove_dir_all(&dest)?;
@@ -163,7 +170,15 @@ async fn run(
                     "the upload is not a zip, tar or tar.gz archive".to_string()
                 ));
             };
-            Ok(archive::extract(&incoming, kind, &dest, &limits).map_err(|e| e.to_string()))
+            match archive::extract(&incoming, kind, &dest, &limits) {
+                Ok(x) => Ok(Ok(x)),
+                // Writing to the data directory failed: the server's fault, not the archive's.
+                Err(archive::ArchiveError::Io(e)) => {
+                    tracing::error!(error = %e, %dataset_id, %upload_id, "writing extracted files failed");
+                    Ok(Err(INTERNAL_FAILURE.to_string()))
+                }
+                Err(e) => Ok(Err(e.to_string())),
+            }
         })
         .await??;
         let extracted = match extracted {
@@ -225,7 +240,10 @@ async fn run(
         }]
     };
 
-    // 2. Rows, all visible at once with their count, so progress has a stable total.
+    // 2. Rows, all visible at once with their count, so progress has a stable total. Paths are
+    // the videos' key within the upload: a hostile archive (the same path twice, NUL bytes)
+    // must come out as distinct, storable rows, not as a database error.
+    layout::make_storable(&mut planned);
     let mut queue = VecDeque::new();
     {
         let mut tx = db.begin().await?;
@@ -362,6 +380,10 @@ async fn record_outcome(
             }
         }
         Err(r) => {
+            if let Some(cause) = &r.log {
+                // The tenant reads the rejection's plain detail; the cause is only logged.
+                tracing::error!(%dataset_id, video_id = %id, code = %r.code, cause, "a video could not be processed");
+            }
             // Something FFmpeg does not recognise at all is skipped, unless the upload said it
             // was a video (labels.csv, single-video upload) or its name says so.
             let status = if r.is_not_media() && !p.claimed && !has_video_extension(&p.path) {

@@ -117,11 +117,16 @@ pub fn safe_relative(name: &str) -> Result<PathBuf, &'static str> {
     if unified.len() >= 2 && unified.as_bytes()[1] == b':' {
         return Err("drive-letter paths are not allowed");
     }
+    // Longer names cannot be created on Linux (255 bytes a name) or shown usefully.
+    if unified.len() > 1024 {
+        return Err("the entry path is longer than 1024 bytes");
+    }
     let mut out = PathBuf::new();
     for part in unified.split('/') {
         match part {
             "" | "." => {}
             ".." => return Err("`..` in an entry path is not allowed"),
+            p if p.len() > 255 => return Err("a name in the entry path is longer than 255 bytes"),
             p => {
                 // One more guard: the platform must see exactly one normal component.
                 let mut comps = Path::new(p).components();
@@ -212,16 +217,42 @@ impl Extraction<'_> {
         entry_cap: Option<u64>,
     ) -> Result<(), ArchiveError> {
         let path = self.dest.join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+        // A file and a folder of the same name (`a`, then `a/b.mp4`, or the reverse) is the
+        // archive's contradiction, not the server's failure: refuse the later entry.
+        let conflict = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory
+            )
+        };
+        if let Some(parent) = path.parent()
+            && let Err(e) = std::fs::create_dir_all(parent)
+        {
+            if conflict(&e) {
+                self.refuse(
+                    rel_name,
+                    "path_conflict",
+                    "a folder of this path is also a file of the archive",
+                );
+                return Ok(());
+            }
+            return Err(e.into());
         }
         let mut file = match File::options().write(true).create_new(true).open(&path) {
             Ok(f) => f,
+            Err(e) if path.is_dir() && conflict(&e) => {
+                self.refuse(
+                    rel_name,
+                    "path_conflict",
+                    "this path is also a folder of the archive",
+                );
+                return Ok(());
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 self.refuse(
                     rel_name,
                     "duplicate_entry",
-                    "the archive holds this path twice",
+                    "the archive holds this path twice; the first copy is used",
                 );
                 return Ok(());
             }
@@ -407,6 +438,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_same_path_twice_or_as_file_and_folder_refuses_the_later_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, bytes) in [
+            ("polyp/a.mp4", &b"first"[..]),
+            ("polyp/a.mp4", b"second"),
+            ("polyp", b"a file named like the folder"),
+            ("notes", b"a file"),
+            ("notes/x.txt", b"under the file"),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, bytes).unwrap();
+        }
+        let archive = dir.path().join("a.tar");
+        std::fs::write(&archive, b.into_inner().unwrap()).unwrap();
+        let dest = dir.path().join("out");
+        std::fs::create_dir(&dest).unwrap();
+        let got = extract(&archive, ArchiveKind::Tar, &dest, &ArchiveLimits::default()).unwrap();
+        let files: Vec<_> = got.files.iter().map(|f| f.rel.as_str()).collect();
+        assert_eq!(files, ["polyp/a.mp4", "notes"]);
+        assert_eq!(std::fs::read(dest.join("polyp/a.mp4")).unwrap(), b"first");
+        let refused: Vec<_> = got
+            .refused
+            .iter()
+            .map(|r| (r.rel.as_str(), r.code))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                ("polyp/a.mp4", "duplicate_entry"),
+                ("polyp", "path_conflict"),
+                ("notes/x.txt", "path_conflict"),
+            ]
+        );
+    }
+
+    #[test]
     fn unsafe_names_are_refused() {
         assert!(safe_relative("../etc/passwd").is_err());
         assert!(safe_relative("a/../../b").is_err());
@@ -414,6 +485,8 @@ mod tests {
         assert!(safe_relative("C:\\x.mp4").is_err());
         assert!(safe_relative("a\\..\\b").is_err());
         assert!(safe_relative("").is_err());
+        assert!(safe_relative(&format!("{}.mp4", "a".repeat(300))).is_err());
+        assert!(safe_relative(&"a/".repeat(600)).is_err());
         assert_eq!(
             safe_relative("./train/polyp/a.mp4").unwrap(),
             PathBuf::from("train/polyp/a.mp4")

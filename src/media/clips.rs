@@ -23,9 +23,8 @@ pub fn decode_clips(
     (width, height): (u32, u32),
     threads: usize,
 ) -> anyhow::Result<Vec<Vec<u8>>> {
-    super::decode::init();
     let mut ictx =
-        ff::format::input(path).with_context(|| format!("opening {}", path.display()))?;
+        super::input::open(path).with_context(|| format!("opening {}", path.display()))?;
     let stream = ictx
         .streams()
         .best(ff::media::Type::Video)

@@ -10,6 +10,7 @@ use ffmpeg_next as ff;
 use serde::{Deserialize, Serialize};
 
 use super::cache::CacheWriter;
+use super::input::{self, OpenError};
 
 /// Limits that keep one hostile or absurd file from exhausting the machine.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,11 +75,16 @@ pub struct VideoInfo {
     pub cache_fps: f64,
 }
 
-/// Why a file was not accepted. `code` is stable; `detail` is for people.
+/// Why a file was not accepted. `code` is stable; `detail` is for people and is shown to the
+/// tenant, so it never names a server path or carries internals; those go in `log`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Rejection {
     pub code: String,
     pub detail: String,
+    /// The server-side cause of a failure that is not the file's fault (a cache that cannot be
+    /// written, a worker that cannot start): for the server log, never for the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 impl Rejection {
@@ -86,7 +92,20 @@ impl Rejection {
         Self {
             code: code.into(),
             detail: detail.into(),
+            log: None,
         }
+    }
+    /// A failure of the server, not of the file: `detail` is what the tenant sees, `log` the
+    /// cause for the log (it may name server paths).
+    pub fn server(code: &str, detail: impl Into<String>, log: impl Into<String>) -> Self {
+        Self {
+            log: Some(log.into()),
+            ..Self::new(code, detail)
+        }
+    }
+    /// Whether the server, not the file, is at fault (the tenant gets no internals either way).
+    pub fn is_server_fault(&self) -> bool {
+        self.code == "internal" || self.code == "io_error"
     }
     /// The file is not media at all (FFmpeg cannot recognise a container).
     pub fn is_not_media(&self) -> bool {
@@ -129,19 +148,8 @@ pub fn ingest_video(
     if size == 0 {
         return Err(Rejection::new("empty_file", "the file is empty (0 bytes)"));
     }
-    let mut ictx = ff::format::input(src).map_err(|e| {
-        Rejection::new(
-            "not_media",
-            format!("FFmpeg does not recognise this as a video ({e})"),
-        )
-    })?;
+    let mut ictx = input::open(src).map_err(open_rejection)?;
     let container = ictx.format().name().to_owned();
-    if container == "image2" || container.ends_with("_pipe") || container == "tty" {
-        return Err(Rejection::new(
-            "still_image",
-            format!("a still image ({container}), not a video"),
-        ));
-    }
     let stream = ictx.streams().best(ff::media::Type::Video).ok_or_else(|| {
         let has_audio = ictx.streams().best(ff::media::Type::Audio).is_some();
         if has_audio {
@@ -217,8 +225,7 @@ pub fn ingest_video(
     } else {
         spec.fps
     };
-    let mut writer = CacheWriter::create(cache_dest, ch, cw, cache_fps)
-        .map_err(|e| Rejection::new("io_error", format!("{e:#}")))?;
+    let mut writer = CacheWriter::create(cache_dest, ch, cw, cache_fps).map_err(cache_failed)?;
     let result = decode_into(
         &mut ictx,
         &mut decoder,
@@ -247,9 +254,7 @@ pub fn ingest_video(
             "a single frame: a still image, not a video",
         ));
     }
-    let header = writer
-        .finish()
-        .map_err(|e| Rejection::new("io_error", format!("{e:#}")))?;
+    let header = writer.finish().map_err(cache_failed)?;
     let fps = if rate > 0.0 {
         rate
     } else if duration_s > 0.0 {
@@ -402,15 +407,55 @@ fn decode_into(
             ctx.run(&frame, &mut rgb)
                 .map_err(|e| Rejection::new("corrupt", format!("converting a frame: {e}")))?;
             pack_rgb(&rgb, cw as usize, ch as usize, &mut packed);
-            writer
-                .push(&packed)
-                .map_err(|e| Rejection::new("io_error", format!("{e:#}")))?;
+            writer.push(&packed).map_err(cache_failed)?;
         }
         if eof {
             // The decoder drained without signalling EOF: treat what we have as the end.
             return finish(decoded, errors);
         }
     }
+}
+
+/// The rejection for a file [`input::open`] refused.
+fn open_rejection(e: OpenError) -> Rejection {
+    match e {
+        // An io::Error's text is its kind ("Permission denied (os error 13)"), never the path.
+        OpenError::Unreadable(e) => {
+            Rejection::new("unreadable", format!("cannot read the file: {e}"))
+        }
+        OpenError::NotMedia(e) => Rejection::new(
+            "not_media",
+            format!("FFmpeg does not recognise this as a video ({e})"),
+        ),
+        OpenError::Refused(demuxer) if input::is_image_demuxer(&demuxer) => Rejection::new(
+            "still_image",
+            format!("a still image ({demuxer}), not a video"),
+        ),
+        OpenError::Refused(demuxer) => {
+            let what = match demuxer.as_str() {
+                "hls" | "dash" | "concat" => {
+                    "a playlist or list of other files; only a file's own frames are read"
+                }
+                _ => "not one of the accepted containers",
+            };
+            Rejection::new(
+                "unsupported_container",
+                format!(
+                    "the container `{demuxer}` is {what} (accepted: {})",
+                    input::ALLOWED_DESCRIPTION
+                ),
+            )
+        }
+    }
+}
+
+/// The cache could not be written: the server's fault, and its error names server paths.
+fn cache_failed(e: anyhow::Error) -> Rejection {
+    Rejection::server(
+        "io_error",
+        "the server could not write the training cache for this video",
+        format!("{e:#}"),
+    )
 }
 
 fn finish(decoded: u64, errors: u32) -> Result<u64, Rejection> {

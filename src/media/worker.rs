@@ -52,6 +52,16 @@ struct Running {
     stdout: Lines<BufReader<ChildStdout>>,
 }
 
+/// Address-space limit of a media worker (`VIDTUNE_MEDIA_MEMORY_MIB`, default 4096): enough
+/// for FFmpeg on a 4K stream with frame threads, not for a decompression bomb.
+fn media_memory_bytes() -> u64 {
+    std::env::var("VIDTUNE_MEDIA_MEMORY_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(4096)
+        << 20
+}
+
 /// A supervised `vidtune media-worker` child, started on first use.
 pub struct MediaWorker {
     exe: PathBuf,
@@ -68,8 +78,20 @@ impl MediaWorker {
     }
 
     fn spawn(&self) -> std::io::Result<Running> {
-        let mut child = Command::new(&self.exe)
-            .arg("media-worker")
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("media-worker");
+        // FFmpeg parses hostile bytes here: a cleared environment, bounded memory and
+        // descriptors, no core dumps, and death with the server.
+        crate::sandbox::contain(
+            cmd.as_std_mut(),
+            &[],
+            &crate::sandbox::Limits {
+                memory_bytes: Some(media_memory_bytes()),
+                open_files: Some(256),
+                ..Default::default()
+            },
+        );
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -88,7 +110,11 @@ impl MediaWorker {
     pub async fn run(&mut self, job: &Job, deadline: Duration) -> Result<VideoInfo, Rejection> {
         if self.running.is_none() {
             self.running = Some(self.spawn().map_err(|e| {
-                Rejection::new("internal", format!("cannot start the media worker: {e}"))
+                Rejection::server(
+                    "internal",
+                    "the server could not start its decoder",
+                    format!("cannot start the media worker {}: {e}", self.exe.display()),
+                )
             })?);
         }
         let running = self.running.as_mut().expect("started above");
@@ -102,7 +128,11 @@ impl MediaWorker {
         let outcome = tokio::time::timeout(deadline, exchange).await;
         let reply = match outcome {
             Ok(Ok(Some(text))) => serde_json::from_str::<Reply>(&text).map_err(|e| {
-                Rejection::new("internal", format!("unreadable media worker reply: {e}"))
+                Rejection::server(
+                    "internal",
+                    "the server could not read its decoder's answer",
+                    format!("unreadable media worker reply: {e}"),
+                )
             }),
             Ok(Ok(None)) | Ok(Err(_)) => {
                 let status = self.stop().await;

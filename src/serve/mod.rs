@@ -352,9 +352,8 @@ fn serve_loop(
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let x = Tensor::cat(&inputs, 0).to_device(device);
             model
-                .forward_t(&x, false)
-                .softmax(-1, Kind::Float)
-                .to_device(Device::Cpu)
+                .try_forward_t(&x, false)
+                .map(|logits| logits.softmax(-1, Kind::Float).to_device(Device::Cpu))
         }));
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.clips.fetch_add(clips as u64, Ordering::Relaxed);
@@ -365,10 +364,19 @@ fn serve_loop(
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
         match result {
-            Ok(probs) => {
+            Ok(Ok(probs)) => {
                 let parts = probs.split_with_sizes(&sizes, 0);
                 for (r, p) in batch.into_iter().zip(parts) {
                     let _ = r.reply.send(Ok(p));
+                }
+            }
+            // A sandboxed backbone that failed (timed out, crashed, refused by the sandbox).
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "custom backbone failed");
+                for r in batch {
+                    let _ = r
+                        .reply
+                        .send(Err(anyhow::anyhow!("the model's custom backbone failed")));
                 }
             }
             Err(_) => {

@@ -54,6 +54,15 @@ fn user(msg: impl Into<String>) -> TrainError {
     TrainError::User(msg.into())
 }
 
+/// Tell the supervising worker that this attempt is alive: one line on stdout per batch. The
+/// worker kills a child that stays silent past its stall timeout (a hang keeps no lease).
+pub fn alive() {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(b"alive\n");
+    let _ = out.flush();
+}
+
 /// What the attempt runs with.
 pub struct Context {
     pub db: PgPool,
@@ -408,12 +417,17 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
             let y = Tensor::from_slice(&labels).to_device(ctx.device);
             let (logits, loss) = {
                 let _amp = bf16.then(|| amp::Autocast::enter(ctx.device));
-                let logits = model.forward_t(&x, true);
+                let logits = model
+                    .try_forward_t(&x, true)
+                    .map_err(|e| user(format!("the TorchScript backbone failed: {e:#}")))?;
                 let loss =
                     classification_loss(&logits, &y, class_weights.as_ref(), hp.label_smoothing);
                 (logits, loss)
             };
             (&loss / hp.grad_accumulation as f64).backward();
+            model
+                .finish_backward()
+                .map_err(|e| user(format!("the TorchScript backbone failed: {e:#}")))?;
             let last = b + 1 == plans.len();
             if (b + 1) % hp.grad_accumulation as usize == 0 || last {
                 if let Some(c) = hp.grad_clip {
@@ -423,6 +437,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
                 opt.step(lr_now)?;
                 opt.zero_grad();
             }
+            alive();
             let loss_v = loss.double_value(&[]);
             loss_sum += loss_v * labels.len() as f64;
             correct += i64::try_from(logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64))
@@ -708,8 +723,9 @@ fn evaluate(
         let x = data::to_batch(&raw, &batches[b], spec, prep, device);
         let logits = {
             let _amp = bf16.then(|| amp::Autocast::enter(device));
-            model.forward_t(&x, false).to_kind(Kind::Float)
+            model.try_forward_t(&x, false)?.to_kind(Kind::Float)
         };
+        alive();
         let y = Tensor::from_slice(
             &batches[b]
                 .iter()

@@ -32,6 +32,10 @@ pub struct PoolConfig {
     pub poll: Duration,
     /// Time a canceled child gets to stop by itself before it is killed.
     pub cancel_grace: Duration,
+    /// A child that reports no progress (a training or evaluation batch, a checkpoint) for
+    /// this long is hung: it is killed and the attempt fails as a system error, so a hung
+    /// process does not keep its lease forever (`VIDTUNE_STALL_TIMEOUT_SECS`).
+    pub stall: Duration,
 }
 
 impl PoolConfig {
@@ -44,6 +48,12 @@ impl PoolConfig {
             heartbeat: Duration::from_secs(10),
             poll: Duration::from_secs(5),
             cancel_grace: Duration::from_secs(30),
+            stall: Duration::from_secs(
+                std::env::var("VIDTUNE_STALL_TIMEOUT_SECS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1800),
+            ),
         }
     }
 }
@@ -147,21 +157,32 @@ async fn run_attempt(
         serde_json::json!({"state": "running", "device": device.to_string(), "attempt": attempt}),
     )
     .await;
-    let child = tokio::process::Command::new(&cfg.exe)
-        .arg("train-job")
-        .args([
-            "--job",
-            &job.to_string(),
-            "--attempt",
-            &attempt.to_string(),
-            "--device",
-            &device.to_string(),
-        ])
-        .env("DATABASE_URL", &cfg.database_url)
-        .env("VIDTUNE_DATA_DIR", &cfg.data_dir)
-        .env("VIDTUNE_LOG_FORMAT", "json")
+    let mut cmd = tokio::process::Command::new(&cfg.exe);
+    cmd.arg("train-job").args([
+        "--job",
+        &job.to_string(),
+        "--attempt",
+        &attempt.to_string(),
+        "--device",
+        &device.to_string(),
+    ]);
+    // The child gets what it needs and nothing else: no inherited environment (the server's
+    // may hold secrets), no inherited descriptors, and it dies with this process.
+    crate::sandbox::contain(
+        cmd.as_std_mut(),
+        &[
+            ("DATABASE_URL", cfg.database_url.as_ref()),
+            ("VIDTUNE_DATA_DIR", cfg.data_dir.as_os_str()),
+            ("VIDTUNE_LOG_FORMAT", "json".as_ref()),
+        ],
+        &crate::sandbox::Limits {
+            open_files: Some(4096),
+            ..Default::default()
+        },
+    );
+    let child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn();
@@ -193,6 +214,17 @@ async fn run_attempt(
         }
     });
 
+    // The child prints a line on stdout for every batch it finishes: the watchdog's food.
+    let stdout = child.stdout.take().expect("piped stdout");
+    let last_progress = Arc::new(std::sync::Mutex::new(tokio::time::Instant::now()));
+    let progress_w = last_progress.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(_)) = lines.next_line().await {
+            *progress_w.lock().expect("progress lock") = tokio::time::Instant::now();
+        }
+    });
+
     let mut beat = tokio::time::interval(cfg.heartbeat);
     beat.tick().await;
     let mut cancel_seen: Option<tokio::time::Instant> = None;
@@ -200,6 +232,23 @@ async fn run_attempt(
         tokio::select! {
             status = child.wait() => break status,
             _ = beat.tick() => {
+                let quiet = last_progress.lock().expect("progress lock").elapsed();
+                if quiet > cfg.stall {
+                    let _ = child.kill().await;
+                    let msg = format!(
+                        "the training process made no progress for {} s and was stopped",
+                        quiet.as_secs()
+                    );
+                    tracing::warn!(%job, attempt, error = %msg, "attempt stalled");
+                    if let Ok(true) = db::jobs::retry_or_fail(db, job, attempt, &msg).await {
+                        let _ = db::jobs::event_unfenced(
+                            db, job, attempt, "state", "warning", &msg,
+                            serde_json::json!({"state": "retry_or_fail"}),
+                        )
+                        .await;
+                    }
+                    return;
+                }
                 match db::jobs::heartbeat(db, job, attempt, cfg.lease.as_secs_f64()).await {
                     Ok(None) => {
                         tracing::warn!(%job, attempt, "attempt was reclaimed; stopping its process");

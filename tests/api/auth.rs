@@ -30,11 +30,12 @@ async fn v1_needs_a_valid_bearer_key(db: PgPool) {
     let me: Value = me.json().await.unwrap();
     assert_eq!(me["tenant"]["name"], "ops");
     assert_eq!(me["admin"], true);
+    assert_eq!(me["operator"], true);
     assert_eq!(me["key_prefix"], &app.admin_key[3..11]);
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
-async fn admin_creates_tenants_and_keys_that_work_until_revoked(db: PgPool) {
+async fn operator_creates_tenants_and_keys_that_work_until_revoked(db: PgPool) {
     let app = spawn_app(db).await;
 
     let created = app
@@ -73,6 +74,7 @@ async fn admin_creates_tenants_and_keys_that_work_until_revoked(db: PgPool) {
     let key: Value = key.json().await.unwrap();
     let secret = key["key"].as_str().unwrap().to_owned();
     assert_eq!(key["admin"], false);
+    assert_eq!(key["operator"], false);
     assert_eq!(key["name"], "pacs");
 
     let me: Value = app.get("/v1/me", &secret).await.json().await.unwrap();
@@ -135,7 +137,7 @@ async fn another_tenants_resource_answers_404(db: PgPool) {
         "not_found",
     )
     .await;
-    // Not even an admin of another tenant sees it through tenant-scoped routes.
+    // Not even an operator sees it through tenant-scoped routes.
     assert_problem(
         app.get(&format!("/v1/keys/{b_key_id}"), &app.admin_key)
             .await,

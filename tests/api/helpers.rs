@@ -4,14 +4,18 @@ use reqwest::{Client, Method, Response};
 use serde_json::Value;
 use sqlx::PgPool;
 use vidtune::app::Application;
+use vidtune::auth::Role;
 use vidtune::config::Settings;
 use vidtune::http::Operation;
 
-/// A running server plus an admin key of tenant `ops`.
+/// A running server plus an operator key of tenant `ops` (the host's key).
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served without a key, when the settings asked for it.
+    pub metrics_addr: Option<SocketAddr>,
     pub client: Client,
     pub db: PgPool,
+    /// An operator key (so also an admin of `ops`): for the global operations.
     pub admin_key: String,
     pub operations: Vec<Operation>,
     pub data_dir: std::path::PathBuf,
@@ -37,10 +41,12 @@ pub async fn spawn_app_with(db: PgPool, tweak: impl FnOnce(&mut Settings)) -> Te
         .await
         .expect("build app");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let operations = app.operations().to_vec();
     tokio::spawn(app.run_until(std::future::pending()));
     let mut test = TestApp {
         addr,
+        metrics_addr,
         client: Client::new(),
         db,
         admin_key: String::new(),
@@ -48,7 +54,7 @@ pub async fn spawn_app_with(db: PgPool, tweak: impl FnOnce(&mut Settings)) -> Te
         data_dir: data.path().to_path_buf(),
         _data: data,
     };
-    test.admin_key = test.key_for("ops", true).await;
+    test.admin_key = test.key_for_role("ops", Role::Operator).await;
     test
 }
 
@@ -57,16 +63,33 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
 
-    /// Create (directly in the database) a key for `tenant`, creating the tenant if needed.
+    /// Create (directly in the database) a key for `tenant`, creating the tenant if needed:
+    /// an admin key of that tenant, or a plain tenant key.
     pub async fn key_for(&self, tenant: &str, admin: bool) -> String {
+        let role = if admin { Role::Admin } else { Role::Member };
+        self.key_for_role(tenant, role).await
+    }
+
+    /// Create (directly in the database, as `vidtune keys create` does) a key with `role`.
+    pub async fn key_for_role(&self, tenant: &str, role: Role) -> String {
         let t = vidtune::db::tenants::ensure_tenant(&self.db, tenant)
             .await
             .unwrap();
         let minted = vidtune::auth::mint();
-        vidtune::db::tenants::insert_key(&self.db, t.id, "", &minted.prefix, &minted.digest, admin)
+        vidtune::db::tenants::insert_key(&self.db, t.id, "", &minted.prefix, &minted.digest, role)
             .await
             .unwrap();
         minted.secret
+    }
+
+    /// The id of the tenant called `name`.
+    pub async fn tenant_id(&self, name: &str) -> String {
+        let id: uuid::Uuid = sqlx::query_scalar("select id from tenants where name = $1")
+            .bind(name)
+            .fetch_one(&self.db)
+            .await
+            .unwrap();
+        id.to_string()
     }
 
     pub fn request(&self, method: Method, path: &str, key: &str) -> reqwest::RequestBuilder {

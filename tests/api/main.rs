@@ -13,5 +13,7 @@ mod health;
 mod jobs;
 mod openapi;
 mod problems;
+mod roles;
+mod sandbox;
 mod serving;
 mod walkthrough;
