@@ -157,9 +157,9 @@ fn nobody_can_run(exe: &Path) -> bool {
         };
         let file_ok = std::fs::metadata(&p).is_ok_and(|m| m.permissions().mode() & need == need);
         file_ok
-            && p.ancestors().skip(1).all(|d| {
-                std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
-            })
+            && p.ancestors()
+                .skip(1)
+                .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
     }
     let libs_ok = *LIBS_OK.get_or_init(|| {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
@@ -615,12 +615,12 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("GIVEN=yes"), "{text}");
-        let fds: Vec<i32> = text
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
+        let fds: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
         // stdin, stdout, stderr and the descriptor `ls` opens for /proc/self/fd itself.
-        assert!(!fds.contains(&leaked) || leaked == 3, "{fds:?} leaked {leaked}");
+        assert!(
+            !fds.contains(&leaked) || leaked == 3,
+            "{fds:?} leaked {leaked}"
+        );
         assert!(fds.iter().all(|&fd| fd <= 3), "{fds:?}");
     }
 
@@ -631,6 +631,8 @@ mod tests {
             let mut cmd = Command::new("/bin/sleep");
             cmd.arg("300");
             contain(&mut cmd, &[], &Limits::default());
+            // Reaped below by pid, after the thread that owned it is gone.
+            #[expect(clippy::zombie_processes, reason = "waited for with waitpid below")]
             let child = cmd.spawn().unwrap();
             tx.send(child.id()).unwrap();
             // The thread ends here without waiting: the parent is gone for the child.
@@ -645,7 +647,10 @@ mod tests {
             if stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z") {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "child {pid} outlived its parent");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child {pid} outlived its parent"
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         // SAFETY: reaping our own child.
@@ -656,8 +661,10 @@ mod tests {
     fn rlimits_bound_what_a_child_may_allocate_and_write() {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(format!("head -c 100000 /dev/zero > {}/big", dir.path().display()));
+        cmd.arg("-c").arg(format!(
+            "head -c 100000 /dev/zero > {}/big",
+            dir.path().display()
+        ));
         contain(
             &mut cmd,
             &[],

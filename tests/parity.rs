@@ -214,14 +214,19 @@ fn wrong_checkpoints_are_refused_with_the_key_named() {
 }
 
 #[test]
-fn a_torchscript_backbone_can_be_frozen_or_fine_tuned() {
-    use vidtune::backbone::Base;
+fn a_sandboxed_torchscript_backbone_can_be_frozen_or_fine_tuned_with_exact_gradients() {
+    use vidtune::backbone::{Base, script_host};
+    script_host::configure(script_host::HostConfig {
+        exe: env!("CARGO_BIN_EXE_vidtune").into(),
+        ..Default::default()
+    });
     let path = fixtures().join("tiny_backbone.pt");
     let base = Base::TorchScript {
-        path,
+        path: path.clone(),
         feature_dim: 16,
     };
     let x = Tensor::randn([2, 3, 4, 16, 16], (tch::Kind::Float, Device::Cpu));
+    let y = Tensor::from_slice(&[0i64, 2]);
 
     let vs = VarStore::new(Device::Cpu);
     let frozen = VideoClassifier::new(
@@ -232,24 +237,62 @@ fn a_torchscript_backbone_can_be_frozen_or_fine_tuned() {
         Freeze::HeadOnly,
     )
     .unwrap();
+    assert!(frozen.is_sandboxed());
     let (backbone, head) = frozen.trainable_groups(&vs);
     assert!(backbone.is_empty());
     assert_eq!(head.len(), 2);
     assert_eq!(frozen.forward_t(&x, true).size(), [2, 3]);
 
+    // Fine-tuned: the gradients that come back from the sandbox equal those of the same
+    // module run here (the test process is trusted; the server never does this).
     let vs = VarStore::new(Device::Cpu);
     let tuned =
         VideoClassifier::new(&vs.root(), base, 3, &HeadSpec::default(), Freeze::Full).unwrap();
     let (backbone, _) = tuned.trainable_groups(&vs);
     assert!(!backbone.is_empty(), "the module's parameters train");
+    let mut local_vs = VarStore::new(Device::Cpu);
+    let mut local = tch::TrainableCModule::load(&path, local_vs.root() / "backbone").unwrap();
+    local_vs.copy(&vs).unwrap();
+    local.set_train();
+    let fc = vs.variables();
+    let (w, b) = (&fc["fc.weight"], &fc["fc.bias"]);
+    let expected_loss = local
+        .forward_ts(&[&x])
+        .unwrap()
+        .linear(w, Some(b))
+        .cross_entropy_for_logits(&y);
+    expected_loss.backward();
+
     let before: Vec<Tensor> = backbone.iter().map(Tensor::copy).collect();
     let mut opt = tch::nn::OptimizerConfig::build(tch::nn::Sgd::default(), &vs, 0.1).unwrap();
-    let loss = tuned
-        .forward_t(&x, true)
-        .cross_entropy_for_logits(&Tensor::from_slice(&[0i64, 2]));
-    opt.backward_step(&loss);
+    let loss = tuned.forward_t(&x, true).cross_entropy_for_logits(&y);
+    assert!(
+        (loss.double_value(&[]) - expected_loss.double_value(&[])).abs() < 1e-5,
+        "same loss in the sandbox and here"
+    );
+    loss.backward();
+    tuned.finish_backward().unwrap();
+    let remote = vs.variables();
+    let mut compared = 0;
+    for (name, t) in local_vs.variables() {
+        let g_local = t.grad();
+        let g_remote = remote[&name].grad();
+        assert!(g_remote.defined(), "{name} got no gradient");
+        let diff = (&g_local - &g_remote).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{name}: gradients differ by {diff}");
+        compared += 1;
+    }
+    assert!(compared >= 2, "compared {compared} parameters");
+    opt.step();
     assert!(
         backbone.iter().zip(&before).any(|(a, b)| !a.equal(b)),
         "a training step moved the backbone"
     );
+    // The moved parameters reach the sandbox before the next forward.
+    let after = tuned.forward_t(&x, false);
+    let _ = local_vs.copy(&vs);
+    local.set_eval();
+    let here = tch::no_grad(|| local.forward_ts(&[&x]).unwrap().linear(w, Some(b)));
+    let diff = (&after - &here).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "the sandbox runs stale parameters ({diff})");
 }

@@ -128,11 +128,11 @@ fn parse_header(json: &[u8], limits: &Limits) -> anyhow::Result<Vec<Entry>> {
     Ok(entries)
 }
 
+/// The checked tensors and their byte ranges, in file order.
+type Layout = (Vec<TensorInfo>, Vec<(u64, u64)>);
+
 /// Check every entry's numbers and that the byte ranges tile `data_len` bytes exactly.
-fn check_layout(
-    entries: Vec<Entry>,
-    data_len: u64,
-) -> anyhow::Result<(Vec<TensorInfo>, Vec<(u64, u64)>)> {
+fn check_layout(entries: Vec<Entry>, data_len: u64) -> anyhow::Result<Layout> {
     let mut checked = Vec::with_capacity(entries.len());
     for e in entries {
         let name = e.name;

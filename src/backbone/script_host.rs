@@ -398,19 +398,28 @@ fn start(path: &Path, device: Device, timeout: Duration) -> anyhow::Result<(Host
     let module = Tensor::from_slice(&bytes);
     let module_len = bytes.len() as i64;
     drop(bytes);
-    let (reply, values) = host.exchange(&Request::Load { device: dev }, &[&module], timeout, |_, m| {
-        // Parameters: any float shape, but never more bytes than the module file itself
-        // (a serialized module holds its parameters).
-        if m.bytes()? as i64 > module_len {
-            bail!("a parameter larger than the module");
-        }
-        Ok(())
-    })?;
+    let (reply, values) = host.exchange(
+        &Request::Load { device: dev },
+        &[&module],
+        timeout,
+        |_, m| {
+            // Parameters: any float shape, but never more bytes than the module file itself
+            // (a serialized module holds its parameters).
+            if m.bytes()? as i64 > module_len {
+                bail!("a parameter larger than the module");
+            }
+            Ok(())
+        },
+    )?;
     let Reply::Params(names) = reply else {
         bail!("unexpected answer from the backbone's sandbox: {reply:?}");
     };
     if names.len() != values.len() {
-        bail!("the backbone's sandbox sent {} values for {} parameters", values.len(), names.len());
+        bail!(
+            "the backbone's sandbox sent {} values for {} parameters",
+            values.len(),
+            names.len()
+        );
     }
     let params = names
         .into_iter()
@@ -434,9 +443,10 @@ pub struct Remote {
     host: Option<Host>,
     /// The parameters as they live in the parent's var store, in the host's order.
     params: Vec<Tensor>,
-    /// Their version counters when last sent; a mismatch means the optimizer or a checkpoint
-    /// load changed them since.
-    synced: Vec<i64>,
+    /// Their fingerprint when last sent; a mismatch means an optimizer step or a checkpoint
+    /// load changed them since (libtorch's version counters do not see writes through
+    /// `.data`, which optimizers use).
+    synced: Vec<f64>,
     /// The features of the last training forward, awaiting their gradient.
     pending: Option<Tensor>,
     train_mode: bool,
@@ -466,7 +476,7 @@ impl Remote {
             device,
             feature_dim,
             host: Some(host),
-            synced: vec![-1; params.len()],
+            synced: Vec::new(),
             params,
             pending: None,
             train_mode: false,
@@ -480,14 +490,32 @@ impl Remote {
             if loaded.params.len() != self.params.len() {
                 bail!("the TorchScript backbone changed");
             }
-            self.synced.fill(-1);
+            self.synced.clear();
             self.host = Some(host);
         }
         Ok(self.host.as_mut().expect("started above"))
     }
 
+    /// Per parameter its sum and sum of squares: one cheap pass (a forward reads every
+    /// weight anyway), and no optimizer step or checkpoint load leaves both unchanged.
+    fn fingerprint(&self) -> Vec<f64> {
+        let _g = tch::no_grad_guard();
+        if self.params.is_empty() {
+            return Vec::new();
+        }
+        let parts: Vec<Tensor> = self
+            .params
+            .iter()
+            .flat_map(|p| {
+                let p = p.to_kind(Kind::Double);
+                [p.sum(Kind::Double), p.square().sum(Kind::Double)]
+            })
+            .collect();
+        Vec::<f64>::try_from(Tensor::stack(&parts, 0).to_device(Device::Cpu)).unwrap_or_default()
+    }
+
     fn sync(&mut self) -> anyhow::Result<()> {
-        let versions: Vec<i64> = self.params.iter().map(Tensor::internal_version).collect();
+        let versions = self.fingerprint();
         if versions == self.synced {
             return Ok(());
         }
@@ -495,7 +523,9 @@ impl Remote {
         let refs: Vec<&Tensor> = params.iter().collect();
         let timeout = config().call_timeout;
         self.host()?
-            .exchange(&Request::SetParams, &refs, timeout, |_, _| bail!("unexpected tensor"))?;
+            .exchange(&Request::SetParams, &refs, timeout, |_, _| {
+                bail!("unexpected tensor")
+            })?;
         self.synced = versions;
         Ok(())
     }
@@ -517,26 +547,30 @@ impl Remote {
 
     /// Features `[N, D]` of `x` (`[N, 3, T, H, W]`). With `keep_graph` the host keeps the
     /// graph for [`Remote::finish_backward`] and the result requires grad.
-    pub fn features(&mut self, x: &Tensor, train: bool, keep_graph: bool) -> anyhow::Result<Tensor> {
+    pub fn features(
+        &mut self,
+        x: &Tensor,
+        train: bool,
+        keep_graph: bool,
+    ) -> anyhow::Result<Tensor> {
         self.sync()?;
         self.train_mode = train;
         let n = x.size()[0];
         let d = self.feature_dim;
         let x = x.detach().to_kind(Kind::Float);
-        let out = self.call(
-            Request::Forward { train, keep_graph },
-            &x,
-            |_, m| {
-                if m.shape != [n, d] || m.kind != "f32" {
-                    bail!(
-                        "the module must return [N, {d}] float features; for N = {n} it returned {:?}",
-                        m.shape
-                    );
-                }
-                Ok(())
-            },
-        )?;
-        let f = out.into_iter().next().ok_or_else(|| anyhow::anyhow!("no features"))?;
+        let out = self.call(Request::Forward { train, keep_graph }, &x, |_, m| {
+            if m.shape != [n, d] || m.kind != "f32" {
+                bail!(
+                    "the module must return [N, {d}] float features; for N = {n} it returned {:?}",
+                    m.shape
+                );
+            }
+            Ok(())
+        })?;
+        let f = out
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no features"))?;
         let f = f.to_device(self.device);
         if keep_graph {
             let f = f.set_requires_grad(true);
@@ -565,7 +599,11 @@ impl Remote {
             _ => bail!("a gradient that matches no parameter"),
         })?;
         if grads.len() != self.params.len() {
-            bail!("{} gradients for {} parameters", grads.len(), self.params.len());
+            bail!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                self.params.len()
+            );
         }
         let mut surrogate: Option<Tensor> = None;
         for (p, g) in self.params.iter().zip(grads) {
@@ -654,7 +692,11 @@ pub fn host_main() -> anyhow::Result<()> {
             Confinement::default()
         }
         Err(e) => {
-            write_frame(&mut w, &Reply::Error(format!("cannot confine the backbone: {e}")), &[])?;
+            write_frame(
+                &mut w,
+                &Reply::Error(format!("cannot confine the backbone: {e}")),
+                &[],
+            )?;
             return Ok(());
         }
     };
@@ -685,13 +727,18 @@ pub fn host_main() -> anyhow::Result<()> {
                     } else {
                         Device::Cuda(d.trim_start_matches("cuda:").parse().unwrap_or(0))
                     };
-                    let bytes = tensors.first().ok_or_else(|| anyhow::anyhow!("no module"))?;
+                    let bytes = tensors
+                        .first()
+                        .ok_or_else(|| anyhow::anyhow!("no module"))?;
                     let mut buf = vec![0u8; bytes.numel()];
                     bytes.copy_data_u8(&mut buf, bytes.numel());
                     let m = tch::CModule::load_data_on_device(&mut buf.as_slice(), device)
                         .map_err(|e| anyhow::anyhow!("not a TorchScript module: {e}"))?;
                     let named = m.named_parameters()?;
-                    let names = named.iter().map(|(n, t)| (n.clone(), t.requires_grad())).collect();
+                    let names = named
+                        .iter()
+                        .map(|(n, t)| (n.clone(), t.requires_grad()))
+                        .collect();
                     params = named.iter().map(|(_, t)| t.shallow_clone()).collect();
                     let values: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
                     module = Some(m);
@@ -708,7 +755,9 @@ pub fn host_main() -> anyhow::Result<()> {
                     Ok((Reply::Done, vec![]))
                 }
                 Request::Forward { train, keep_graph } => {
-                    let m = module.as_mut().ok_or_else(|| anyhow::anyhow!("no module"))?;
+                    let m = module
+                        .as_mut()
+                        .ok_or_else(|| anyhow::anyhow!("no module"))?;
                     if train {
                         m.set_train();
                     } else {
@@ -722,7 +771,9 @@ pub fn host_main() -> anyhow::Result<()> {
                         tch::no_grad(|| m.forward_ts(&[x]))
                     }
                     .map_err(|e| {
-                        anyhow::anyhow!("the module does not accept a [N, 3, T, H, W] float clip: {e}")
+                        anyhow::anyhow!(
+                            "the module does not accept a [N, 3, T, H, W] float clip: {e}"
+                        )
                     })?;
                     let features = out.to_kind(Kind::Float);
                     let sent = features.detach();
@@ -730,8 +781,12 @@ pub fn host_main() -> anyhow::Result<()> {
                     Ok((Reply::Features, vec![sent]))
                 }
                 Request::Backward => {
-                    let f = graph.take().ok_or_else(|| anyhow::anyhow!("no graph to differentiate"))?;
-                    let g = tensors.first().ok_or_else(|| anyhow::anyhow!("no gradient"))?;
+                    let f = graph
+                        .take()
+                        .ok_or_else(|| anyhow::anyhow!("no graph to differentiate"))?;
+                    let g = tensors
+                        .first()
+                        .ok_or_else(|| anyhow::anyhow!("no gradient"))?;
                     for p in &params {
                         let mut grad = p.grad();
                         if grad.defined() {
@@ -745,7 +800,11 @@ pub fn host_main() -> anyhow::Result<()> {
                         .iter()
                         .map(|p| {
                             let g = p.grad();
-                            if g.defined() { g.detach().copy() } else { p.detach().zeros_like() }
+                            if g.defined() {
+                                g.detach().copy()
+                            } else {
+                                p.detach().zeros_like()
+                            }
                         })
                         .collect();
                     Ok((Reply::Grads, grads))

@@ -4,7 +4,7 @@ use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::helpers::{assert_problem, model_fixtures, spawn_app};
+use crate::helpers::{assert_problem, model_fixtures, spawn_app, spawn_app_with};
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn admins_import_torchvision_weights_and_everyone_sees_them(db: PgPool) {
@@ -111,7 +111,8 @@ async fn admins_import_torchvision_weights_and_everyone_sees_them(db: PgPool) {
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn tenants_register_torchscript_backbones_that_honour_the_contract(db: PgPool) {
-    let app = spawn_app(db).await;
+    // Tenant keys register backbones only where the server allows it (operators always may).
+    let app = spawn_app_with(db, |s| s.tenant_backbones = true).await;
     let a = app.key_for("surgery", false).await;
     let b = app.key_for("radiology", false).await;
     let good = std::fs::read(model_fixtures().join("tiny_backbone.pt")).unwrap();

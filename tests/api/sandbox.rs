@@ -35,13 +35,19 @@ async fn a_backbone_cannot_read_a_file_outside_what_it_is_handed(db: PgPool) {
     let resp = register(&app, "hostile_reads").await;
     let status = resp.status().as_u16();
     let body: Value = resp.json().await.unwrap();
-    assert_ne!(body["feature_dim"], 83, "the module read the canary: {body}");
+    assert_ne!(
+        body["feature_dim"], 83,
+        "the module read the canary: {body}"
+    );
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["code"], "invalid_model_file", "{body}");
     assert!(!body.to_string().contains("SECRET"), "{body}");
     // Refused by the sandbox, not for some other reason.
     assert!(
-        body["detail"].as_str().unwrap().contains("Permission denied"),
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
         "{body}"
     );
 }
@@ -54,7 +60,10 @@ async fn a_backbone_cannot_write_a_file(db: PgPool) {
     let resp = register(&app, "hostile_writes").await;
     let body = assert_problem(resp, 422, "invalid_model_file").await;
     assert!(
-        body["detail"].as_str().unwrap().contains("Permission denied"),
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
         "{body}"
     );
     assert_eq!(
