@@ -144,7 +144,15 @@ async fn batch_prediction_create(
         .await;
         let (state, error) = match outcome {
             Ok(()) => ("succeeded", None),
-            Err(e) => ("failed", Some(format!("{e:#}"))),
+            // The cause may name server paths or driver internals: it goes to the log, the
+            // answer gets a stable sentence that the batch id finds there.
+            Err(e) => {
+                tracing::error!(batch_prediction = %id, error.cause_chain = ?e, "batch prediction failed");
+                (
+                    "failed",
+                    Some("an internal error stopped this batch prediction; the server log has the details under its id".to_owned()),
+                )
+            }
         };
         let _ = sqlx::query("update batch_predictions set state = $2, error = $3, finished_at = now() where id = $1")
             .bind(id)

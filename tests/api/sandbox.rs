@@ -113,3 +113,200 @@ fn the_sandbox_refuses_files_sockets_and_processes() {
     assert!(probe.all_denied(), "{probe:?}");
     assert!(!target.exists());
 }
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_custom_backbone_trains_and_serves_only_inside_its_sandbox(db: PgPool) {
+    let app = spawn_app(db).await;
+    let canary = model_fixtures().join("canary_serving.txt");
+    std::fs::write(&canary, "untouched canary").unwrap();
+    // Registered by the operator, in the operator's tenant: training and serving go through
+    // the same sandbox as the inspection.
+    let resp = register(&app, "hostile_when_serving").await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let key = &app.admin_key;
+    let ds = app.motion_dataset(key, 3).await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            key,
+            serde_json::json!({"dataset_id": ds, "base_model": "hostile_when_serving",
+                "hyperparameters": {"epochs": 2, "batch_size": 4, "freeze": {"policy": "full"},
+                    "optimizer": "adamw", "lr": 0.01, "eval_clips": 1, "loader_threads": 1}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let job: Value = resp.json().await.unwrap();
+    let job = job["id"].as_str().unwrap().to_owned();
+    let _workers = app.start_workers(1, 30).await;
+    let done = app.wait_job(key, &job, 600).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let model = done["model_id"].as_str().unwrap().to_owned();
+    // Both epochs trained the module's own parameters (full fine-tuning through the sandbox).
+    let metrics: Value = app
+        .get(&format!("/v1/jobs/{job}/metrics"), key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metrics["epochs"].as_array().map(Vec::len), Some(2), "{metrics}");
+
+    let video = std::fs::read(crate::media::motion(
+        tempfile::tempdir().unwrap().path(),
+        "p.mp4",
+        true,
+        9,
+    ))
+    .unwrap();
+    let predict = |clips: u32| {
+        app.request(
+            Method::POST,
+            &format!("/v1/models/{model}/predict?clips={clips}"),
+            key,
+        )
+        .header("content-type", "video/mp4")
+        .body(video.clone())
+        .send()
+    };
+    let ok = predict(1).await.unwrap();
+    assert_eq!(ok.status(), 200, "{}", ok.text().await.unwrap());
+    // Five clips make the module try to write the canary: the sandbox refuses, the request
+    // fails, the server carries on.
+    let refused = predict(5).await.unwrap();
+    assert!(refused.status().is_server_error(), "{}", refused.status());
+    assert_eq!(
+        std::fs::read_to_string(&canary).unwrap(),
+        "untouched canary"
+    );
+    let again = predict(1).await.unwrap();
+    assert_eq!(again.status(), 200, "{}", again.text().await.unwrap());
+}
+
+/// Children of `pid` (from /proc), with their command lines.
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // The fields after the parenthesised command: state, ppid, ...
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let mut fields = after.split_whitespace();
+        let (state, ppid) = (fields.next(), fields.next());
+        if ppid == Some(&pid.to_string()) && state != Some("Z") {
+            let cmd = std::fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            out.push((child, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next().map(str::to_owned));
+    !(stat.is_empty() || state.as_deref() == Some("Z"))
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn serve_killed_with_sigkill_leaves_no_training_process_behind(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("echo", false).await;
+    let ds = app.motion_dataset(&key, 3).await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            serde_json::json!({"dataset_id": ds, "base_model": "r3d_18",
+                "hyperparameters": {"epochs": 50, "batch_size": 2, "frames": 8, "crop": 56}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    let job: Value = resp.json().await.unwrap();
+    let job = job["id"].as_str().unwrap().to_owned();
+    // A separate `vidtune serve` process with one worker claims the job.
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_vidtune"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "1"])
+        .env("DATABASE_URL", app.database_url().await)
+        .env("VIDTUNE_DATA_DIR", &app.data_dir)
+        .env("VIDTUNE_DEVICES", "cpu")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let children = loop {
+        let c = children_of(serve.id());
+        if c.iter().any(|(_, cmd)| cmd.contains(&format!("train-job --job {job}"))) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "the job was never started: {c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    serve.kill().unwrap(); // SIGKILL: no shutdown code runs
+    serve.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (pid, cmd) in children {
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "{cmd} ({pid}) outlived vidtune serve");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_training_process_that_stops_making_progress_is_killed_and_retried(db: PgPool) {
+    use std::os::unix::fs::PermissionsExt;
+    let app = spawn_app(db).await;
+    let key = app.key_for("echo", false).await;
+    let ds = app.motion_dataset(&key, 2).await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            serde_json::json!({"dataset_id": ds, "base_model": "r3d_18"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    let job: Value = resp.json().await.unwrap();
+    let job = job["id"].as_str().unwrap().to_owned();
+    // A "training process" that hangs without a word, as a deadlocked one would.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("hung-vidtune");
+    std::fs::write(&exe, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cfg = vidtune::worker::pool::PoolConfig::new(
+        exe,
+        app.database_url().await,
+        app.data_dir.clone(),
+    );
+    cfg.lease = Duration::from_secs(60);
+    cfg.heartbeat = Duration::from_millis(200);
+    cfg.poll = Duration::from_millis(200);
+    cfg.stall = Duration::from_secs(2);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(vidtune::worker::pool::run(
+        app.db.clone(),
+        std::sync::Arc::new(cfg),
+        vec![vidtune::worker::Device::Cpu],
+        rx,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (state, error): (String, Option<String>) =
+            sqlx::query_as("select state, error from jobs where id = $1::uuid")
+                .bind(&job)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        // Back in the queue for another attempt (the lease alone would have kept it 60 s).
+        if let Some(e) = error {
+            assert!(e.contains("made no progress"), "{e}");
+            assert_eq!(state, "queued");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hung attempt kept its lease");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
