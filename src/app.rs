@@ -43,6 +43,17 @@ impl Application {
             exe: settings.ingest.media_worker_exe.clone(),
             ..Default::default()
         });
+        if settings.tenant_backbones {
+            // Tenants' code is only accepted where the sandbox demonstrably holds.
+            let (exe, dir) = (
+                settings.ingest.media_worker_exe.clone(),
+                settings.data_dir.clone(),
+            );
+            let verdict = tokio::task::spawn_blocking(move || crate::sandbox::verify(&exe, &dir))
+                .await?
+                .context("VIDTUNE_TENANT_BACKBONES needs the sandbox (see `vidtune doctor`)")?;
+            tracing::info!(sandbox = %verdict, "tenant keys may register TorchScript backbones");
+        }
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
         let listener = TcpListener::bind(settings.listen)

@@ -2,7 +2,7 @@
 use std::ffi::CStr;
 use std::fmt::Write as _;
 
-/// The facts, one per line: libtorch, CUDA, FFmpeg, database.
+/// The facts, one per line: libtorch, CUDA, FFmpeg, the sandbox for custom backbones, database.
 pub async fn report(database_url: Option<&str>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "vidtune       {}", env!("CARGO_PKG_VERSION"));
@@ -48,6 +48,12 @@ pub async fn report(database_url: Option<&str>) -> String {
         }
     }
     let _ = writeln!(out, "ffmpeg        {}", ffmpeg_version());
+    let sandbox = match std::env::current_exe() {
+        Ok(exe) => crate::sandbox::verify(&exe, &std::env::temp_dir())
+            .unwrap_or_else(|e| format!("NOT AVAILABLE: {e:#}; custom backbones are refused unless VIDTUNE_ALLOW_UNCONFINED_BACKBONES=1")),
+        Err(e) => format!("unknown ({e})"),
+    };
+    let _ = writeln!(out, "sandbox       {sandbox}");
     let db = match database_url {
         None => "not configured (set DATABASE_URL)".to_string(),
         Some(url) => match crate::db::connect(url, 1).await {

@@ -148,7 +148,11 @@ async fn a_custom_backbone_trains_and_serves_only_inside_its_sandbox(db: PgPool)
         .json()
         .await
         .unwrap();
-    assert_eq!(metrics["epochs"].as_array().map(Vec::len), Some(2), "{metrics}");
+    assert_eq!(
+        metrics["epochs"].as_array().map(Vec::len),
+        Some(2),
+        "{metrics}"
+    );
 
     let video = std::fs::read(crate::media::motion(
         tempfile::tempdir().unwrap().path(),
@@ -238,10 +242,15 @@ async fn serve_killed_with_sigkill_leaves_no_training_process_behind(db: PgPool)
     let deadline = Instant::now() + Duration::from_secs(120);
     let children = loop {
         let c = children_of(serve.id());
-        if c.iter().any(|(_, cmd)| cmd.contains(&format!("train-job --job {job}"))) {
+        if c.iter()
+            .any(|(_, cmd)| cmd.contains(&format!("train-job --job {job}")))
+        {
             break c;
         }
-        assert!(Instant::now() < deadline, "the job was never started: {c:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the job was never started: {c:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     serve.kill().unwrap(); // SIGKILL: no shutdown code runs
@@ -249,7 +258,10 @@ async fn serve_killed_with_sigkill_leaves_no_training_process_behind(db: PgPool)
     let deadline = Instant::now() + Duration::from_secs(10);
     for (pid, cmd) in children {
         while alive(pid) {
-            assert!(Instant::now() < deadline, "{cmd} ({pid}) outlived vidtune serve");
+            assert!(
+                Instant::now() < deadline,
+                "{cmd} ({pid}) outlived vidtune serve"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -276,11 +288,8 @@ async fn a_training_process_that_stops_making_progress_is_killed_and_retried(db:
     let exe = dir.path().join("hung-vidtune");
     std::fs::write(&exe, "#!/bin/sh\nexec sleep 600\n").unwrap();
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut cfg = vidtune::worker::pool::PoolConfig::new(
-        exe,
-        app.database_url().await,
-        app.data_dir.clone(),
-    );
+    let mut cfg =
+        vidtune::worker::pool::PoolConfig::new(exe, app.database_url().await, app.data_dir.clone());
     cfg.lease = Duration::from_secs(60);
     cfg.heartbeat = Duration::from_millis(200);
     cfg.poll = Duration::from_millis(200);
