@@ -592,6 +592,54 @@ pub fn probe(exe: &Path, read: &Path, write: &Path) -> anyhow::Result<Probe> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// Check, by trying, that this machine confines code-running children: a probe child must be
+/// refused a secret file, a write, TCP, a process and a fork. `scratch` holds the probe's files
+/// for the duration. The summary says what protects the children (`vidtune doctor` prints it).
+pub fn verify(exe: &Path, scratch: &Path) -> anyhow::Result<String> {
+    let dir = scratch.join(format!("sandbox-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (secret, target) = (dir.join("secret"), dir.join("written"));
+    std::fs::write(&secret, "a file the sandbox must not read")?;
+    let result = probe(exe, &secret, &target);
+    let written = target.exists();
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = result?;
+    let c = &p.confinement;
+    let leaks: Vec<&str> = p
+        .attempts
+        .iter()
+        .filter(|(_, r)| !r.starts_with("denied"))
+        .map(|(what, _)| what.as_str())
+        .collect();
+    if !c.is_complete() || !leaks.is_empty() || written {
+        anyhow::bail!(
+            "custom backbones cannot be confined here (landlock ABI {}, seccomp {}; allowed: {})",
+            c.landlock_abi,
+            c.seccomp,
+            if leaks.is_empty() {
+                "-".to_owned()
+            } else {
+                leaks.join(", ")
+            }
+        );
+    }
+    Ok(format!(
+        "confined: landlock ABI {} ({}{}), seccomp filter, {}",
+        c.landlock_abi,
+        "no files",
+        match (c.landlock_net, c.landlock_scoped) {
+            (true, true) => ", no TCP, scoped signals and sockets",
+            (true, false) => ", no TCP",
+            _ => "",
+        },
+        if c.unprivileged {
+            "an unprivileged uid"
+        } else {
+            "uid root kept (libtorch is not readable by other users, so `nobody` could not load it)"
+        }
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,52 +726,4 @@ mod tests {
         let written = std::fs::metadata(dir.path().join("big")).map_or(0, |m| m.len());
         assert!(written <= 4096, "{written} bytes written");
     }
-}
-
-/// Check, by trying, that this machine confines code-running children: a probe child must be
-/// refused a secret file, a write, TCP, a process and a fork. `scratch` holds the probe's files
-/// for the duration. The summary says what protects the children (`vidtune doctor` prints it).
-pub fn verify(exe: &Path, scratch: &Path) -> anyhow::Result<String> {
-    let dir = scratch.join(format!("sandbox-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let (secret, target) = (dir.join("secret"), dir.join("written"));
-    std::fs::write(&secret, "a file the sandbox must not read")?;
-    let result = probe(exe, &secret, &target);
-    let written = target.exists();
-    let _ = std::fs::remove_dir_all(&dir);
-    let p = result?;
-    let c = &p.confinement;
-    let leaks: Vec<&str> = p
-        .attempts
-        .iter()
-        .filter(|(_, r)| !r.starts_with("denied"))
-        .map(|(what, _)| what.as_str())
-        .collect();
-    if !c.is_complete() || !leaks.is_empty() || written {
-        anyhow::bail!(
-            "custom backbones cannot be confined here (landlock ABI {}, seccomp {}; allowed: {})",
-            c.landlock_abi,
-            c.seccomp,
-            if leaks.is_empty() {
-                "-".to_owned()
-            } else {
-                leaks.join(", ")
-            }
-        );
-    }
-    Ok(format!(
-        "confined: landlock ABI {} ({}{}), seccomp filter, {}",
-        c.landlock_abi,
-        "no files",
-        match (c.landlock_net, c.landlock_scoped) {
-            (true, true) => ", no TCP, scoped signals and sockets",
-            (true, false) => ", no TCP",
-            _ => "",
-        },
-        if c.unprivileged {
-            "an unprivileged uid"
-        } else {
-            "uid root kept (libtorch is not readable by other users, so `nobody` could not load it)"
-        }
-    ))
 }
