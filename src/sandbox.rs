@@ -198,6 +198,8 @@ const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
 const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
 const FS_READ_FILE: u64 = 1 << 2;
 const FS_READ_DIR: u64 = 1 << 3;
+const FS_WRITE_FILE: u64 = 1 << 1;
+const FS_IOCTL_DEV: u64 = 1 << 15;
 
 #[repr(C)]
 struct RulesetAttr {
@@ -242,10 +244,11 @@ fn fs_rights(abi: i32) -> u64 {
 }
 
 /// Confine the calling process for good: no filesystem access except reading (not executing)
-/// below `readable`, no TCP, scoped signals and abstract sockets, and the seccomp filter.
-/// Call after initialising libtorch and before touching untrusted input. Where the kernel lacks
-/// a mechanism the result says so; the caller decides whether that is acceptable.
-pub fn lock_down(readable: &[PathBuf]) -> std::io::Result<Confinement> {
+/// below `readable` and reading, writing and `ioctl` on the device files in `devices` (a
+/// GPU's), no TCP, scoped signals and abstract sockets, and the seccomp filter. Call after
+/// initialising libtorch and before touching untrusted input. Where the kernel lacks a
+/// mechanism the result says so; the caller decides whether that is acceptable.
+pub fn lock_down(readable: &[PathBuf], devices: &[PathBuf]) -> std::io::Result<Confinement> {
     let mut got = Confinement {
         // SAFETY: plain getter.
         unprivileged: unsafe { libc::geteuid() } != 0,
@@ -281,22 +284,28 @@ pub fn lock_down(readable: &[PathBuf]) -> std::io::Result<Confinement> {
             return Err(std::io::Error::last_os_error());
         }
         let fd = fd as libc::c_int;
-        for dir in readable {
-            let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        let device_rights =
+            FS_READ_FILE | FS_WRITE_FILE | if abi >= 5 { FS_IOCTL_DEV } else { 0 };
+        let rules = readable
+            .iter()
+            .map(|p| (p, false))
+            .chain(devices.iter().map(|p| (p, true)));
+        for (path, device) in rules {
+            let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
                 continue;
             };
             // SAFETY: c is a valid C string; O_PATH opens are harmless.
             let dfd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
             if dfd < 0 {
-                continue; // a library directory that does not exist needs no rule
+                continue; // a directory or device that does not exist needs no rule
             }
-            let is_dir = std::fs::metadata(dir).map(|m| m.is_dir()).unwrap_or(false);
+            let is_dir = std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
             let rule = PathBeneathAttr {
                 // Read only: no FS_EXECUTE, so nothing can be started from there either.
-                allowed_access: if is_dir {
-                    FS_READ_FILE | FS_READ_DIR
-                } else {
-                    FS_READ_FILE
+                allowed_access: match (device, is_dir) {
+                    (true, _) => device_rights,
+                    (false, true) => FS_READ_FILE | FS_READ_DIR,
+                    (false, false) => FS_READ_FILE,
                 },
                 parent_fd: dfd,
             };
@@ -348,6 +357,27 @@ pub fn loaded_library_dirs() -> Vec<PathBuf> {
     dirs.sort();
     dirs.dedup();
     dirs
+}
+
+/// What a CUDA host needs beyond its libraries: the NVIDIA device files (opened again by the
+/// driver as it creates streams and maps memory) and the driver's facts under /proc and /sys.
+pub fn gpu_paths() -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let devices = std::fs::read_dir("/dev")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("nvidia"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let readable = ["/proc/driver/nvidia", "/sys/devices", "/sys/bus/pci", "/sys/module/nvidia"]
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+    (readable, devices)
 }
 
 mod seccomp {
@@ -514,7 +544,7 @@ impl Probe {
 /// The `sandbox-probe` child: lock down as a script host does, then try to read `read`, write
 /// `write`, open a TCP socket to the database port, start `/bin/sh` and fork; print a [`Probe`].
 pub fn probe_main(read: &Path, write: &Path) -> anyhow::Result<()> {
-    let confinement = lock_down(&loaded_library_dirs())?;
+    let confinement = lock_down(&loaded_library_dirs(), &[])?;
     let outcome = |r: std::io::Result<()>| match r {
         Ok(()) => "ALLOWED".to_owned(),
         Err(e) => format!("denied: {e}"),

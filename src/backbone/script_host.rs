@@ -362,7 +362,10 @@ fn start(path: &Path, device: Device, timeout: Duration) -> anyhow::Result<(Host
     let allow = if cfg.allow_unconfined { "1" } else { "0" };
     sandbox::contain(
         &mut cmd,
-        &[("VIDTUNE_SANDBOX_ALLOW_UNCONFINED", allow.as_ref())],
+        &[
+            ("VIDTUNE_SANDBOX_ALLOW_UNCONFINED", allow.as_ref()),
+            ("VIDTUNE_SCRIPT_DEVICE", dev.as_ref()),
+        ],
         &Limits {
             memory_bytes: matches!(device, Device::Cpu).then_some(cfg.memory_bytes),
             cpu_secs: None,
@@ -671,11 +674,22 @@ pub fn host_main() -> anyhow::Result<()> {
     let mut r = stdin.lock();
     let mut w = std::io::BufWriter::new(stdout.lock());
     warm_up(Device::Cpu);
-    if tch::Cuda::is_available() {
-        warm_up(Device::Cuda(0));
+    let mut readable = sandbox::loaded_library_dirs();
+    let mut devices = Vec::new();
+    // The parent says which GPU, if any, before anything untrusted arrives: that device's
+    // context is made now, and its device files stay reachable.
+    if let Some(i) = std::env::var("VIDTUNE_SCRIPT_DEVICE")
+        .ok()
+        .and_then(|d| d.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()))
+    {
+        warm_up(Device::Cuda(i));
+        let (r, d) = sandbox::gpu_paths();
+        readable.extend(r);
+        readable.extend(sandbox::loaded_library_dirs());
+        devices = d;
     }
     let allow = std::env::var("VIDTUNE_SANDBOX_ALLOW_UNCONFINED").as_deref() == Ok("1");
-    let confined = sandbox::lock_down(&sandbox::loaded_library_dirs());
+    let confined = sandbox::lock_down(&readable, &devices);
     let confinement = match confined {
         Ok(c) if c.is_complete() || allow => c,
         Ok(c) => {
