@@ -185,6 +185,23 @@ async fn a_custom_backbone_trains_and_serves_only_inside_its_sandbox(db: PgPool)
     assert_eq!(again.status(), 200, "{}", again.text().await.unwrap());
 }
 
+/// A queued `r3d_18` job of a fresh tenant on a small motion dataset; its id.
+async fn queued_r3d_job(app: &TestApp, hyperparameters: Value) -> String {
+    let key = app.key_for("echo", false).await;
+    let ds = app.motion_dataset(&key, 2).await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            serde_json::json!({"dataset_id": ds, "base_model": "r3d_18",
+                "hyperparameters": hyperparameters}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    let job: Value = resp.json().await.unwrap();
+    job["id"].as_str().unwrap().to_owned()
+}
+
 /// Children of `pid` (from /proc), with their command lines.
 fn children_of(pid: u32) -> Vec<(u32, String)> {
     let mut out = Vec::new();
@@ -216,19 +233,11 @@ fn alive(pid: u32) -> bool {
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn serve_killed_with_sigkill_leaves_no_training_process_behind(db: PgPool) {
     let app = spawn_app(db).await;
-    let key = app.key_for("echo", false).await;
-    let ds = app.motion_dataset(&key, 3).await;
-    let resp = app
-        .post_json(
-            "/v1/jobs",
-            &key,
-            serde_json::json!({"dataset_id": ds, "base_model": "r3d_18",
-                "hyperparameters": {"epochs": 50, "batch_size": 2, "frames": 8, "crop": 56}}),
-        )
-        .await;
-    assert_eq!(resp.status(), 202);
-    let job: Value = resp.json().await.unwrap();
-    let job = job["id"].as_str().unwrap().to_owned();
+    let job = queued_r3d_job(
+        &app,
+        serde_json::json!({"epochs": 50, "batch_size": 2, "frames": 8, "crop": 56}),
+    )
+    .await;
     // A separate `vidtune serve` process with one worker claims the job.
     let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_vidtune"))
         .args(["serve", "--listen", "127.0.0.1:0", "--workers", "1"])
@@ -271,18 +280,7 @@ async fn serve_killed_with_sigkill_leaves_no_training_process_behind(db: PgPool)
 async fn a_training_process_that_stops_making_progress_is_killed_and_retried(db: PgPool) {
     use std::os::unix::fs::PermissionsExt;
     let app = spawn_app(db).await;
-    let key = app.key_for("echo", false).await;
-    let ds = app.motion_dataset(&key, 2).await;
-    let resp = app
-        .post_json(
-            "/v1/jobs",
-            &key,
-            serde_json::json!({"dataset_id": ds, "base_model": "r3d_18"}),
-        )
-        .await;
-    assert_eq!(resp.status(), 202);
-    let job: Value = resp.json().await.unwrap();
-    let job = job["id"].as_str().unwrap().to_owned();
+    let job = queued_r3d_job(&app, serde_json::json!({})).await;
     // A "training process" that hangs without a word, as a deadlocked one would.
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("hung-vidtune");
