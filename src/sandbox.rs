@@ -284,8 +284,7 @@ pub fn lock_down(readable: &[PathBuf], devices: &[PathBuf]) -> std::io::Result<C
             return Err(std::io::Error::last_os_error());
         }
         let fd = fd as libc::c_int;
-        let device_rights =
-            FS_READ_FILE | FS_WRITE_FILE | if abi >= 5 { FS_IOCTL_DEV } else { 0 };
+        let device_rights = FS_READ_FILE | FS_WRITE_FILE | if abi >= 5 { FS_IOCTL_DEV } else { 0 };
         let rules = readable
             .iter()
             .map(|p| (p, false))
@@ -373,10 +372,15 @@ pub fn gpu_paths() -> (Vec<PathBuf>, Vec<PathBuf>) {
                 .collect()
         })
         .unwrap_or_default();
-    let readable = ["/proc/driver/nvidia", "/sys/devices", "/sys/bus/pci", "/sys/module/nvidia"]
-        .into_iter()
-        .map(PathBuf::from)
-        .collect();
+    let readable = [
+        "/proc/driver/nvidia",
+        "/sys/devices",
+        "/sys/bus/pci",
+        "/sys/module/nvidia",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .collect();
     (readable, devices)
 }
 

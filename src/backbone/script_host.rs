@@ -678,10 +678,10 @@ pub fn host_main() -> anyhow::Result<()> {
     let mut devices = Vec::new();
     // The parent says which GPU, if any, before anything untrusted arrives: that device's
     // context is made now, and its device files stay reachable.
-    if let Some(i) = std::env::var("VIDTUNE_SCRIPT_DEVICE")
-        .ok()
-        .and_then(|d| d.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()))
-    {
+    if let Some(i) = std::env::var("VIDTUNE_SCRIPT_DEVICE").ok().and_then(|d| {
+        d.strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+    }) {
         warm_up(Device::Cuda(i));
         let (r, d) = sandbox::gpu_paths();
         readable.extend(r);
