@@ -1,30 +1,7 @@
-//! The `.pth` reader on arbitrary bytes: the pickle machine, both container formats, the view
-//! checks and the gather into contiguous bytes. Everything short of libtorch.
+//! Fuzz target: see `fuzz/harness/pth.rs`.
 #![no_main]
 
-use std::io::Cursor;
+#[path = "../harness/pth.rs"]
+mod harness;
 
-use libfuzzer_sys::fuzz_target;
-use vidtune::backbone::pth::Checkpoint;
-use vidtune::backbone::weights::Limits;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(mut checkpoint) = Checkpoint::from_reader(Cursor::new(data), Limits::fuzzing()) else {
-        return;
-    };
-    let declared = checkpoint.tensors().to_vec();
-    // Every second tensor, then all: a partial read must not disturb a later one.
-    let mut flip = false;
-    let _ = checkpoint.read_raw(|_| {
-        flip = !flip;
-        flip
-    });
-    if let Ok(raw) = checkpoint.read_raw(|_| true) {
-        assert_eq!(raw.len(), declared.len());
-        for (r, d) in raw.iter().zip(&declared) {
-            assert_eq!(&r.info, d);
-            // What `RawTensor::into_tensor` relies on before handing the bytes to libtorch.
-            assert_eq!(r.data.len() as u64, r.info.bytes());
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));

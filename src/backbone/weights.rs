@@ -293,10 +293,11 @@ pub(crate) fn check_total_bytes<'a>(
     Ok(())
 }
 
-/// Read exactly `len` bytes from `r`, allocating no more than `cap_hint` up front: a declared
-/// length is a claim, so memory grows only as bytes actually arrive.
+/// Read exactly `len` bytes from `r`, reserving no more than `cap_hint` up front: a declared
+/// length is a claim, so beyond what the caller knows the file holds (its length, say), memory
+/// grows only as bytes actually arrive.
 pub(crate) fn read_exactly(r: &mut impl Read, len: u64, cap_hint: u64) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len.min(cap_hint).min(64 << 20) as usize);
+    let mut buf = Vec::with_capacity(len.min(cap_hint) as usize);
     r.take(len).read_to_end(&mut buf)?;
     if buf.len() as u64 != len {
         return Err(std::io::Error::new(
@@ -662,8 +663,8 @@ mod tests {
 
     #[test]
     fn bytes_arrive_before_memory_is_committed() {
-        // A claim of 1 TiB from a 10-byte source fails after reading what is there.
-        let err = read_exactly(&mut &[0u8; 10][..], 1 << 40, u64::MAX).unwrap_err();
+        // A claim of 1 TiB from a 10-byte source reserves 10 bytes and fails after reading them.
+        let err = read_exactly(&mut &[0u8; 10][..], 1 << 40, 10).unwrap_err();
         assert!(err.to_string().contains("after 10 of"), "{err}");
         assert_eq!(read_exactly(&mut &[7u8; 10][..], 4, 0).unwrap(), [7; 4]);
     }

@@ -114,9 +114,6 @@ pub fn safe_relative(name: &str) -> Result<PathBuf, &'static str> {
     if unified.starts_with('/') {
         return Err("absolute paths are not allowed");
     }
-    if unified.len() >= 2 && unified.as_bytes()[1] == b':' {
-        return Err("drive-letter paths are not allowed");
-    }
     // Longer names cannot be created on Linux (255 bytes a name) or shown usefully.
     if unified.len() > 1024 {
         return Err("the entry path is longer than 1024 bytes");
@@ -126,6 +123,11 @@ pub fn safe_relative(name: &str) -> Result<PathBuf, &'static str> {
         match part {
             "" | "." => {}
             ".." => return Err("`..` in an entry path is not allowed"),
+            // Checked on the first component kept, so `./C:/x` is refused like `C:/x` (found
+            // by `fuzz/fuzz_targets/archive_entry.rs`).
+            p if out.as_os_str().is_empty() && p.as_bytes().get(1) == Some(&b':') => {
+                return Err("drive-letter paths are not allowed");
+            }
             p if p.len() > 255 => return Err("a name in the entry path is longer than 255 bytes"),
             p => {
                 // One more guard: the platform must see exactly one normal component.
@@ -490,6 +492,23 @@ mod tests {
         assert_eq!(
             safe_relative("./train/polyp/a.mp4").unwrap(),
             PathBuf::from("train/polyp/a.mp4")
+        );
+    }
+
+    #[test]
+    fn drive_letters_behind_dot_components_are_refused() {
+        // Fuzz finding: the drive-letter check looked at the raw name only.
+        for name in ["./C:/x.mp4", ".\\C:\\x.mp4", "./$:", "././d:"] {
+            assert_eq!(
+                safe_relative(name),
+                Err("drive-letter paths are not allowed"),
+                "{name}"
+            );
+        }
+        // A colon further in is an ordinary character on Linux.
+        assert_eq!(
+            safe_relative("a/C:x.mp4").unwrap(),
+            PathBuf::from("a/C:x.mp4")
         );
     }
 }

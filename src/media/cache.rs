@@ -54,6 +54,36 @@ impl CacheHeader {
             fps: f64::from_le_bytes(b[24..32].try_into().expect("8 bytes")),
         })
     }
+
+    /// Decode a header and check it against the length of its file, with checked arithmetic:
+    /// once this succeeds, `frame_bytes()` and every frame offset fit (the fuzz target
+    /// `cache_header` found the unchecked product overflowing).
+    pub fn parse(b: &[u8; HEADER_LEN as usize], file_len: u64) -> anyhow::Result<Self> {
+        let header = Self::decode(b)?;
+        let frame_bytes = (header.height as u64)
+            .checked_mul(header.width as u64)
+            .and_then(|n| n.checked_mul(3))
+            .filter(|&n| usize::try_from(n).is_ok_and(|n| n <= isize::MAX as usize))
+            .with_context(|| {
+                format!(
+                    "cache frames of {}×{} do not fit in memory",
+                    header.height, header.width
+                )
+            })?;
+        let expected = frame_bytes
+            .checked_mul(header.frames as u64)
+            .and_then(|n| n.checked_add(HEADER_LEN));
+        if expected != Some(file_len) {
+            bail!(
+                "cache is {file_len} bytes, but {} frames of {}×{} need {}",
+                header.frames,
+                header.height,
+                header.width,
+                expected.map_or("more than 2^64".to_owned(), |e| e.to_string())
+            );
+        }
+        Ok(header)
+    }
 }
 
 /// Streams frames into a cache file; the file appears under its final name only when complete.
@@ -132,15 +162,8 @@ impl CacheReader {
         let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut b = [0u8; HEADER_LEN as usize];
         file.read_exact(&mut b)?;
-        let header = CacheHeader::decode(&b)?;
-        let expected = HEADER_LEN + header.frames as u64 * header.frame_bytes() as u64;
-        let actual = file.metadata()?.len();
-        if actual != expected {
-            bail!(
-                "cache {} is {actual} bytes, expected {expected}",
-                path.display()
-            );
-        }
+        let header = CacheHeader::parse(&b, file.metadata()?.len())
+            .with_context(|| format!("cache {}", path.display()))?;
         Ok(Self { file, header })
     }
 
@@ -148,6 +171,10 @@ impl CacheReader {
     /// Consecutive indices are read in one call.
     pub fn read_frames(&mut self, indices: &[u32], out: &mut Vec<u8>) -> anyhow::Result<()> {
         let fb = self.header.frame_bytes();
+        // Indices first: memory is only reserved for frames that exist.
+        if let Some(bad) = indices.iter().find(|&&i| i >= self.header.frames) {
+            bail!("frame {bad} out of range ({} frames)", self.header.frames);
+        }
         out.clear();
         out.resize(indices.len() * fb, 0);
         let mut i = 0;
@@ -197,5 +224,35 @@ mod tests {
         assert!(out[18..36].iter().all(|&b| b == 2));
         assert!(out[36..].iter().all(|&b| b == 4));
         assert!(r.read_frames(&[5], &mut out).is_err());
+    }
+
+    fn header(frames: u32, height: u32, width: u32) -> [u8; HEADER_LEN as usize] {
+        CacheHeader {
+            frames,
+            height,
+            width,
+            fps: 15.0,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn headers_whose_sizes_overflow_are_refused() {
+        // Fuzz finding: 1212367106 frames of 143685×131072 overflowed `frames × frame_bytes`.
+        let e = CacheHeader::parse(&header(1212367106, 143685, 131072), 101).unwrap_err();
+        assert!(e.to_string().contains("more than 2^64"), "{e}");
+        // A frame size that overflows by itself, even with no frames at all.
+        let e = CacheHeader::parse(&header(0, u32::MAX, u32::MAX), 64).unwrap_err();
+        assert!(e.to_string().contains("do not fit"), "{e}");
+        assert!(CacheHeader::parse(&header(2, 2, 3), 64 + 36).is_ok());
+        assert!(CacheHeader::parse(&header(2, 2, 3), 64 + 35).is_err());
+        // Out-of-range indices are refused before memory is reserved for them.
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("big.cache");
+        std::fs::write(&dest, header(0, 65535, 65535)).unwrap();
+        let mut r = CacheReader::open(&dest).unwrap();
+        let mut out = Vec::new();
+        assert!(r.read_frames(&[0; 1000], &mut out).is_err());
+        assert!(out.capacity() < 1 << 20);
     }
 }
