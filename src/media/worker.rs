@@ -52,13 +52,15 @@ struct Running {
     stdout: Lines<BufReader<ChildStdout>>,
 }
 
-/// Address-space limit of a media worker (`VIDTUNE_MEDIA_MEMORY_MIB`, default 4096): enough
-/// for FFmpeg on a 4K stream with frame threads, not for a decompression bomb.
+/// Address-space limit of a media worker (`VIDTUNE_MEDIA_MEMORY_MIB`, default 8192). About
+/// 3 GiB of it is the binary's own mappings (libtorch with its CUDA libraries, before any
+/// allocation); the rest is enough for FFmpeg on a 4K stream with frame threads, not for a
+/// decompression bomb.
 fn media_memory_bytes() -> u64 {
     std::env::var("VIDTUNE_MEDIA_MEMORY_MIB")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(4096)
+        .unwrap_or(8192)
         << 20
 }
 
