@@ -161,13 +161,7 @@ fn nobody_can_run(exe: &Path) -> bool {
                 .skip(1)
                 .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
     }
-    let libs_ok = *LIBS_OK.get_or_init(|| {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-        maps.lines()
-            .filter_map(|l| l.split_whitespace().nth(5))
-            .filter(|p| p.starts_with('/') && p.contains(".so"))
-            .all(|p| reachable(Path::new(p), 0o004))
-    });
+    let libs_ok = *LIBS_OK.get_or_init(|| loaded_libraries().iter().all(|p| reachable(p, 0o004)));
     libs_ok && reachable(exe, 0o005)
 }
 
@@ -343,15 +337,22 @@ pub fn lock_down(readable: &[PathBuf], devices: &[PathBuf]) -> std::io::Result<C
     Ok(got)
 }
 
+/// The shared libraries mapped into this process now (from `/proc/self/maps`).
+fn loaded_libraries() -> Vec<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| p.starts_with('/') && p.contains(".so"))
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// Directories the dynamic loader may still need after [`lock_down`] (libraries libtorch
 /// opens lazily, such as CUDA's NVRTC builtins): those of every library mapped now.
 pub fn loaded_library_dirs() -> Vec<PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = maps
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| p.starts_with('/') && p.contains(".so"))
-        .filter_map(|p| Path::new(p).parent().map(Path::to_path_buf))
+    let mut dirs: Vec<PathBuf> = loaded_libraries()
+        .iter()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
         .collect();
     dirs.sort();
     dirs.dedup();

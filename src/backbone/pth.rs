@@ -961,11 +961,7 @@ impl<R: Read + Seek> Checkpoint<R> {
         &mut self,
         keep: impl FnMut(&TensorInfo) -> bool,
     ) -> anyhow::Result<Vec<(String, Tensor)>> {
-        Ok(self
-            .read_raw(keep)?
-            .into_iter()
-            .map(|raw| (raw.info.name.clone(), raw.into_tensor()))
-            .collect())
+        Ok(weights::named_tensors(self.read_raw(keep)?))
     }
 }
 

@@ -674,7 +674,7 @@ pub fn host_main() -> anyhow::Result<()> {
     let mut r = stdin.lock();
     let mut w = std::io::BufWriter::new(stdout.lock());
     warm_up(Device::Cpu);
-    let mut readable = sandbox::loaded_library_dirs();
+    let mut readable = Vec::new();
     let mut devices = Vec::new();
     // The parent says which GPU, if any, before anything untrusted arrives: that device's
     // context is made now, and its device files stay reachable.
@@ -683,11 +683,10 @@ pub fn host_main() -> anyhow::Result<()> {
             .and_then(|i| i.parse::<usize>().ok())
     }) {
         warm_up(Device::Cuda(i));
-        let (r, d) = sandbox::gpu_paths();
-        readable.extend(r);
-        readable.extend(sandbox::loaded_library_dirs());
-        devices = d;
+        (readable, devices) = sandbox::gpu_paths();
     }
+    // After the warm-ups: the libraries they loaded are among those kept readable.
+    readable.extend(sandbox::loaded_library_dirs());
     let allow = std::env::var("VIDTUNE_SANDBOX_ALLOW_UNCONFINED").as_deref() == Ok("1");
     let confined = sandbox::lock_down(&readable, &devices);
     let confinement = match confined {

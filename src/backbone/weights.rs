@@ -270,11 +270,7 @@ impl<R: Read + Seek> WeightsFile<R> {
         &mut self,
         keep: impl FnMut(&TensorInfo) -> bool,
     ) -> anyhow::Result<Vec<(String, Tensor)>> {
-        Ok(self
-            .read_raw(keep)?
-            .into_iter()
-            .map(|raw| (raw.info.name.clone(), raw.into_tensor()))
-            .collect())
+        Ok(named_tensors(self.read_raw(keep)?))
     }
 }
 
@@ -510,6 +506,13 @@ pub(crate) fn check_name(name: &str, limits: &Limits) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Checked raw tensors as libtorch tensors under their names.
+pub fn named_tensors(raw: Vec<RawTensor>) -> Vec<(String, Tensor)> {
+    raw.into_iter()
+        .map(|raw| (raw.info.name.clone(), raw.into_tensor()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -240,13 +240,7 @@ async fn run_attempt(
                         quiet.as_secs()
                     );
                     tracing::warn!(%job, attempt, error = %msg, "attempt stalled");
-                    if let Ok(true) = db::jobs::retry_or_fail(db, job, attempt, &msg).await {
-                        let _ = db::jobs::event_unfenced(
-                            db, job, attempt, "state", "warning", &msg,
-                            serde_json::json!({"state": "retry_or_fail"}),
-                        )
-                        .await;
-                    }
+                    retry_or_fail(db, job, attempt, &msg).await;
                     return;
                 }
                 match db::jobs::heartbeat(db, job, attempt, cfg.lease.as_secs_f64()).await {
@@ -299,19 +293,25 @@ async fn run_attempt(
                 None => format!("the training process crashed ({how})"),
             };
             tracing::warn!(%job, attempt, error = %msg, "attempt failed");
-            if let Ok(true) = db::jobs::retry_or_fail(db, job, attempt, &msg).await {
-                let _ = db::jobs::event_unfenced(
-                    db,
-                    job,
-                    attempt,
-                    "state",
-                    "warning",
-                    &msg,
-                    serde_json::json!({"state": "retry_or_fail"}),
-                )
-                .await;
-            }
+            retry_or_fail(db, job, attempt, &msg).await;
         }
+    }
+}
+
+/// A machine fault ended the attempt: back to the queue (or failed when none are left), with
+/// the reason as a job event.
+async fn retry_or_fail(db: &PgPool, job: Uuid, attempt: i32, msg: &str) {
+    if let Ok(true) = db::jobs::retry_or_fail(db, job, attempt, msg).await {
+        let _ = db::jobs::event_unfenced(
+            db,
+            job,
+            attempt,
+            "state",
+            "warning",
+            msg,
+            serde_json::json!({"state": "retry_or_fail"}),
+        )
+        .await;
     }
 }
 
