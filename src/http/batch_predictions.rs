@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::extract::{Json, Path, Query};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
-use crate::app::AppState;
+use super::AppState;
 use crate::ingest::DatasetDirs;
 use crate::serve::{ModelHandle, Stats};
 use crate::train::data;

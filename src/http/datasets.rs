@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::extract::{Json, Path, Query};
 use super::upload::{PartialFile, receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
-use crate::app::AppState;
+use super::AppState;
 use crate::db::{self, datasets::Dataset};
 use crate::ingest::split::{Split, SplitSpec};
 use crate::ingest::{self, DatasetDirs, VideoMeta};

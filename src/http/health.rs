@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ErrorCode};
-use crate::app::AppState;
+use super::AppState;
 
 /// The probes and `/metrics` on the API address.
 pub fn router() -> Router<AppState> {
@@ -33,7 +33,7 @@ async fn healthz() -> Json<Value> {
 
 /// Ready to serve: the database answers within two seconds.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&state.db);
+    let ping = crate::db::ping(&state.db);
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => Ok(Json(json!({ "status": "ready", "database": "ok" }))),
         Ok(Err(e)) => {
@@ -133,17 +133,14 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "# HELP vidtune_models_loaded Models loaded for serving.\n# TYPE vidtune_models_loaded gauge\nvidtune_models_loaded {}",
         state.models.loaded_count()
     );
-    let jobs: Vec<(String, i64)> =
-        sqlx::query_as("select state, count(*) from jobs group by state")
-            .fetch_all(&state.db)
-            .await
-            .unwrap_or_default();
+    let jobs = crate::db::jobs::count_by_state(&state.db)
+        .await
+        .unwrap_or_default();
     let _ = writeln!(
         out,
         "# HELP vidtune_jobs Jobs by state.\n# TYPE vidtune_jobs gauge"
     );
-    for s in ["queued", "running", "succeeded", "failed", "canceled"] {
-        let n = jobs.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+    for (s, n) in jobs {
         let _ = writeln!(out, "vidtune_jobs{{state=\"{s}\"}} {n}");
     }
     (

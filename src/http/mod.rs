@@ -18,7 +18,6 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::config::Settings;
 use crate::db;
 
@@ -32,9 +31,12 @@ pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod models;
+pub mod state;
 pub mod upload;
 
 pub use auth::Caller;
+pub use extract::{Format, Items};
+pub use state::AppState;
 pub use error::{ApiError, ApiResult, ErrorCode};
 
 /// Who may call an operation.

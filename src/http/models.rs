@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::extract::{Json, Path, Query};
 use super::upload::{PartialFile, receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditDetails, AuditResource, Caller, ErrorCode, Routes};
-use crate::app::AppState;
+use super::AppState;
 use crate::backbone::{Arch, export};
 use crate::db;
 use crate::media::worker::Job;
