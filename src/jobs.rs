@@ -72,9 +72,7 @@ pub async fn submit(
     req: &JobRequest,
     idempotency_key: Option<&str>,
 ) -> Result<Submitted, SubmitError> {
-    let request_hash = hex::encode(Sha256::digest(
-        serde_json::to_vec(req).expect("serialises"),
-    ));
+    let request_hash = hex::encode(Sha256::digest(serde_json::to_vec(req).expect("serialises")));
     if let Some(k) = idempotency_key
         && let Some(existing) = db::jobs::by_idempotency_key(db, tenant_id, k).await?
     {
@@ -108,9 +106,8 @@ pub async fn submit(
             dataset.status
         )));
     }
-    let device = DeviceRequest::parse(&hp.device).ok_or_else(|| {
-        invalid("hyperparameters.device", "auto, cpu, cuda or cuda:N")
-    })?;
+    let device = DeviceRequest::parse(&hp.device)
+        .ok_or_else(|| invalid("hyperparameters.device", "auto, cpu, cuda or cuda:N"))?;
     // The job and its `queued` event become visible together, so a worker that claims it at
     // once cannot log `running` before `queued`.
     let mut tx = db.begin().await?;

@@ -6,6 +6,8 @@ use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::device::{Device, claimable_prefs};
+
 /// Where a job is in its life: `queued → running → succeeded | failed | canceled`; an expired
 /// lease or a retried machine fault goes from `running` back to `queued`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
@@ -197,13 +199,12 @@ pub async fn request_cancel(db: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Res
     Ok(job)
 }
 
-/// Claim the next job this worker may run. `device`: the worker's device as the job will record
-/// it; `accepts`: the `device_pref` values this worker serves (`device::claimable_prefs`).
+/// Claim the next job a worker on `device` may run: one whose `device_pref` the device admits
+/// (`auto`, its kind, or exactly this GPU).
 pub async fn claim(
     db: impl PgExecutor<'_>,
     worker_id: &str,
-    device: &str,
-    accepts: &[String],
+    device: Device,
     lease_s: f64,
 ) -> sqlx::Result<Option<(Uuid, i32)>> {
     sqlx::query_as(
@@ -220,8 +221,8 @@ pub async fn claim(
          returning id, attempt",
     )
     .bind(worker_id)
-    .bind(device)
-    .bind(accepts)
+    .bind(device.to_string())
+    .bind(claimable_prefs(device))
     .bind(lease_s)
     .fetch_optional(db)
     .await
@@ -576,9 +577,10 @@ pub async fn events_after(
 
 /// How many jobs are in each state, every state listed (for `/metrics`).
 pub async fn count_by_state(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(JobState, i64)>> {
-    let rows: Vec<(JobState, i64)> = sqlx::query_as("select state, count(*) from jobs group by state")
-        .fetch_all(db)
-        .await?;
+    let rows: Vec<(JobState, i64)> =
+        sqlx::query_as("select state, count(*) from jobs group by state")
+            .fetch_all(db)
+            .await?;
     Ok(JobState::ALL
         .iter()
         .map(|s| (*s, rows.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n)))

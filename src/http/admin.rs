@@ -7,9 +7,9 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::extract::{Json, Path, Query};
-use super::{Access, Items, ApiError, ApiResult, AuditResource, Caller, Routes};
 use super::AppState;
+use super::extract::{Json, Path, Query};
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, Items, Routes};
 use crate::auth::Role;
 use crate::db::{self, tenants::ApiKey, tenants::Tenant};
 use axum::extract::State;

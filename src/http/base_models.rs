@@ -7,10 +7,10 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::AppState;
 use super::extract::{Json, Path};
 use super::upload::{PartialFile, receive};
-use super::{Access, Items, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Routes};
-use super::AppState;
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Items, Routes};
 use crate::backbone::{Arch, Preprocessing};
 use crate::config::Settings;
 use crate::datadir::DataDir;

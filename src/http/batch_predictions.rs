@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::AppState;
 use super::extract::{Json, Path, Query};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
-use super::AppState;
 use crate::ingest::DatasetDirs;
 use crate::serve::{ModelHandle, Stats};
 use crate::train::data;

@@ -56,7 +56,10 @@ pub enum Format {
 
 impl Format {
     /// `?format=json|csv` when given, else CSV when `Accept` asks for `text/csv`, else JSON.
-    pub fn negotiate(format: Option<&str>, headers: &axum::http::HeaderMap) -> Result<Self, ApiError> {
+    pub fn negotiate(
+        format: Option<&str>,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Self, ApiError> {
         match format {
             Some("json") => Ok(Format::Json),
             Some("csv") => Ok(Format::Csv),

@@ -9,8 +9,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use super::error::{ApiError, ErrorCode};
 use super::AppState;
+use super::error::{ApiError, ErrorCode};
 
 /// The probes and `/metrics` on the API address.
 pub fn router() -> Router<AppState> {

@@ -101,7 +101,13 @@ async fn job_create(
     if submitted.replayed {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    Ok((StatusCode::ACCEPTED, headers, AuditResource(job.id), Json(job)).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        headers,
+        AuditResource(job.id),
+        Json(job),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]

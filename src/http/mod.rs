@@ -35,9 +35,9 @@ pub mod state;
 pub mod upload;
 
 pub use auth::Caller;
+pub use error::{ApiError, ApiResult, ErrorCode};
 pub use extract::{Format, Items};
 pub use state::AppState;
-pub use error::{ApiError, ApiResult, ErrorCode};
 
 /// Who may call an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,10 +11,10 @@ use tch::Tensor;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::AppState;
 use super::extract::{Json, Path, Query};
 use super::upload::{PartialFile, receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditDetails, AuditResource, Caller, ErrorCode, Routes};
-use super::AppState;
 use crate::backbone::{Arch, export};
 use crate::db;
 use crate::media::worker::Job;

@@ -116,9 +116,8 @@ pub fn resolve_devices(spec: &str, cuda_count: usize) -> anyhow::Result<Vec<Devi
     }
     let mut out = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let device = Device::parse(item).ok_or_else(|| {
-            anyhow::anyhow!("unknown device `{item}` (use auto, cpu or cuda:N)")
-        })?;
+        let device = Device::parse(item)
+            .ok_or_else(|| anyhow::anyhow!("unknown device `{item}` (use auto, cpu or cuda:N)"))?;
         if let Device::Cuda(i) = device
             && i >= cuda_count
         {

@@ -94,14 +94,7 @@ async fn device_loop(
         if let Err(e) = db::jobs::reap_expired(&db).await {
             tracing::warn!(error = %e, "reaping expired leases");
         }
-        let claimed = db::jobs::claim(
-            &db,
-            &id,
-            &device.to_string(),
-            &crate::device::claimable_prefs(device),
-            cfg.lease.as_secs_f64(),
-        )
-        .await;
+        let claimed = db::jobs::claim(&db, &id, device, cfg.lease.as_secs_f64()).await;
         match claimed {
             Ok(Some((job, attempt))) => {
                 tracing::info!(%job, attempt, device = %device, "claimed job");
