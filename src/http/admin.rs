@@ -7,6 +7,7 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::error::on_unique;
 use super::extract::{Json, Path, Query};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
 use crate::app::AppState;
@@ -324,12 +325,4 @@ async fn audit_event_list(
     Ok(Json(Items {
         items: db::audit::list(&s.db, tenant_id, q.before, limit).await?,
     }))
-}
-
-/// Turn a unique-constraint violation into 409, anything else into the usual mapping.
-pub(crate) fn on_unique(e: sqlx::Error, detail: &str) -> ApiError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => ApiError::conflict(detail),
-        _ => e.into(),
-    }
 }

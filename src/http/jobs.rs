@@ -152,7 +152,7 @@ async fn job_create(
     let dataset = db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
         .await?
         .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
-    if dataset.status != "ready" {
+    if dataset.status != db::datasets::DatasetStatus::Ready {
         return Err(ApiError::conflict(format!(
             "the dataset is `{}`; jobs need a ready dataset",
             dataset.status
