@@ -374,3 +374,253 @@ fn sort_by_name(splits: BTreeSet<Split>) -> Vec<Split> {
     v.sort_by_key(|s| s.as_str());
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    fn dataset() -> Dataset {
+        Dataset {
+            id: Uuid::from_u128(1),
+            tenant_id: Uuid::from_u128(2),
+            name: "endoscopy".into(),
+            description: String::new(),
+            status: DatasetStatus::Ready,
+            status_reason: None,
+            classes: None,
+            split: serde_json::to_value(SplitSpec::default()).unwrap(),
+            cache_spec: json!({"short_side": 128, "fps": 15.0}),
+            videos_total: 0,
+            videos_done: 0,
+            videos_accepted: 0,
+            videos_rejected: 0,
+            videos_skipped: 0,
+            content_hash: Some("c0ffee".into()),
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            updated_at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn refused(n: u128, path: &str, status: VideoStatus, code: &str) -> Video {
+        Video {
+            id: Uuid::from_u128(n),
+            upload_id: Uuid::from_u128(99),
+            path: path.into(),
+            status,
+            reason_code: Some(code.into()),
+            reason: Some(format!("{code} detail")),
+            label: None,
+            split: None,
+            patient_id: None,
+            sha256: None,
+            bytes: None,
+            container: None,
+            codec: None,
+            width: None,
+            height: None,
+            fps: None,
+            duration_s: None,
+            frames: None,
+            cache_frames: None,
+            cache_width: None,
+            cache_height: None,
+            cache_fps: None,
+        }
+    }
+
+    /// An accepted video of `frames` frames at `fps`, cached at 15 fps.
+    #[expect(clippy::too_many_arguments, reason = "one row of a test table")]
+    fn accepted(
+        n: u128,
+        label: &str,
+        split: Split,
+        patient: Option<&str>,
+        sha: &str,
+        (width, height): (i32, i32),
+        fps: f64,
+        frames: i64,
+    ) -> Video {
+        let duration = frames as f64 / fps;
+        Video {
+            status: VideoStatus::Accepted,
+            reason_code: None,
+            reason: None,
+            label: Some(label.into()),
+            split: Some(split),
+            patient_id: patient.map(Into::into),
+            sha256: Some(sha.into()),
+            codec: (width != 640).then(|| "h264".into()),
+            width: Some(width),
+            height: Some(height),
+            fps: Some(fps),
+            duration_s: Some(duration),
+            frames: Some(frames),
+            cache_frames: Some((duration * 15.0).round() as i32),
+            ..refused(n, &format!("{label}/{n}.mp4"), VideoStatus::Accepted, "")
+        }
+    }
+
+    fn videos() -> Vec<Video> {
+        use Split::{Test, Train, Val};
+        vec![
+            accepted(10, "polyp", Train, Some("p1"), "aa", (320, 240), 30.0, 60),
+            // Patient p1 again, in val: leakage.
+            accepted(11, "polyp", Val, Some("p1"), "bb", (320, 240), 30.0, 30),
+            // Same bytes as video 10, in another split.
+            accepted(12, "normal", Test, Some("p2"), "aa", (320, 240), 30.0, 90),
+            // Two identical videos in the same split. Videos 11, 13 and 14 are shorter than a
+            // 16-frame clip at the cache's 15 fps.
+            accepted(13, "normal", Train, None, "dd", (640, 480), 15.0, 10),
+            accepted(14, "normal", Train, None, "dd", (640, 480), 15.0, 10),
+            refused(20, "normal/broken.mp4", VideoStatus::Rejected, "corrupt"),
+            refused(21, "a/../x.mp4", VideoStatus::Rejected, "unsafe_path"),
+            refused(22, "notes.txt", VideoStatus::Skipped, "not_media"),
+            refused(23, "late.mp4", VideoStatus::Pending, ""),
+        ]
+    }
+
+    #[test]
+    fn report_counts_classes_splits_and_statuses() {
+        let r = report(&dataset(), &videos());
+        assert_eq!(
+            r.totals,
+            Totals {
+                accepted: 5,
+                pending: 1,
+                rejected: 2,
+                skipped: 1,
+                videos: 9,
+            }
+        );
+        let class = |label: &str, train, val, test| ClassCounts {
+            label: label.into(),
+            test,
+            total: train + val + test,
+            train,
+            val,
+        };
+        assert_eq!(
+            r.classes,
+            [class("normal", 2, 0, 1), class("polyp", 1, 1, 0)]
+        );
+        assert_eq!(
+            r.splits,
+            SplitCounts {
+                test: 1,
+                train: 3,
+                val: 1,
+            }
+        );
+        let ids = |list: &[FileReason]| list.iter().map(|f| f.id.as_u128()).collect::<Vec<_>>();
+        assert_eq!(ids(&r.rejected), [20, 21]);
+        assert_eq!(r.rejected[0].code.as_deref(), Some("corrupt"));
+        assert_eq!(ids(&r.skipped), [22]);
+        assert_eq!(
+            r.resolutions,
+            [
+                Resolution {
+                    height: 240,
+                    videos: 3,
+                    width: 320,
+                },
+                Resolution {
+                    height: 480,
+                    videos: 2,
+                    width: 640,
+                },
+            ]
+        );
+        assert_eq!(
+            r.codecs,
+            BTreeMap::from([("h264".into(), 3), ("unknown".into(), 2)])
+        );
+        // Durations 2, 1, 3, 2/3, 2/3 s: median is the middle one of the sorted five.
+        let d = r.duration_s.unwrap();
+        assert_eq!((d.min, d.median, d.max), (2.0 / 3.0, 1.0, 3.0));
+        assert!((d.total - (6.0 + 4.0 / 3.0)).abs() < 1e-9);
+        assert!((d.mean - d.total / 5.0).abs() < 1e-12);
+        // Frames 60, 30, 90, 10, 10: an odd count, so the median is a value.
+        let f = r.frames.unwrap();
+        assert_eq!((f.min, f.median, f.max, f.total), (10.0, 30.0, 90.0, 200.0));
+        assert_eq!(f.mean, 40.0);
+        assert_eq!(
+            (r.status, r.dataset_id),
+            (DatasetStatus::Ready, Uuid::from_u128(1))
+        );
+    }
+
+    #[test]
+    fn report_warns_about_small_classes_gaps_short_videos_duplicates_and_leaks() {
+        let r = report(&dataset(), &videos());
+        let codes: Vec<_> = r.warnings.iter().map(Warning::code).collect();
+        assert_eq!(
+            codes,
+            [
+                "few_videos_in_class",
+                "class_missing_from_split", // normal: no val
+                "few_videos_in_class",
+                "class_missing_from_split", // polyp: no test
+                "short_videos",
+                "duplicate_across_splits", // aa
+                "duplicate_content",       // dd
+                "patient_in_two_splits",
+            ]
+        );
+        let w = serde_json::to_value(&r.warnings).unwrap();
+        assert_eq!(w[1]["split"], "val");
+        assert_eq!(w[3]["label"], "polyp");
+        assert_eq!(w[3]["split"], "test");
+        assert_eq!(
+            w[4]["paths"],
+            json!(["polyp/11.mp4", "normal/13.mp4", "normal/14.mp4"])
+        );
+        assert_eq!(w[5]["paths"], json!(["polyp/10.mp4", "normal/12.mp4"]));
+        assert_eq!(w[7]["patient_id"], "p1");
+        assert_eq!(w[7]["splits"], json!(["train", "val"]));
+
+        // One class, its splits all present, no duplicates, no shared patient.
+        let mut one: Vec<_> = videos()[..2].to_vec();
+        one[1].patient_id = None;
+        let spec = SplitSpec {
+            train: 0.5,
+            val: 0.5,
+            test: 0.0,
+            seed: 0,
+        };
+        let d = Dataset {
+            split: serde_json::to_value(spec).unwrap(),
+            ..dataset()
+        };
+        let codes: Vec<_> = report(&d, &one)
+            .warnings
+            .iter()
+            .map(Warning::code)
+            .collect();
+        assert_eq!(
+            codes,
+            ["few_videos_in_class", "single_class", "short_videos"]
+        );
+    }
+
+    /// Object keys at every level in sorted order: the bytes the API has always sent (its report
+    /// was a `serde_json::Value`, whose objects sort their keys).
+    #[test]
+    fn report_serialises_with_sorted_keys_and_nulls_for_empty_summaries() {
+        let mut vs = videos();
+        let text = serde_json::to_string(&report(&dataset(), &vs)).unwrap();
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(text, value.to_string());
+        assert_eq!(value["warnings"][0]["code"], "few_videos_in_class");
+        assert_eq!(value["status"], "ready");
+
+        vs.retain(|v| v.status != VideoStatus::Accepted);
+        let value = serde_json::to_value(report(&dataset(), &vs)).unwrap();
+        for key in ["duration_s", "fps", "frames"] {
+            assert_eq!(value[key], Value::Null, "{key}");
+        }
+        assert_eq!(value["warnings"], json!([]));
+    }
+}

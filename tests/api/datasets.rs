@@ -176,6 +176,7 @@ async fn a_messy_zip_keeps_its_good_videos_and_explains_every_bad_file(db: PgPoo
         "{codes:?}"
     );
     assert_eq!(report["rejected"].as_array().unwrap().len(), 9);
+    crate::openapi::assert_matches_schema("DatasetReport", &report);
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
