@@ -10,9 +10,9 @@ use super::extract::{Json, Path, Query};
 use super::upload::{PartialFile, receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
 use crate::app::AppState;
+use crate::db;
 use crate::db::datasets::{Dataset, DatasetStatus};
 use crate::db::videos::{Video, VideoStatus};
-use crate::db::{self};
 use crate::ingest::datasets::{NewDataset, VideoFields};
 use crate::ingest::{self, DatasetDirs, DatasetError, Receiving, Report, UploadContent, VideoMeta};
 
