@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::backbone::Freeze;
+use crate::db::datasets::DatasetStatus;
 use crate::db::{
     self,
     jobs::{Job, JobState},
@@ -100,7 +101,7 @@ pub async fn submit(
     let dataset = db::datasets::get(db, tenant_id, req.dataset_id)
         .await?
         .ok_or_else(|| invalid("dataset_id", "no such dataset"))?;
-    if dataset.status != "ready" {
+    if dataset.status != DatasetStatus::Ready {
         return Err(SubmitError::Conflict(format!(
             "the dataset is `{}`; jobs need a ready dataset",
             dataset.status

@@ -1,8 +1,45 @@
-//! Datasets, uploads and videos.
-use serde::Serialize;
+//! Datasets: the rows the API shows, the receiving flag that serialises uploads, and the
+//! progress and outcome ingest writes. Uploads and videos have their own modules.
+use serde::{Deserialize, Serialize};
 use sqlx::PgExecutor;
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use super::videos::VIDEO_COLUMNS;
+/// The rows [`dataset_videos`] returns, here as well because callers reach them through datasets.
+pub use super::videos::Video;
+
+/// Where a dataset stands. Stored and served as the lowercase name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetStatus {
+    /// Created, or receiving an upload, with nothing usable yet.
+    Uploading,
+    /// An upload is being ingested.
+    Processing,
+    /// Holds accepted videos: jobs may train on it.
+    Ready,
+    /// No usable video; `status_reason` says why.
+    Failed,
+}
+
+impl DatasetStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetStatus::Uploading => "uploading",
+            DatasetStatus::Processing => "processing",
+            DatasetStatus::Ready => "ready",
+            DatasetStatus::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for DatasetStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A dataset as the API shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -12,7 +49,7 @@ pub struct Dataset {
     pub tenant_id: Uuid,
     pub name: String,
     pub description: String,
-    pub status: String,
+    pub status: DatasetStatus,
     pub status_reason: Option<String>,
     pub classes: Option<Vec<String>>,
     pub split: serde_json::Value,
@@ -147,64 +184,6 @@ pub async fn abort_receiving(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<
     Ok(())
 }
 
-/// Record a received upload and hand the dataset to ingest.
-pub async fn upload_received(db: &sqlx::PgPool, upload: &NewUpload<'_>) -> sqlx::Result<()> {
-    let mut tx = db.begin().await?;
-    sqlx::query(
-        "insert into uploads (id, dataset_id, tenant_id, kind, bytes, sha256, meta)
-         values ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(upload.id)
-    .bind(upload.dataset_id)
-    .bind(upload.tenant_id)
-    .bind(upload.kind)
-    .bind(upload.bytes as i64)
-    .bind(upload.sha256)
-    .bind(&upload.meta)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "update datasets set receiving = false, status = 'processing', status_reason = null
-         where id = $1",
-    )
-    .bind(upload.dataset_id)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await
-}
-
-pub struct NewUpload<'a> {
-    pub id: Uuid,
-    pub dataset_id: Uuid,
-    pub tenant_id: Uuid,
-    pub kind: &'a str,
-    pub bytes: u64,
-    pub sha256: &'a str,
-    pub meta: serde_json::Value,
-}
-
-/// An upload waiting for ingest.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct PendingUpload {
-    pub id: Uuid,
-    /// SHA-256 of the received body (computed while it streamed to disk).
-    pub sha256: String,
-    pub dataset_id: Uuid,
-    pub tenant_id: Uuid,
-    pub kind: String,
-    pub meta: serde_json::Value,
-}
-
-/// Uploads not yet ingested (after a restart, ingest resumes from these).
-pub async fn pending_uploads(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<PendingUpload>> {
-    sqlx::query_as(
-        "select id, sha256, dataset_id, tenant_id, kind, meta from uploads
-         where status = 'received' order by created_at",
-    )
-    .fetch_all(db)
-    .await
-}
-
 /// Datasets left `receiving` by a process that died mid-upload.
 pub async fn reset_interrupted_receiving(db: &sqlx::PgPool) -> sqlx::Result<u64> {
     let ids: Vec<(Uuid,)> = sqlx::query_as("select id from datasets where receiving")
@@ -235,53 +214,88 @@ pub async fn ingest_target(
         .await
 }
 
-/// A video row as listed by the API.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
-pub struct Video {
-    pub id: Uuid,
-    pub upload_id: Uuid,
-    pub path: String,
-    pub status: String,
-    pub reason_code: Option<String>,
-    pub reason: Option<String>,
-    pub label: Option<String>,
-    pub split: Option<String>,
-    pub patient_id: Option<String>,
-    pub sha256: Option<String>,
-    pub bytes: Option<i64>,
-    pub container: Option<String>,
-    pub codec: Option<String>,
-    pub width: Option<i32>,
-    pub height: Option<i32>,
-    pub fps: Option<f64>,
-    pub duration_s: Option<f64>,
-    pub frames: Option<i64>,
-    pub cache_frames: Option<i32>,
-    pub cache_width: Option<i32>,
-    pub cache_height: Option<i32>,
-    pub cache_fps: Option<f64>,
+/// Ingest found `added` more files in an upload, `done` of them already refused by the plan.
+pub async fn add_progress(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    added: usize,
+    done: usize,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update datasets set videos_total = videos_total + $2, videos_done = videos_done + $3
+         where id = $1",
+    )
+    .bind(id)
+    .bind(added as i32)
+    .bind(done as i32)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
-const VIDEO_COLUMNS: &str = "id, upload_id, path, status, reason_code, reason, label, split,
-    patient_id, sha256, bytes, container, codec, width, height, fps, duration_s, frames,
-    cache_frames, cache_width, cache_height, cache_fps";
+/// One more video has its verdict.
+pub async fn video_done(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("update datasets set videos_done = videos_done + 1 where id = $1")
+        .bind(id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
 
-pub async fn list_videos(
+/// An interrupted upload is ingested again: take back the progress its `removed` videos counted.
+pub async fn restart_processing(
     db: impl PgExecutor<'_>,
-    tenant_id: Uuid,
-    dataset_id: Uuid,
-    status: Option<&str>,
-) -> sqlx::Result<Vec<Video>> {
-    sqlx::query_as(&format!(
-        "select {VIDEO_COLUMNS} from videos
-         where tenant_id = $1 and dataset_id = $2 and ($3::text is null or status = $3)
-         order by path, id"
-    ))
-    .bind(tenant_id)
-    .bind(dataset_id)
+    id: Uuid,
+    removed: u64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update datasets set videos_total = greatest(videos_total - $2, 0),
+             videos_done = greatest(videos_done - $2, 0), status = 'processing'
+         where id = $1",
+    )
+    .bind(id)
+    .bind(removed as i32)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Ingest finished an upload: the dataset's final status, the summary the tenant reads, and the
+/// content hash (none when nothing was accepted).
+pub async fn finish_ingest(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    status: DatasetStatus,
+    reason: &str,
+    content_hash: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "update datasets set status = $2, status_reason = $3, content_hash = $4 where id = $1",
+    )
+    .bind(id)
     .bind(status)
-    .fetch_all(db)
-    .await
+    .bind(reason)
+    .bind(content_hash)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// An upload could not be used as a whole: the dataset keeps what it had (ready if it already
+/// holds accepted videos) and says why.
+pub async fn upload_failed(db: impl PgExecutor<'_>, id: Uuid, reason: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "update datasets set
+             status = case when exists (select 1 from videos v where v.dataset_id = $1
+                                        and v.status = 'accepted') then 'ready' else 'failed' end,
+             status_reason = $2
+         where id = $1",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(db)
+    .await?;
+    Ok(())
 }
 
 /// Videos of a dataset for ingest and reports (all statuses).

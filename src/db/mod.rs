@@ -2,7 +2,6 @@
 //! Functions take an executor so callers choose the transaction.
 use std::time::Duration;
 
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 
@@ -11,6 +10,18 @@ pub mod base_models;
 pub mod datasets;
 pub mod jobs;
 pub mod tenants;
+pub mod uploads;
+pub mod videos;
+
+/// The pool and error types, named through `db` so that the modules above it need not depend on
+/// sqlx themselves.
+pub use sqlx::{Error, PgPool};
+
+/// Whether the statement broke a unique constraint (a name already taken, say): the caller's
+/// conflict, not a failure of the database.
+pub fn is_unique_violation(e: &Error) -> bool {
+    matches!(e, Error::Database(d) if d.is_unique_violation())
+}
 
 /// Migrations in `migrations/`, embedded at build time.
 pub static MIGRATOR: Migrator = sqlx::migrate!();

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::AppState;
+use super::error::on_unique;
 use super::extract::{Json, Path, Query};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Items, Routes};
 use crate::auth::Role;
@@ -319,12 +320,4 @@ async fn audit_event_list(
     Ok(Json(Items {
         items: db::audit::list(&s.db, tenant_id, q.before, limit).await?,
     }))
-}
-
-/// Turn a unique-constraint violation into 409, anything else into the usual mapping.
-pub(crate) fn on_unique(e: sqlx::Error, detail: &str) -> ApiError {
-    match &e {
-        sqlx::Error::Database(d) if d.is_unique_violation() => ApiError::conflict(detail),
-        _ => e.into(),
-    }
 }

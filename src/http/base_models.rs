@@ -176,7 +176,7 @@ async fn base_model_create(
         },
     )
     .await
-    .map_err(|e| super::admin::on_unique(e, "a base model with this name already exists"))?;
+    .map_err(|e| super::error::on_unique(e, "a base model with this name already exists"))?;
     partial.keep();
     Ok((StatusCode::CREATED, AuditResource(b.id), Json(b)))
 }

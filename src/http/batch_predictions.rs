@@ -80,7 +80,7 @@ async fn batch_prediction_create(
     let dataset = crate::db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
         .await?
         .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
-    if dataset.status != "ready" {
+    if dataset.status != crate::db::datasets::DatasetStatus::Ready {
         return Err(ApiError::conflict(format!(
             "the dataset is `{}`",
             dataset.status
@@ -108,7 +108,10 @@ async fn batch_prediction_create(
     let videos: Vec<_> = crate::db::datasets::dataset_videos(&s.db, body.dataset_id)
         .await?
         .into_iter()
-        .filter(|v| v.status == "accepted" && (body.split.is_none() || v.split == body.split))
+        .filter(|v| {
+            v.status == crate::db::videos::VideoStatus::Accepted
+                && (body.split.is_none() || v.split.map(|s| s.as_str()) == body.split.as_deref())
+        })
         .collect();
     let id = Uuid::new_v4();
     sqlx::query(

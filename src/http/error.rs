@@ -178,6 +178,16 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// Turn a unique-constraint violation into 409 with `detail`, anything else into the usual
+/// mapping.
+pub(crate) fn on_unique(e: sqlx::Error, detail: &str) -> ApiError {
+    if crate::db::is_unique_violation(&e) {
+        ApiError::conflict(detail)
+    } else {
+        e.into()
+    }
+}
+
 /// The problem document (RFC 9457) plus vidtune's extension members.
 #[derive(Serialize)]
 struct Problem<'a> {

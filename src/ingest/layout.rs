@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::split::Split;
+use crate::db::videos::VideoStatus;
 use crate::media::archive::ExtractedFile;
 
 /// What ingest should do with one path of the upload.
@@ -19,7 +20,7 @@ pub struct Planned {
     /// "rejected" and "skipped" when FFmpeg does not recognise it.
     pub claimed: bool,
     /// Known before probing: `(status, code, detail)` with status `rejected` or `skipped`.
-    pub verdict: Option<(&'static str, &'static str, String)>,
+    pub verdict: Option<(VideoStatus, &'static str, String)>,
     /// A label problem, reported only if the file turns out to be a video.
     pub label_problem: Option<(&'static str, String)>,
 }
@@ -126,13 +127,13 @@ pub fn plan(
                 p.path = format!("{path} (labels.csv row {})", row.line);
                 p.file = None;
                 p.verdict = Some((
-                    "rejected",
+                    VideoStatus::Rejected,
                     "duplicate_row",
                     "labels.csv lists this path twice".into(),
                 ));
             } else if p.file.is_none() {
                 p.verdict = Some((
-                    "rejected",
+                    VideoStatus::Rejected,
                     "missing_file",
                     "listed in labels.csv but not in the upload".into(),
                 ));
@@ -232,7 +233,7 @@ fn skipped(path: String, file: Option<ExtractedFile>, code: &'static str, detail
         split: None,
         patient_id: None,
         claimed: false,
-        verdict: Some(("skipped", code, detail.to_owned())),
+        verdict: Some((VideoStatus::Skipped, code, detail.to_owned())),
         label_problem: None,
     }
 }
@@ -369,7 +370,7 @@ mod tests {
                 .as_ref()
                 .unwrap()
                 .0,
-            "skipped"
+            VideoStatus::Skipped
         );
     }
 

@@ -11,17 +11,23 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::datasets::{DatasetStatus, IngestTarget};
+use crate::db::uploads::{PendingUpload, UploadKind, UploadStatus};
+use crate::db::videos::{NewVideo, VideoStatus};
+use crate::db::{self, PgPool};
 use crate::media::archive::{self, ArchiveLimits, ExtractedFile};
 use crate::media::decode::{CacheSpec, Limits};
 use crate::media::worker::{Job, MediaWorker};
 
+pub mod datasets;
 pub mod layout;
+pub mod report;
 pub mod split;
 
+pub use datasets::{DatasetError, Receiving, UploadContent};
+pub use report::{Report, report};
 use split::{Split, SplitSpec};
 
 /// How ingest runs; part of the server settings.
@@ -72,6 +78,14 @@ impl DatasetDirs {
     pub fn cache_file(&self, video_id: Uuid) -> PathBuf {
         self.cache().join(format!("{video_id}.vtc"))
     }
+    /// Where an archive upload's body is received.
+    pub fn archive_body(&self, upload_id: Uuid) -> PathBuf {
+        self.incoming().join(upload_id.to_string())
+    }
+    /// Where a single-video upload's body is received (and stays).
+    pub fn video_body(&self, upload_id: Uuid) -> PathBuf {
+        self.files(upload_id).join("video")
+    }
 }
 
 /// Metadata stored with a single-video upload.
@@ -88,12 +102,7 @@ const INTERNAL_FAILURE: &str =
     "an internal error stopped ingest; the server log has the details under this upload id";
 
 /// Start ingesting an upload in the background.
-pub fn spawn(
-    db: PgPool,
-    data_dir: PathBuf,
-    config: Arc<IngestConfig>,
-    upload: db::datasets::PendingUpload,
-) {
+pub fn spawn(db: PgPool, data_dir: PathBuf, config: Arc<IngestConfig>, upload: PendingUpload) {
     tokio::spawn(async move {
         let dataset_id = upload.dataset_id;
         if let Err(e) = run(&db, &data_dir, &config, &upload).await {
@@ -118,23 +127,11 @@ pub async fn resume(
             "discarded uploads interrupted by a restart"
         );
     }
-    for upload in db::datasets::pending_uploads(db).await? {
+    for upload in db::uploads::pending(db).await? {
         tracing::info!(dataset_id = %upload.dataset_id, upload_id = %upload.id, "resuming ingest");
         // Start again from the stored bytes: forget what the interrupted run recorded.
-        let removed = sqlx::query("delete from videos where upload_id = $1 returning id")
-            .bind(upload.id)
-            .execute(db)
-            .await?
-            .rows_affected();
-        sqlx::query(
-            "update datasets set videos_total = greatest(videos_total - $2, 0),
-                 videos_done = greatest(videos_done - $2, 0), status = 'processing'
-             where id = $1",
-        )
-        .bind(upload.dataset_id)
-        .bind(removed as i32)
-        .execute(db)
-        .await?;
+        let removed = db::videos::delete_for_upload(db, upload.id).await?;
+        db::datasets::restart_processing(db, upload.dataset_id, removed).await?;
         spawn(db.clone(), data_dir.to_path_buf(), config.clone(), upload);
     }
     Ok(())
@@ -144,7 +141,7 @@ async fn run(
     db: &PgPool,
     data_dir: &Path,
     config: &IngestConfig,
-    upload: &db::datasets::PendingUpload,
+    upload: &PendingUpload,
 ) -> anyhow::Result<()> {
     let target = db::datasets::ingest_target(db, upload.dataset_id)
         .await?
@@ -154,8 +151,8 @@ async fn run(
     std::fs::create_dir_all(dirs.cache())?;
 
     // 1. Files and their labels.
-    let mut planned = if upload.kind == "archive" {
-        let incoming = dirs.incoming().join(upload.id.to_string());
+    let mut planned = if upload.kind == UploadKind::Archive {
+        let incoming = dirs.archive_body(upload.id);
         let limits = config.archive_limits.clone();
         let dest = files_dir.clone();
         let (dataset_id, upload_id) = (upload.dataset_id, upload.id);
@@ -203,14 +200,14 @@ async fn run(
                 split: None,
                 patient_id: None,
                 claimed: false,
-                verdict: Some(("rejected", r.code, r.detail)),
+                verdict: Some((VideoStatus::Rejected, r.code, r.detail)),
                 label_problem: None,
             });
         }
         planned
     } else {
         let meta: VideoMeta = serde_json::from_value(upload.meta.clone()).context("upload meta")?;
-        let path = files_dir.join("video");
+        let path = dirs.video_body(upload.id);
         let bytes = std::fs::metadata(&path)?.len();
         let sha256 = upload.sha256.clone();
         let label_problem = match &target.classes {
@@ -251,43 +248,30 @@ async fn run(
             let id = Uuid::new_v4();
             let (status, code, reason) = match &p.verdict {
                 Some((s, c, d)) => (*s, Some(*c), Some(d.as_str())),
-                None => ("pending", None, None),
+                None => (VideoStatus::Pending, None, None),
             };
-            sqlx::query(
-                "insert into videos (id, dataset_id, tenant_id, upload_id, path, status, reason_code,
-                     reason, label, split, split_given, patient_id, sha256, bytes)
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
-            .bind(id)
-            .bind(upload.dataset_id)
-            .bind(upload.tenant_id)
-            .bind(upload.id)
-            .bind(&p.path)
-            .bind(status)
-            .bind(code)
-            .bind(reason)
-            .bind(&p.label)
-            .bind(p.split.map(Split::as_str))
-            .bind(p.split.is_some())
-            .bind(&p.patient_id)
-            .bind(p.file.as_ref().map(|f| f.sha256.clone()))
-            .bind(p.file.as_ref().map(|f| f.bytes as i64))
-            .execute(&mut *tx)
-            .await?;
+            let new = NewVideo {
+                id,
+                dataset_id: upload.dataset_id,
+                tenant_id: upload.tenant_id,
+                upload_id: upload.id,
+                path: &p.path,
+                status,
+                reason_code: code,
+                reason,
+                label: p.label.as_deref(),
+                split: p.split,
+                patient_id: p.patient_id.as_deref(),
+                sha256: p.file.as_ref().map(|f| f.sha256.as_str()),
+                bytes: p.file.as_ref().map(|f| f.bytes),
+            };
+            db::videos::insert(&mut *tx, &new).await?;
             if p.verdict.is_none() {
                 queue.push_back((id, p.clone()));
             }
         }
         let done = planned.len() - queue.len();
-        sqlx::query(
-            "update datasets set videos_total = videos_total + $2, videos_done = videos_done + $3
-             where id = $1",
-        )
-        .bind(upload.dataset_id)
-        .bind(planned.len() as i32)
-        .bind(done as i32)
-        .execute(&mut *tx)
-        .await?;
+        db::datasets::add_progress(&mut *tx, upload.dataset_id, planned.len(), done).await?;
         tx.commit().await?;
     }
 
@@ -331,8 +315,8 @@ async fn run(
 
     // 4. Splits, content hash, final status.
     finalize(db, upload, &target).await?;
-    if upload.kind == "archive" {
-        let _ = std::fs::remove_file(dirs.incoming().join(upload.id.to_string()));
+    if upload.kind == UploadKind::Archive {
+        let _ = std::fs::remove_file(dirs.archive_body(upload.id));
     }
     Ok(())
 }
@@ -349,33 +333,11 @@ async fn record_outcome(
     match outcome {
         Ok(info) => {
             let (status, code, reason) = match &p.label_problem {
-                Some((c, d)) => ("rejected", Some(*c), Some(d.clone())),
-                None => ("accepted", None, None),
+                Some((c, d)) => (VideoStatus::Rejected, Some(*c), Some(d.as_str())),
+                None => (VideoStatus::Accepted, None, None),
             };
-            sqlx::query(
-                "update videos set status = $2, reason_code = $3, reason = $4, container = $5,
-                     codec = $6, width = $7, height = $8, fps = $9, duration_s = $10, frames = $11,
-                     cache_frames = $12, cache_width = $13, cache_height = $14, cache_fps = $15
-                 where id = $1",
-            )
-            .bind(id)
-            .bind(status)
-            .bind(code)
-            .bind(reason)
-            .bind(&info.container)
-            .bind(&info.codec)
-            .bind(info.width as i32)
-            .bind(info.height as i32)
-            .bind(info.fps)
-            .bind(info.duration_s)
-            .bind(info.frames as i64)
-            .bind(info.cache_frames as i32)
-            .bind(info.cache_width as i32)
-            .bind(info.cache_height as i32)
-            .bind(info.cache_fps)
-            .execute(&mut *tx)
-            .await?;
-            if status != "accepted" {
+            db::videos::record_probed(&mut *tx, id, status, code, reason, &info).await?;
+            if status != VideoStatus::Accepted {
                 let _ = std::fs::remove_file(cache);
             }
         }
@@ -387,25 +349,14 @@ async fn record_outcome(
             // Something FFmpeg does not recognise at all is skipped, unless the upload said it
             // was a video (labels.csv, single-video upload) or its name says so.
             let status = if r.is_not_media() && !p.claimed && !has_video_extension(&p.path) {
-                "skipped"
+                VideoStatus::Skipped
             } else {
-                "rejected"
+                VideoStatus::Rejected
             };
-            sqlx::query(
-                "update videos set status = $2, reason_code = $3, reason = $4 where id = $1",
-            )
-            .bind(id)
-            .bind(status)
-            .bind(&r.code)
-            .bind(&r.detail)
-            .execute(&mut *tx)
-            .await?;
+            db::videos::record_refused(&mut *tx, id, status, &r.code, &r.detail).await?;
         }
     }
-    sqlx::query("update datasets set videos_done = videos_done + 1 where id = $1")
-        .bind(dataset_id)
-        .execute(&mut *tx)
-        .await?;
+    db::datasets::video_done(&mut *tx, dataset_id).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -422,18 +373,21 @@ fn has_video_extension(path: &str) -> bool {
 /// Assign splits to new accepted videos, compute the content hash, set the final status.
 async fn finalize(
     db: &PgPool,
-    upload: &db::datasets::PendingUpload,
-    target: &db::datasets::IngestTarget,
+    upload: &PendingUpload,
+    target: &IngestTarget,
 ) -> anyhow::Result<()> {
     let spec: SplitSpec = serde_json::from_value(target.split.clone()).unwrap_or_default();
     let videos = db::datasets::dataset_videos(db, target.id).await?;
-    let accepted: Vec<_> = videos.iter().filter(|v| v.status == "accepted").collect();
+    let accepted: Vec<_> = videos
+        .iter()
+        .filter(|v| v.status == VideoStatus::Accepted)
+        .collect();
     let mut items: Vec<split::Item> = accepted
         .iter()
         .map(|v| split::Item {
             label: v.label.clone().unwrap_or_default(),
             patient: v.patient_id.clone(),
-            split: v.split.as_deref().and_then(Split::parse),
+            split: v.split,
         })
         .collect();
     split::assign(&mut items, &spec);
@@ -442,13 +396,9 @@ async fn finalize(
     let mut lines: Vec<String> = Vec::with_capacity(accepted.len());
     let mut tx = db.begin().await?;
     for (v, it) in accepted.iter().zip(&items) {
-        let s = it.split.expect("assigned").as_str();
-        if v.split.as_deref() != Some(s) {
-            sqlx::query("update videos set split = $2 where id = $1")
-                .bind(v.id)
-                .bind(s)
-                .execute(&mut *tx)
-                .await?;
+        let s = it.split.expect("assigned");
+        if v.split != Some(s) {
+            db::videos::set_split(&mut *tx, v.id, s).await?;
         }
         lines.push(format!(
             "{} {} {}",
@@ -462,30 +412,23 @@ async fn finalize(
         hasher.update(l.as_bytes());
         hasher.update(b"\n");
     }
-    let rejected = videos.iter().filter(|v| v.status == "rejected").count();
-    let skipped = videos.iter().filter(|v| v.status == "skipped").count();
+    let count = |status| videos.iter().filter(|v| v.status == status).count();
+    let (rejected, skipped) = (count(VideoStatus::Rejected), count(VideoStatus::Skipped));
     let summary = format!(
         "{} accepted, {rejected} rejected, {skipped} skipped",
         accepted.len()
     );
     let (status, reason) = if accepted.is_empty() {
-        ("failed", format!("no usable videos ({summary})"))
+        (
+            DatasetStatus::Failed,
+            format!("no usable videos ({summary})"),
+        )
     } else {
-        ("ready", summary)
+        (DatasetStatus::Ready, summary)
     };
-    sqlx::query(
-        "update datasets set status = $2, status_reason = $3, content_hash = $4 where id = $1",
-    )
-    .bind(target.id)
-    .bind(status)
-    .bind(reason)
-    .bind((!accepted.is_empty()).then(|| hex::encode(hasher.finalize())))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("update uploads set status = 'done' where id = $1")
-        .bind(upload.id)
-        .execute(&mut *tx)
-        .await?;
+    let hash = (!accepted.is_empty()).then(|| hex::encode(hasher.finalize()));
+    db::datasets::finish_ingest(&mut *tx, target.id, status, &reason, hash.as_deref()).await?;
+    db::uploads::finish(&mut *tx, upload.id, UploadStatus::Done, None).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -493,33 +436,16 @@ async fn finalize(
 /// An archive refused whole: its bytes and whatever was extracted are removed, so that a bad
 /// multi-gigabyte upload does not keep holding the disk.
 fn discard_archive(dirs: &DatasetDirs, upload_id: Uuid, files_dir: &Path) {
-    let _ = std::fs::remove_file(dirs.incoming().join(upload_id.to_string()));
+    let _ = std::fs::remove_file(dirs.archive_body(upload_id));
     let _ = std::fs::remove_dir_all(files_dir);
 }
 
 /// The upload as a whole could not be used; keep what the dataset already had.
-async fn finish_failed(
-    db: &PgPool,
-    upload: &db::datasets::PendingUpload,
-    reason: &str,
-) -> anyhow::Result<()> {
+async fn finish_failed(db: &PgPool, upload: &PendingUpload, reason: &str) -> anyhow::Result<()> {
     let mut tx = db.begin().await?;
-    sqlx::query("update uploads set status = 'failed', reason = $2 where id = $1")
-        .bind(upload.id)
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "update datasets set
-             status = case when exists (select 1 from videos v where v.dataset_id = $1
-                                        and v.status = 'accepted') then 'ready' else 'failed' end,
-             status_reason = $2
-         where id = $1",
-    )
-    .bind(upload.dataset_id)
-    .bind(format!("upload {} failed: {reason}", upload.id))
-    .execute(&mut *tx)
-    .await?;
+    db::uploads::finish(&mut *tx, upload.id, UploadStatus::Failed, Some(reason)).await?;
+    let detail = format!("upload {} failed: {reason}", upload.id);
+    db::datasets::upload_failed(&mut *tx, upload.dataset_id, &detail).await?;
     tx.commit().await?;
     Ok(())
 }

@@ -7,35 +7,8 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Split {
-    Train,
-    Val,
-    Test,
-}
-
-impl Split {
-    pub const ALL: [Split; 3] = [Split::Train, Split::Val, Split::Test];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Val => "val",
-            Split::Test => "test",
-        }
-    }
-
-    /// Accepts the usual folder spellings.
-    pub fn parse(s: &str) -> Option<Split> {
-        match s.to_ascii_lowercase().as_str() {
-            "train" | "training" => Some(Split::Train),
-            "val" | "valid" | "validation" => Some(Split::Val),
-            "test" | "testing" => Some(Split::Test),
-            _ => None,
-        }
-    }
-}
+/// The split names live with the video rows that store them.
+pub use crate::db::videos::Split;
 
 /// Split ratios and seed, as stored on the dataset.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]

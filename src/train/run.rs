@@ -143,10 +143,13 @@ fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String
             .bind(dataset_id)
             .fetch_optional(&ctx.db),
     )?;
-    let accepted: Vec<_> = videos.iter().filter(|v| v.status == "accepted").collect();
+    let accepted: Vec<_> = videos
+        .iter()
+        .filter(|v| v.status == db::videos::VideoStatus::Accepted)
+        .collect();
     let classes: Vec<String> = accepted
         .iter()
-        .filter(|v| v.split.as_deref() == Some("train"))
+        .filter(|v| v.split == Some(db::videos::Split::Train))
         .filter_map(|v| v.label.clone())
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -181,10 +184,10 @@ fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String
             v.cache_height.unwrap_or(128) as i64,
             v.cache_width.unwrap_or(171) as i64,
         );
-        let list = match v.split.as_deref() {
-            Some("train") => &mut s.train,
-            Some("val") => &mut s.val,
-            Some("test") => &mut s.test,
+        let list = match v.split {
+            Some(db::videos::Split::Train) => &mut s.train,
+            Some(db::videos::Split::Val) => &mut s.val,
+            Some(db::videos::Split::Test) => &mut s.test,
             _ => continue,
         };
         list.items.push(item);

@@ -176,6 +176,29 @@ async fn a_messy_zip_keeps_its_good_videos_and_explains_every_bad_file(db: PgPoo
         "{codes:?}"
     );
     assert_eq!(report["rejected"].as_array().unwrap().len(), 9);
+    crate::openapi::assert_matches_schema("DatasetReport", &report);
+
+    // The list filters on the stored status; anything else is refused by name.
+    let rejected: Value = app
+        .get(&format!("/v1/datasets/{ds}/videos?status=rejected"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = rejected["items"].as_array().unwrap();
+    assert_eq!(items.len(), 9);
+    assert!(
+        items.iter().all(|v| v["status"] == "rejected"),
+        "{rejected}"
+    );
+    let problem = assert_problem(
+        app.get(&format!("/v1/datasets/{ds}/videos?status=done"), &key)
+            .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(problem["field"], "status");
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]

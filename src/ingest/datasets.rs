@@ -1,0 +1,331 @@
+//! What the API asks of datasets beyond reading rows: create one from a checked request, delete
+//! one with its files, and receive uploads one at a time, handing each to ingest once its bytes
+//! are safely on disk.
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::split::{Split, SplitSpec};
+use super::{DatasetDirs, IngestConfig, VideoMeta};
+use crate::db::{self, PgPool, datasets::Dataset, uploads::UploadKind};
+use crate::media::decode::CacheSpec;
+
+/// Why a dataset operation was refused. Each variant is one problem the API reports.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A request field is out of bounds.
+    #[error("{field}: {detail}")]
+    Invalid { field: &'static str, detail: String },
+    #[error("no such dataset")]
+    NotFound,
+    #[error("a dataset with this name already exists")]
+    NameTaken,
+    /// Deleting while an upload is received or ingested would pull files from under ingest.
+    #[error("the dataset is receiving or processing an upload")]
+    Busy,
+    /// One upload per dataset at a time: progress and the content hash are per dataset.
+    #[error("another upload to this dataset is being received or processed")]
+    UploadInProgress,
+    #[error(transparent)]
+    Database(#[from] db::Error),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+fn invalid(field: &'static str, detail: &str) -> DatasetError {
+    DatasetError::Invalid {
+        field,
+        detail: detail.to_owned(),
+    }
+}
+
+/// The body of a dataset creation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDataset {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Optional closed set of labels.
+    pub classes: Option<Vec<String>>,
+    #[serde(default)]
+    pub split: SplitSpec,
+    #[serde(default)]
+    pub cache: Option<CacheRequest>,
+}
+
+/// The training cache's size and rate, each defaulting to [`CacheSpec`]'s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRequest {
+    pub short_side: Option<u32>,
+    pub fps: Option<f64>,
+}
+
+/// Control characters (NUL above all, which PostgreSQL text cannot hold) have no place in names
+/// and labels.
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+impl NewDataset {
+    /// The cache spec to store, once every field is within bounds.
+    fn check(&self) -> Result<CacheSpec, DatasetError> {
+        let name = self.name.trim();
+        if name.is_empty() || name.len() > 200 || has_control(name) {
+            return Err(invalid(
+                "name",
+                "1 to 200 characters, no control characters",
+            ));
+        }
+        // PostgreSQL text cannot hold NUL: refuse it here rather than fail in the database.
+        if self.description.len() > 10_000 || self.description.contains('\0') {
+            return Err(invalid("description", "at most 10000 characters, no NUL"));
+        }
+        if let Some(classes) = &self.classes {
+            let unique: HashSet<_> = classes.iter().collect();
+            if classes.is_empty()
+                || unique.len() != classes.len()
+                || classes
+                    .iter()
+                    .any(|c| c.trim().is_empty() || c.len() > 100 || has_control(c))
+            {
+                return Err(invalid(
+                    "classes",
+                    "a non-empty list of distinct, non-empty labels of at most 100 characters \
+                     without control characters",
+                ));
+            }
+        }
+        self.split.validate().map_err(|e| DatasetError::Invalid {
+            field: "split",
+            detail: e,
+        })?;
+        let mut cache = CacheSpec::default();
+        if let Some(c) = &self.cache {
+            if let Some(side) = c.short_side {
+                if !(32..=1080).contains(&side) {
+                    return Err(invalid("cache.short_side", "between 32 and 1080"));
+                }
+                cache.short_side = side;
+            }
+            if let Some(fps) = c.fps {
+                if !(fps.is_finite() && (1.0..=120.0).contains(&fps)) {
+                    return Err(invalid("cache.fps", "between 1 and 120"));
+                }
+                cache.fps = fps;
+            }
+        }
+        Ok(cache)
+    }
+}
+
+/// Check and store a new dataset; returns it as the API shows it.
+pub async fn create(
+    db: &PgPool,
+    tenant_id: Uuid,
+    req: &NewDataset,
+) -> Result<Dataset, DatasetError> {
+    let cache = req.check()?;
+    let id = db::datasets::create(
+        db,
+        &db::datasets::NewDataset {
+            tenant_id,
+            name: req.name.trim(),
+            description: &req.description,
+            classes: req.classes.as_deref(),
+            split: serde_json::to_value(req.split).expect("serialises"),
+            cache_spec: serde_json::json!({ "short_side": cache.short_side, "fps": cache.fps }),
+        },
+    )
+    .await
+    .map_err(|e| {
+        if db::is_unique_violation(&e) {
+            DatasetError::NameTaken
+        } else {
+            e.into()
+        }
+    })?;
+    db::datasets::get(db, tenant_id, id)
+        .await?
+        .ok_or(DatasetError::NotFound)
+}
+
+/// Delete a dataset's row (its videos and uploads go with it) and then its files.
+pub async fn delete(
+    db: &PgPool,
+    data_dir: &std::path::Path,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<(), DatasetError> {
+    match db::datasets::delete(db, tenant_id, id).await? {
+        None => Err(DatasetError::NotFound),
+        Some(false) => Err(DatasetError::Busy),
+        Some(true) => {
+            let root = DatasetDirs::new(data_dir, id).root;
+            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&root))
+                .await
+                .map_err(anyhow::Error::from)?;
+            match removed {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::from(e))?,
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// The query parameters or form fields that come with a single video.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VideoFields {
+    pub label: Option<String>,
+    pub split: Option<String>,
+    pub patient_id: Option<String>,
+    pub filename: Option<String>,
+}
+
+impl VideoMeta {
+    /// Check a single video's fields: a label is required, the rest is optional.
+    pub fn parse(f: VideoFields) -> Result<VideoMeta, DatasetError> {
+        let label = f.label.unwrap_or_default().trim().to_owned();
+        if label.is_empty() || label.len() > 100 || has_control(&label) {
+            return Err(invalid(
+                "label",
+                "a label of 1 to 100 characters, without control characters, is required",
+            ));
+        }
+        let split = match f.split.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => Some(Split::parse(s).ok_or_else(|| invalid("split", "train, val or test"))?),
+        };
+        let patient_id = f
+            .patient_id
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty());
+        if patient_id
+            .as_ref()
+            .is_some_and(|p| p.len() > 100 || has_control(p))
+        {
+            return Err(invalid(
+                "patient_id",
+                "at most 100 characters, no control characters",
+            ));
+        }
+        // Only shown back to the tenant: keep it, minus what cannot be stored or displayed.
+        let filename = f
+            .filename
+            .map(|f| f.rsplit(['/', '\\']).next().unwrap_or_default().to_owned())
+            .map(|f| f.replace(char::is_control, "\u{FFFD}"))
+            .filter(|f| !f.is_empty())
+            .unwrap_or_else(|| "video".into());
+        Ok(VideoMeta {
+            filename,
+            label,
+            split,
+            patient_id,
+        })
+    }
+}
+
+/// What an upload brought.
+pub enum UploadContent {
+    /// An archive, stored at [`DatasetDirs::archive_body`].
+    Archive,
+    /// One video, stored at [`DatasetDirs::video_body`].
+    Video(VideoMeta),
+}
+
+/// Holds the dataset's "receiving" flag while an upload's body arrives; puts the dataset back if
+/// the upload is not accepted (also when the client disconnects and the request is dropped).
+pub struct Receiving {
+    db: PgPool,
+    tenant_id: Uuid,
+    dataset_id: Uuid,
+    upload_id: Uuid,
+    armed: bool,
+}
+
+impl Receiving {
+    /// Take the dataset for one upload, or say why not.
+    pub async fn claim(
+        db: &PgPool,
+        tenant_id: Uuid,
+        dataset_id: Uuid,
+    ) -> Result<Self, DatasetError> {
+        match db::datasets::begin_receiving(db, tenant_id, dataset_id).await? {
+            None => Err(DatasetError::NotFound),
+            Some(false) => Err(DatasetError::UploadInProgress),
+            Some(true) => Ok(Self {
+                db: db.clone(),
+                tenant_id,
+                dataset_id,
+                upload_id: Uuid::new_v4(),
+                armed: true,
+            }),
+        }
+    }
+
+    /// The id the upload will have; its body is stored under it.
+    pub fn upload_id(&self) -> Uuid {
+        self.upload_id
+    }
+
+    /// The body is whole on disk and its checksum verified: record the upload and start ingest.
+    pub async fn accept(
+        mut self,
+        data_dir: PathBuf,
+        config: Arc<IngestConfig>,
+        content: UploadContent,
+        bytes: u64,
+        sha256: &str,
+    ) -> Result<(), DatasetError> {
+        let (kind, meta) = match content {
+            UploadContent::Archive => (UploadKind::Archive, serde_json::json!({})),
+            UploadContent::Video(meta) => (
+                UploadKind::Video,
+                serde_json::to_value(meta).expect("serialises"),
+            ),
+        };
+        let upload = db::uploads::NewUpload {
+            id: self.upload_id,
+            dataset_id: self.dataset_id,
+            tenant_id: self.tenant_id,
+            kind,
+            bytes,
+            sha256,
+            meta,
+        };
+        db::uploads::received(&self.db, &upload).await?;
+        self.armed = false;
+        super::spawn(
+            self.db.clone(),
+            data_dir,
+            config,
+            db::uploads::PendingUpload {
+                id: upload.id,
+                sha256: sha256.to_owned(),
+                dataset_id: upload.dataset_id,
+                tenant_id: upload.tenant_id,
+                kind,
+                meta: upload.meta,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        if self.armed {
+            let (db, id) = (self.db.clone(), self.dataset_id);
+            tokio::spawn(async move {
+                if let Err(e) = db::datasets::abort_receiving(&db, id).await {
+                    tracing::error!(error = %e, dataset_id = %id, "could not release an aborted upload");
+                }
+            });
+        }
+    }
+}
