@@ -10,6 +10,7 @@ pub mod audit;
 pub mod base_models;
 pub mod datasets;
 pub mod jobs;
+pub mod models;
 pub mod tenants;
 
 /// Migrations in `migrations/`, embedded at build time.
