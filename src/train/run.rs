@@ -704,3 +704,200 @@ fn class_weights(splits: &Splits) -> Tensor {
         .collect();
     Tensor::from_slice(&w)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::Arch;
+    use crate::media::cache::CacheWriter;
+    use crate::train::splits::SplitVideo;
+
+    /// What an attempt reported, kept in memory; `fence_at_checkpoint` plays a job reclaimed
+    /// by another attempt.
+    #[derive(Default)]
+    struct Memory {
+        fence_at_checkpoint: bool,
+        steps: Vec<(i64, u32)>,
+        epochs: Vec<(u32, f64, f64, Metrics)>,
+        events: Vec<(String, String)>,
+        checkpoints: Vec<String>,
+        models: Vec<(Uuid, PathBuf, Vec<String>)>,
+    }
+
+    impl AttemptLog for Memory {
+        fn progress(&mut self, _: Progress) -> anyhow::Result<Control> {
+            Ok(Control::Continue)
+        }
+        fn step(&mut self, step: i64, epoch: u32, _: f64, _: f64) -> anyhow::Result<()> {
+            self.steps.push((step, epoch));
+            Ok(())
+        }
+        fn epoch(&mut self, e: &EpochRecord) -> anyhow::Result<u64> {
+            let m = e.val.clone();
+            self.epochs
+                .push((e.epoch, e.train_loss, e.train_accuracy, m));
+            Ok(1)
+        }
+        fn event(
+            &mut self,
+            kind: &str,
+            _: &str,
+            msg: &str,
+            _: serde_json::Value,
+        ) -> anyhow::Result<()> {
+            self.events.push((kind.to_owned(), msg.to_owned()));
+            Ok(())
+        }
+        fn checkpoint(&mut self, path: &str) -> anyhow::Result<bool> {
+            self.checkpoints.push(path.to_owned());
+            Ok(!self.fence_at_checkpoint)
+        }
+        fn finish(&mut self, m: &TrainedModel) -> anyhow::Result<bool> {
+            self.models
+                .push((m.id, m.path.to_path_buf(), m.classes.to_vec()));
+            Ok(true)
+        }
+    }
+
+    /// A cached video of 8 frames, 40 × 40: class 0 bright on the left, class 1 on the right.
+    fn video(dir: &Path, name: &str, class: usize, seed: u8) -> PathBuf {
+        let path = dir.join(format!("{name}.vtc"));
+        let mut w = CacheWriter::create(&path, 40, 40, 10.0).unwrap();
+        for f in 0..8u8 {
+            let frame: Vec<u8> = (0..40 * 40)
+                .flat_map(|p| {
+                    let left = p % 40 < 20;
+                    let lit = left == (class == 0);
+                    let v = if lit { 200 } else { 40 } + (f * 3 + seed * 5) % 30;
+                    [v, v / 2, 255 - v]
+                })
+                .collect();
+            w.push(&frame).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    /// Two classes: 2 training videos each, 1 validation and 1 test video each.
+    fn splits(dir: &Path) -> Splits {
+        let mut videos = Vec::new();
+        for (split, n) in [("train", 2), ("val", 1), ("test", 1)] {
+            for class in 0..2 {
+                for i in 0..n {
+                    let name = format!("{split}-{class}-{i}");
+                    videos.push(SplitVideo {
+                        split: Some(split.to_owned()),
+                        label: Some(["left", "right"][class].to_owned()),
+                        cache: video(dir, &name, class, i as u8 + class as u8),
+                        frames: 8,
+                        hw: (40, 40),
+                    });
+                }
+            }
+        }
+        Splits::new(videos).unwrap()
+    }
+
+    fn job(id: Uuid, attempt: i32, splits: Splits, checkpoint: Option<String>) -> Job {
+        let hp: Hyperparameters = serde_json::from_value(json!({
+            "epochs": 2, "batch_size": 2, "frames": 4, "crop": 32, "warmup_epochs": 0,
+            "eval_clips": 1, "loader_threads": 1, "log_every_steps": 1, "lr": 0.05, "seed": 3
+        }))
+        .unwrap();
+        hp.validate().unwrap();
+        Job {
+            id,
+            attempt,
+            base_model: "r3d_18".into(),
+            hp,
+            base: Base::Builtin(Arch::R3d18),
+            prep: Arch::R3d18.preprocessing(),
+            pretrained: None,
+            splits,
+            checkpoint,
+        }
+    }
+
+    fn context(data_dir: &Path) -> Context {
+        Context {
+            data_dir: data_dir.to_path_buf(),
+            device: Device::Cpu,
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn an_attempt_trains_checkpoints_exports_and_resumes_to_the_same_epochs() {
+        let data = tempfile::tempdir().unwrap();
+        let ctx = context(data.path());
+        let splits = splits(data.path());
+        let id = Uuid::new_v4();
+        let mut log = Memory::default();
+        let outcome = run(&ctx, job(id, 1, splits.clone(), None), &mut log).unwrap();
+
+        let Outcome::Succeeded(model) = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(log.epochs.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2]);
+        // 4 training clips in batches of 2: 2 steps an epoch, each logged.
+        assert_eq!(log.steps, [(1, 0), (2, 0), (3, 1), (4, 1)]);
+        let ckpt = |e: u32| format!("jobs/{id}/checkpoints/epoch-{e:04}");
+        assert_eq!(log.checkpoints, [ckpt(1), ckpt(2)]);
+        assert!(data.path().join(ckpt(1)).join("state.json").exists());
+        assert_eq!(log.models.len(), 1);
+        let (mid, path, classes) = &log.models[0];
+        assert_eq!(*mid, model);
+        assert_eq!(classes, &["left", "right"]);
+        assert_eq!(path, &Path::new("models").join(model.to_string()));
+        let exported: Vec<_> = std::fs::read_dir(data.path().join(path))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(!exported.is_empty());
+        let kinds: Vec<&str> = log.events.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(kinds, ["weights", "epoch", "epoch", "test"]);
+
+        // A second attempt from the checkpoint after epoch 1 trains the same epoch 2.
+        let mut resumed = Memory::default();
+        let outcome = run(&ctx, job(id, 2, splits, Some(ckpt(1))), &mut resumed).unwrap();
+        assert!(matches!(outcome, Outcome::Succeeded(_)), "{outcome:?}");
+        assert_eq!(
+            resumed.events[1].1,
+            "resumed from the checkpoint after epoch 1"
+        );
+        assert_eq!(resumed.epochs.len(), 1);
+        let (a, b) = (&log.epochs[1], &resumed.epochs[0]);
+        assert_eq!(b.0, 2);
+        let close = |x: f64, y: f64| (x - y).abs() < 1e-5;
+        assert!(close(a.1, b.1), "train loss {} vs resumed {}", a.1, b.1);
+        assert!(close(a.2, b.2), "train accuracy {} vs resumed {}", a.2, b.2);
+        assert!(
+            close(a.3.loss, b.3.loss),
+            "val loss {} vs {}",
+            a.3.loss,
+            b.3.loss
+        );
+        assert_eq!(a.3.confusion, b.3.confusion);
+        assert_eq!(resumed.steps, [(3, 1), (4, 1)]);
+    }
+
+    #[test]
+    fn a_fenced_out_attempt_stops_at_its_checkpoint_and_records_no_model() {
+        let data = tempfile::tempdir().unwrap();
+        let ctx = context(data.path());
+        let mut log = Memory {
+            fence_at_checkpoint: true,
+            ..Memory::default()
+        };
+        let outcome = run(
+            &ctx,
+            job(Uuid::new_v4(), 1, splits(data.path()), None),
+            &mut log,
+        );
+        assert_eq!(outcome.unwrap(), Outcome::FencedOut);
+        assert_eq!(log.epochs.len(), 1);
+        assert_eq!(log.checkpoints.len(), 1);
+        assert!(log.models.is_empty());
+        assert!(!data.path().join("models").exists());
+    }
+}
