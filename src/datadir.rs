@@ -5,8 +5,8 @@
 //! paths. Every other module asks this one instead of joining path pieces itself.
 //!
 //! ```text
-//! datasets/<dataset>/incoming/<upload>      received upload bodies until extracted
-//! datasets/<dataset>/files/<upload>/…       extracted source videos
+//! datasets/<dataset>/incoming/<upload>      received archive bodies until extracted
+//! datasets/<dataset>/files/<upload>/…       extracted source videos (`video` for a single one)
 //! datasets/<dataset>/cache/<video>.vtc      the training cache
 //! jobs/<job>/checkpoints/epoch-NNNN/        checkpoints (weights, optimizer, loop state)
 //! models/<model>/                           exported models (model.safetensors, model.json, exports)
@@ -49,9 +49,7 @@ impl DataDir {
 
     /// A dataset's folders.
     pub fn dataset(&self, dataset_id: Uuid) -> DatasetDirs {
-        DatasetDirs {
-            root: self.root.join("datasets").join(dataset_id.to_string()),
-        }
+        DatasetDirs::new(&self.root, dataset_id)
     }
 
     /// A job's checkpoints, one folder per epoch.
@@ -97,6 +95,12 @@ pub struct DatasetDirs {
 }
 
 impl DatasetDirs {
+    /// The folders of `dataset_id` under the data directory `data_dir`.
+    pub fn new(data_dir: &Path, dataset_id: Uuid) -> Self {
+        Self {
+            root: data_dir.join("datasets").join(dataset_id.to_string()),
+        }
+    }
     /// Received upload bodies, `<upload_id>`, until ingest has extracted them.
     pub fn incoming(&self) -> PathBuf {
         self.root.join("incoming")
@@ -111,6 +115,14 @@ impl DatasetDirs {
     }
     pub fn cache_file(&self, video_id: Uuid) -> PathBuf {
         self.cache().join(format!("{video_id}.vtc"))
+    }
+    /// Where an archive upload's body is received.
+    pub fn archive_body(&self, upload_id: Uuid) -> PathBuf {
+        self.incoming().join(upload_id.to_string())
+    }
+    /// Where a single-video upload's body is received (and stays).
+    pub fn video_body(&self, upload_id: Uuid) -> PathBuf {
+        self.files(upload_id).join("video")
     }
 }
 

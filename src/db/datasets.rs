@@ -307,3 +307,13 @@ pub async fn dataset_videos(db: impl PgExecutor<'_>, dataset_id: Uuid) -> sqlx::
     .fetch_all(db)
     .await
 }
+
+/// The dataset's content hash (`None` for a dataset without one, or none at all).
+pub async fn content_hash(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<String>> {
+    let row: Option<(Option<String>,)> =
+        sqlx::query_as("select content_hash from datasets where id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(row.and_then(|r| r.0))
+}

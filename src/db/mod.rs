@@ -9,6 +9,7 @@ pub mod audit;
 pub mod base_models;
 pub mod datasets;
 pub mod jobs;
+pub mod models;
 pub mod tenants;
 pub mod uploads;
 pub mod videos;

@@ -426,7 +426,7 @@ fn training_curves(title: &str, metric: &str, epochs: &[db::jobs::EpochRow]) -> 
     let mut best: Option<(i32, f64)> = None;
     for e in epochs {
         if let Some(v) = e.val[metric].as_f64()
-            && crate::train::run::better(metric, v, best.map(|b| b.1))
+            && crate::train::hyper::Metric::named(metric).better(v, best.map(|b| b.1))
         {
             best = Some((e.epoch, v));
         }

@@ -52,41 +52,7 @@ impl IngestConfig {
     }
 }
 
-/// Where a dataset's bytes live under the data directory.
-pub struct DatasetDirs {
-    pub root: PathBuf,
-}
-
-impl DatasetDirs {
-    pub fn new(data_dir: &Path, dataset_id: Uuid) -> Self {
-        Self {
-            root: data_dir.join("datasets").join(dataset_id.to_string()),
-        }
-    }
-    /// Received upload bodies, `<upload_id>`, until ingest has extracted them.
-    pub fn incoming(&self) -> PathBuf {
-        self.root.join("incoming")
-    }
-    /// Source files, one folder per upload.
-    pub fn files(&self, upload_id: Uuid) -> PathBuf {
-        self.root.join("files").join(upload_id.to_string())
-    }
-    /// Training cache, one file per accepted video.
-    pub fn cache(&self) -> PathBuf {
-        self.root.join("cache")
-    }
-    pub fn cache_file(&self, video_id: Uuid) -> PathBuf {
-        self.cache().join(format!("{video_id}.vtc"))
-    }
-    /// Where an archive upload's body is received.
-    pub fn archive_body(&self, upload_id: Uuid) -> PathBuf {
-        self.incoming().join(upload_id.to_string())
-    }
-    /// Where a single-video upload's body is received (and stays).
-    pub fn video_body(&self, upload_id: Uuid) -> PathBuf {
-        self.files(upload_id).join("video")
-    }
-}
+pub use crate::datadir::DatasetDirs;
 
 /// Metadata stored with a single-video upload.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Default)]

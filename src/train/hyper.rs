@@ -64,17 +64,86 @@ impl Default for Augmentation {
     }
 }
 
+/// A validation metric that selects the best checkpoint or drives early stopping.
+///
+/// Any string deserializes (an unknown one as [`Metric::Unknown`]) so that
+/// [`Hyperparameters::validate`] reports it under the field's own name, as the API always has,
+/// rather than as a parse error of the whole object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "&'static str")]
+pub enum Metric {
+    Accuracy,
+    BalancedAccuracy,
+    MacroF1,
+    MacroAuc,
+    Loss,
+    /// A name that is none of the above; refused by `validate`.
+    Unknown,
+}
+
+impl Metric {
+    /// The metric of a name, as stored in a job's hyperparameters.
+    pub fn named(name: &str) -> Self {
+        match name {
+            "accuracy" => Self::Accuracy,
+            "balanced_accuracy" => Self::BalancedAccuracy,
+            "macro_f1" => Self::MacroF1,
+            "macro_auc" => Self::MacroAuc,
+            "loss" => Self::Loss,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Accuracy => "accuracy",
+            Self::BalancedAccuracy => "balanced_accuracy",
+            Self::MacroF1 => "macro_f1",
+            Self::MacroAuc => "macro_auc",
+            Self::Loss => "loss",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Whether `new` improves on `old` (lower is better only for `loss`).
+    pub fn better(self, new: f64, old: Option<f64>) -> bool {
+        match old {
+            None => true,
+            Some(old) if self == Self::Loss => new < old,
+            Some(old) => new > old,
+        }
+    }
+}
+
+impl From<String> for Metric {
+    fn from(name: String) -> Self {
+        Self::named(&name)
+    }
+}
+
+impl From<Metric> for &'static str {
+    fn from(m: Metric) -> Self {
+        m.name()
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Stop when the validation metric has not improved for `patience` epochs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyStopping {
     #[serde(default = "d_metric")]
-    pub metric: String,
+    pub metric: Metric,
     pub patience: u32,
 }
 
-fn d_metric() -> String {
-    "balanced_accuracy".into()
+fn d_metric() -> Metric {
+    Metric::BalancedAccuracy
 }
 
 macro_rules! defaults {
@@ -151,7 +220,7 @@ pub struct Hyperparameters {
     pub early_stopping: Option<EarlyStopping>,
     /// Metric choosing the best checkpoint.
     #[serde(default = "d_metric")]
-    pub selection_metric: String,
+    pub selection_metric: Metric,
     #[serde(default = "d_accum")]
     pub grad_accumulation: u32,
     /// Clip the gradient norm to this value.
@@ -184,14 +253,6 @@ impl Default for Hyperparameters {
         serde_json::from_str("{}").expect("every field has a default")
     }
 }
-
-const METRICS: [&str; 5] = [
-    "accuracy",
-    "balanced_accuracy",
-    "macro_f1",
-    "macro_auc",
-    "loss",
-];
 
 impl Hyperparameters {
     /// Check ranges; `Err((field, message))`.
@@ -267,13 +328,13 @@ impl Hyperparameters {
             "in [0, 0.5)",
         )?;
         check(
-            METRICS.contains(&self.selection_metric.as_str()),
+            self.selection_metric != Metric::Unknown,
             "selection_metric",
             "accuracy, balanced_accuracy, macro_f1, macro_auc or loss",
         )?;
         if let Some(es) = &self.early_stopping {
             check(
-                METRICS.contains(&es.metric.as_str()),
+                es.metric != Metric::Unknown,
                 "early_stopping.metric",
                 "accuracy, balanced_accuracy, macro_f1, macro_auc or loss",
             )?;
@@ -366,6 +427,41 @@ mod tests {
         assert_eq!(h.validate().unwrap_err().0, "lr");
         let h: Hyperparameters = serde_json::from_str(r#"{"device": "tpu"}"#).unwrap();
         assert_eq!(h.validate().unwrap_err().0, "device");
+    }
+
+    #[test]
+    fn metrics_are_stored_by_name_and_unknown_ones_refused_by_field() {
+        let h: Hyperparameters = serde_json::from_str(
+            r#"{"selection_metric": "loss", "early_stopping": {"patience": 2}}"#,
+        )
+        .unwrap();
+        assert_eq!(h.selection_metric, Metric::Loss);
+        let es = h.early_stopping.as_ref().unwrap();
+        assert_eq!(es.metric, Metric::BalancedAccuracy);
+        let v = serde_json::to_value(&h).unwrap();
+        assert_eq!(v["selection_metric"], "loss");
+        assert_eq!(v["early_stopping"]["metric"], "balanced_accuracy");
+        let h: Hyperparameters = serde_json::from_str(r#"{"selection_metric": "f1"}"#).unwrap();
+        assert_eq!(
+            h.validate().unwrap_err(),
+            (
+                "selection_metric",
+                "accuracy, balanced_accuracy, macro_f1, macro_auc or loss".to_owned()
+            )
+        );
+        let h: Hyperparameters =
+            serde_json::from_str(r#"{"early_stopping": {"metric": "auc", "patience": 1}}"#)
+                .unwrap();
+        assert_eq!(h.validate().unwrap_err().0, "early_stopping.metric");
+    }
+
+    #[test]
+    fn lower_is_better_only_for_loss() {
+        assert!(Metric::Loss.better(0.4, Some(0.5)));
+        assert!(!Metric::Loss.better(0.6, Some(0.5)));
+        assert!(Metric::MacroF1.better(0.6, Some(0.5)));
+        assert!(!Metric::Accuracy.better(0.5, Some(0.5)));
+        assert!(Metric::Accuracy.better(0.0, None));
     }
 
     #[test]

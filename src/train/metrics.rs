@@ -3,6 +3,8 @@
 //! confusion matrix.
 use serde::{Deserialize, Serialize};
 
+use super::hyper::Metric;
+
 /// Per-class figures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ClassMetrics {
@@ -128,16 +130,16 @@ pub fn compute(labels: &[String], probs: &[Vec<f64>], truth: &[usize], loss: f64
 }
 
 impl Metrics {
-    /// The value of a named metric for model selection and early stopping (higher is better,
-    /// except `loss`).
-    pub fn get(&self, name: &str) -> Option<f64> {
-        match name {
-            "accuracy" => Some(self.accuracy),
-            "balanced_accuracy" => Some(self.balanced_accuracy),
-            "macro_f1" => Some(self.macro_f1),
-            "macro_auc" => self.macro_auc,
-            "loss" => Some(self.loss),
-            _ => None,
+    /// The value of a metric for model selection and early stopping (`None` for an AUC that
+    /// is undefined, e.g. a class absent from the split).
+    pub fn get(&self, metric: Metric) -> Option<f64> {
+        match metric {
+            Metric::Accuracy => Some(self.accuracy),
+            Metric::BalancedAccuracy => Some(self.balanced_accuracy),
+            Metric::MacroF1 => Some(self.macro_f1),
+            Metric::MacroAuc => self.macro_auc,
+            Metric::Loss => Some(self.loss),
+            Metric::Unknown => None,
         }
     }
 }
@@ -175,6 +177,6 @@ mod tests {
         assert!((polyp.specificity - 2.0 / 3.0).abs() < 1e-12);
         assert!((m.balanced_accuracy - (2.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12);
         assert_eq!(polyp.auc, Some(1.0));
-        assert_eq!(m.get("accuracy"), Some(0.75));
+        assert_eq!(m.get(Metric::Accuracy), Some(0.75));
     }
 }

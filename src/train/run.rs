@@ -1,10 +1,15 @@
 //! The training loop of one job attempt, run in a `vidtune train-job` child process.
 //!
+//! The attempt is a sequence of phases — [`Attempt::prepare`], then per epoch
+//! [`Attempt::train_epoch`], an evaluation and [`Attempt::end_epoch`], then [`Attempt::finish`]
+//! — over a [`Job`] read before it starts; everything it reports goes through an
+//! [`AttemptLog`], so the loop itself knows no database.
+//!
 //! Reproducibility: each epoch seeds libtorch and the clip planner from (seed, epoch), and every
 //! random choice about data (order, clip position, crop, flip) is made on this thread, so a job
 //! resumed from the checkpoint of epoch k produces the same epochs k+1… as an uninterrupted
-//! run. Every database write names the attempt and is ignored if the attempt is stale.
-use std::collections::BTreeSet;
+//! run. Every write of the log names the attempt and is ignored if the attempt is stale.
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,19 +17,20 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sqlx::PgPool;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use uuid::Uuid;
 
-use super::data::{self, ClipSpec, Item, Loader, Plan};
+use super::checkpoint::{self, LoopState};
+use super::data::{self, ClipSpec, Item, Loader, Plan, RawClip};
+use super::evaluate::{Clips, classification_loss, evaluate};
 use super::hyper::{Hyperparameters, Imbalance, Precision};
-use super::metrics::{self, Metrics};
+use super::metrics::Metrics;
 use super::optim::{Group, Optimizer};
-use crate::backbone::{self, Arch, Base, Preprocessing, VideoClassifier, amp, export};
-use crate::db;
+use super::splits::{Split, Splits};
+use crate::backbone::{self, Base, HeadSpec, Preprocessing, VideoClassifier, export};
+use crate::datadir::DataDir;
 
 /// How an attempt ended, short of an error.
 #[derive(Debug, PartialEq)]
@@ -44,12 +50,6 @@ pub enum TrainError {
     System(#[from] anyhow::Error),
 }
 
-impl From<sqlx::Error> for TrainError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::System(e.into())
-    }
-}
-
 fn user(msg: impl Into<String>) -> TrainError {
     TrainError::User(msg.into())
 }
@@ -63,182 +63,166 @@ pub fn alive() {
     let _ = out.flush();
 }
 
-/// What the attempt runs with.
+/// Where and on what the attempt runs.
 pub struct Context {
-    pub db: PgPool,
-    pub rt: tokio::runtime::Runtime,
-    pub job_id: Uuid,
-    pub attempt: i32,
-    pub data_dir: PathBuf,
+    pub data_dir: DataDir,
     pub device: Device,
+    /// When the attempt began (before its inputs were read): `max_runtime_s` counts from here.
+    pub started: Instant,
 }
 
-impl Context {
-    fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.rt.block_on(f)
-    }
+/// Everything an attempt reads from the database, read before it starts.
+pub struct Job {
+    pub id: Uuid,
+    pub attempt: i32,
+    /// The base model's name, as the exported model records it.
+    pub base_model: String,
+    pub hp: Hyperparameters,
+    pub base: Base,
+    /// The base model's input spec, before the job's `frames` and `crop`.
+    pub prep: Preprocessing,
+    /// Installed pretrained weights of a built-in architecture.
+    pub pretrained: Option<Pretrained>,
+    pub splits: Splits,
+    /// The newest checkpoint of an earlier attempt, relative to the data directory.
+    pub checkpoint: Option<String>,
+}
 
+/// A pretrained weights file.
+pub struct Pretrained {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+/// What the attempt should do after reporting progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    CancelRequested,
+    /// The attempt is stale (the job was reclaimed or ended): stop without writing.
+    FencedOut,
+}
+
+/// Progress within the running epoch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// The running epoch, from 1.
+    pub epoch: u32,
+    pub step: i64,
+    /// Share of the whole job done, 0 to 1.
+    pub fraction: f64,
+    pub eta_s: f64,
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochRecord<'a> {
+    /// From 1.
+    pub epoch: u32,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val: &'a Metrics,
+    /// The learning rate of the epoch's last optimizer step.
+    pub lr: f64,
+    pub clips_per_s: f64,
+    pub data_wait_share: f64,
+}
+
+/// The trained model, its files already written under `path`.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainedModel<'a> {
+    pub id: Uuid,
+    /// Relative to the data directory.
+    pub path: &'a Path,
+    pub classes: &'a [String],
+    pub preprocessing: &'a Preprocessing,
+    pub head: &'a HeadSpec,
+    pub eval_clips: u32,
+    pub val: &'a Metrics,
+    pub test: Option<&'a Metrics>,
+}
+
+/// Where an attempt reports. Every write is fenced by the attempt: a stale attempt's writes
+/// change nothing, and the methods that can tell say so.
+pub trait AttemptLog {
+    /// Progress of the running epoch; whether to go on.
+    fn progress(&mut self, p: Progress) -> anyhow::Result<Control>;
+    /// Loss and learning rate at a logged step (`epoch` from 0, as steps are recorded).
+    fn step(&mut self, step: i64, epoch: u32, loss: f64, lr: f64) -> anyhow::Result<()>;
+    /// A finished epoch's metrics; the records written (0 when a resumed attempt repeats it).
+    fn epoch(&mut self, e: &EpochRecord) -> anyhow::Result<u64>;
     fn event(
-        &self,
+        &mut self,
         kind: &str,
         level: &str,
         message: &str,
         data: serde_json::Value,
-    ) -> Result<(), TrainError> {
-        self.block(db::jobs::event(
-            &self.db,
-            self.job_id,
-            self.attempt,
-            kind,
-            level,
-            message,
-            data,
-        ))?;
-        Ok(())
-    }
-}
-
-/// Loop state saved with every checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct LoopState {
-    /// Epochs completed.
-    epochs_done: u32,
-    step: i64,
-    optimizer_step: i64,
-    best_epoch: Option<u32>,
-    best_value: Option<f64>,
-    /// Early stopping: the best value of its metric and the epochs since it improved.
-    es_best: Option<f64>,
-    es_bad: u32,
-}
-
-/// Whether `new` improves on `old` for a selection metric (lower is better only for `loss`).
-pub fn better(metric: &str, new: f64, old: Option<f64>) -> bool {
-    match old {
-        None => true,
-        Some(old) if metric == "loss" => new < old,
-        Some(old) => new > old,
-    }
-}
-
-/// The dataset split into train / val / test items, and the class names.
-struct Splits {
-    classes: Vec<String>,
-    train: Split,
-    val: Split,
-    test: Split,
-}
-
-/// The videos of one split and their cached frame sizes.
-#[derive(Default, Clone)]
-struct Split {
-    items: Vec<Item>,
-    hw: Vec<(i64, i64)>,
-}
-
-fn load_splits(ctx: &Context, dataset_id: Uuid) -> Result<(Splits, Option<String>), TrainError> {
-    let videos = ctx.block(db::datasets::dataset_videos(&ctx.db, dataset_id))?;
-    let hash: Option<(Option<String>,)> = ctx.block(
-        sqlx::query_as("select content_hash from datasets where id = $1")
-            .bind(dataset_id)
-            .fetch_optional(&ctx.db),
-    )?;
-    let accepted: Vec<_> = videos
-        .iter()
-        .filter(|v| v.status == db::videos::VideoStatus::Accepted)
-        .collect();
-    let classes: Vec<String> = accepted
-        .iter()
-        .filter(|v| v.split == Some(db::videos::Split::Train))
-        .filter_map(|v| v.label.clone())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    if classes.len() < 2 {
-        return Err(user(format!(
-            "the training split has {} class(es); at least 2 are needed",
-            classes.len()
-        )));
-    }
-    let dirs = crate::ingest::DatasetDirs::new(&ctx.data_dir, dataset_id);
-    let mut s = Splits {
-        classes,
-        train: Split::default(),
-        val: Split::default(),
-        test: Split::default(),
-    };
-    for v in accepted {
-        let Some(label) = v
-            .label
-            .as_ref()
-            .and_then(|l| s.classes.iter().position(|c| c == l))
-        else {
-            continue;
-        };
-        let item = Item {
-            cache: dirs.cache_file(v.id),
-            frames: v.cache_frames.unwrap_or(0).max(1) as u32,
-            label,
-        };
-        let hw = (
-            v.cache_height.unwrap_or(128) as i64,
-            v.cache_width.unwrap_or(171) as i64,
-        );
-        let list = match v.split {
-            Some(db::videos::Split::Train) => &mut s.train,
-            Some(db::videos::Split::Val) => &mut s.val,
-            Some(db::videos::Split::Test) => &mut s.test,
-            _ => continue,
-        };
-        list.items.push(item);
-        list.hw.push(hw);
-    }
-    if s.val.items.is_empty() {
-        return Err(user(
-            "the dataset has no validation videos (give the val split a share)",
-        ));
-    }
-    Ok((s, hash.and_then(|h| h.0)))
+    ) -> anyhow::Result<()>;
+    /// The newest checkpoint (relative to the data directory); `false` when fenced out.
+    fn checkpoint(&mut self, path: &str) -> anyhow::Result<bool>;
+    /// Record the model and end the job as succeeded, both or neither; `false` when fenced
+    /// out (then nothing was recorded).
+    fn finish(&mut self, model: &TrainedModel) -> anyhow::Result<bool>;
 }
 
 /// Run one attempt of a job to its end.
-pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
-    let started = Instant::now();
-    let job = ctx
-        .block(db::jobs::get_any(&ctx.db, ctx.job_id))?
-        .context("the job no longer exists")?;
-    let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())
-        .map_err(|e| user(format!("invalid hyperparameters: {e}")))?;
-    let (splits, dataset_hash) = load_splits(ctx, job.dataset_id)?;
-    let classes = splits.classes.clone();
+pub fn run(ctx: &Context, job: Job, log: &mut dyn AttemptLog) -> Result<Outcome, TrainError> {
+    let mut attempt = Attempt::prepare(ctx, job, log)?;
+    for epoch in attempt.state.epochs_done..attempt.job.hp.epochs {
+        let trained = match attempt.train_epoch(epoch)? {
+            ControlFlow::Continue(t) => t,
+            ControlFlow::Break(outcome) => return Ok(outcome),
+        };
+        let val = attempt.evaluate(&attempt.job.splits.val, 1)?;
+        match attempt.end_epoch(epoch, &trained, &val)? {
+            AfterEpoch::Next => {}
+            AfterEpoch::EarlyStop => break,
+            AfterEpoch::FencedOut => return Ok(Outcome::FencedOut),
+        }
+    }
+    attempt.finish()
+}
 
-    // Base model and its input spec.
-    let (base, mut prep, weights_sha) = match Arch::parse(&job.base_model) {
-        Some(arch) => {
-            let installed = ctx.block(db::base_models::latest_weights(&ctx.db))?;
-            let w = installed.into_iter().find(|w| w.arch == arch.name());
-            (Base::Builtin(arch), arch.preprocessing(), w)
-        }
-        None => {
-            let b = ctx
-                .block(db::base_models::get_custom_by_name(
-                    &ctx.db,
-                    job.tenant_id,
-                    &job.base_model,
-                ))?
-                .ok_or_else(|| user(format!("base model `{}` no longer exists", job.base_model)))?;
-            let prep: Preprocessing =
-                serde_json::from_value(b.preprocessing.clone()).context("stored preprocessing")?;
-            (
-                Base::TorchScript {
-                    path: ctx.data_dir.join(&b.path),
-                    feature_dim: b.feature_dim as i64,
-                },
-                prep,
-                None,
-            )
-        }
-    };
+/// One attempt in progress: the model, its optimizer and the loop's state.
+struct Attempt<'a> {
+    ctx: &'a Context,
+    log: &'a mut dyn AttemptLog,
+    job: Job,
+    /// The job's input spec: the base model's with the job's `frames` and `crop`.
+    prep: Preprocessing,
+    spec: ClipSpec,
+    vs: VarStore,
+    model: VideoClassifier,
+    opt: Optimizer,
+    state: LoopState,
+    class_weights: Option<Tensor>,
+    train_items: Arc<Vec<Item>>,
+    ckpt_root: PathBuf,
+    last_poll: Instant,
+    /// Seconds per finished epoch of this attempt (for the ETA).
+    epoch_times: Vec<f64>,
+}
+
+/// What one epoch's training pass measured.
+struct Trained {
+    started: Instant,
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+    /// Time spent waiting for the loader.
+    wait: Duration,
+    lr: f64,
+}
+
+enum AfterEpoch {
+    Next,
+    EarlyStop,
+    FencedOut,
+}
+
+/// The job's input spec: the base model's, with the job's `frames` and `crop`.
+fn job_clips(hp: &Hyperparameters, base: &Preprocessing) -> (Preprocessing, ClipSpec) {
+    let mut prep = base.clone();
     if let Some(f) = hp.frames {
         prep.frames = f as i64;
     }
@@ -257,33 +241,430 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         crop_scale: hp.augmentation.crop_scale,
         flip: hp.augmentation.horizontal_flip,
     };
+    (prep, spec)
+}
 
-    tch::manual_seed(hp.seed as i64);
-    let mut vs = VarStore::new(ctx.device);
-    let model = VideoClassifier::new(
-        &vs.root(),
-        base.clone(),
-        classes.len() as i64,
-        &hp.head,
-        hp.freeze,
-    )
-    .map_err(|e| user(format!("{e:#}")))?;
-    match (&base, &weights_sha) {
-        (Base::Builtin(arch), Some(w)) => {
-            let tensors = Tensor::read_safetensors(ctx.data_dir.join(&w.path)).context("reading pretrained weights")?;
-            backbone::load_into(&vs, &tensors)?;
-            ctx.event("weights", "info", &format!("{} initialised from {} weights {}", arch.name(), arch.pretrained_on(), &w.sha256[..12]), json!({"sha256": w.sha256}))?;
+impl<'a> Attempt<'a> {
+    /// Build the model, load pretrained weights, resume from a checkpoint, weight the classes.
+    fn prepare(
+        ctx: &'a Context,
+        job: Job,
+        log: &'a mut dyn AttemptLog,
+    ) -> Result<Self, TrainError> {
+        let hp = &job.hp;
+        let (prep, spec) = job_clips(hp, &job.prep);
+        tch::manual_seed(hp.seed as i64);
+        let mut vs = VarStore::new(ctx.device);
+        let model = VideoClassifier::new(
+            &vs.root(),
+            job.base.clone(),
+            job.splits.classes.len() as i64,
+            &hp.head,
+            hp.freeze,
+        )
+        .map_err(|e| user(format!("{e:#}")))?;
+        check_clip_size(&model, &job.prep, &prep, ctx.device)?;
+        initialise(&vs, &job, log)?;
+        let mut opt = optimizer(hp, &model, &vs);
+        let mut state = LoopState::default();
+        if let Some(path) = &job.checkpoint {
+            state = checkpoint::load(&ctx.data_dir.resolve(path), &mut vs, &mut opt)?;
+            log.event(
+                "resumed",
+                "info",
+                &format!(
+                    "resumed from the checkpoint after epoch {}",
+                    state.epochs_done
+                ),
+                json!({"epoch": state.epochs_done}),
+            )?;
         }
-        (Base::Builtin(arch), None) => ctx.event(
+        let class_weights = (hp.class_imbalance == Imbalance::WeightedLoss)
+            .then(|| class_weights(&job.splits).to_device(ctx.device));
+        let ckpt_root = ctx.data_dir.checkpoints(job.id);
+        Ok(Self {
+            ctx,
+            log,
+            train_items: Arc::new(job.splits.train.items.clone()),
+            job,
+            prep,
+            spec,
+            vs,
+            model,
+            opt,
+            state,
+            class_weights,
+            ckpt_root,
+            last_poll: Instant::now(),
+            epoch_times: Vec::new(),
+        })
+    }
+
+    /// One pass over the training split; breaks with the outcome when the job was canceled
+    /// or the attempt fenced out.
+    fn train_epoch(&mut self, epoch: u32) -> Result<ControlFlow<Outcome, Trained>, TrainError> {
+        let started = Instant::now();
+        let plans = self.epoch_plans(epoch);
+        let threads = self.job.hp.loader_threads as usize;
+        let loader = Loader::start(self.train_items.clone(), plans.clone(), threads, 2);
+        let mut t = Trained {
+            started,
+            loss_sum: 0.0,
+            correct: 0,
+            seen: 0,
+            wait: Duration::ZERO,
+            lr: 0.0,
+        };
+        let mut waiting = Instant::now();
+        for (b, raw) in loader.enumerate() {
+            let raw =
+                raw.map_err(|e| TrainError::System(e.context("reading the training cache")))?;
+            t.wait += waiting.elapsed();
+            self.train_batch(epoch, b, plans.len(), &raw, &plans[b], &mut t)?;
+            if let ControlFlow::Break(outcome) = self.poll(epoch, b, plans.len(), started)? {
+                return Ok(ControlFlow::Break(outcome));
+            }
+            waiting = Instant::now();
+        }
+        self.state.optimizer_step = self.opt.step;
+        Ok(ControlFlow::Continue(t))
+    }
+
+    /// The epoch's clips: order (shuffled or class-balanced), positions and crops, batched.
+    fn epoch_plans(&self, epoch: u32) -> Vec<Vec<Plan>> {
+        let hp = &self.job.hp;
+        tch::manual_seed(
+            (hp.seed as i64)
+                .wrapping_mul(7919)
+                .wrapping_add(epoch as i64),
+        );
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(hp.seed.wrapping_mul(1_000_003) ^ (epoch as u64 + 1));
+        let items = &self.train_items;
+        let order: Vec<usize> = match hp.class_imbalance {
+            Imbalance::BalancedSampler => {
+                let by_class: Vec<Vec<usize>> = (0..self.job.splits.classes.len())
+                    .map(|c| (0..items.len()).filter(|&i| items[i].label == c).collect())
+                    .collect();
+                let present: Vec<&Vec<usize>> = by_class.iter().filter(|v| !v.is_empty()).collect();
+                (0..items.len())
+                    .map(|_| {
+                        let class = present[rand::RngExt::random_range(&mut rng, 0..present.len())];
+                        class[rand::RngExt::random_range(&mut rng, 0..class.len())]
+                    })
+                    .collect()
+            }
+            _ => {
+                let mut o: Vec<usize> = (0..items.len()).collect();
+                o.shuffle(&mut rng);
+                o
+            }
+        };
+        let hw = &self.job.splits.train.hw;
+        order
+            .chunks(hp.batch_size as usize)
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .map(|&i| data::train_plan(&mut rng, i, items[i].frames, &self.spec, hw[i]))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Forward, backward and (every `grad_accumulation` batches, and at the end) an optimizer
+    /// step; logs the loss every `log_every_steps`.
+    fn train_batch(
+        &mut self,
+        epoch: u32,
+        b: usize,
+        batches: usize,
+        raw: &[RawClip],
+        plans: &[Plan],
+        t: &mut Trained,
+    ) -> Result<(), TrainError> {
+        let hp = &self.job.hp;
+        let device = self.ctx.device;
+        let x = data::to_batch(raw, plans, &self.spec, &self.prep, device);
+        let labels: Vec<i64> = plans
+            .iter()
+            .map(|p| self.train_items[p.item].label as i64)
+            .collect();
+        let y = Tensor::from_slice(&labels).to_device(device);
+        let backbone_failed =
+            |e: anyhow::Error| user(format!("the TorchScript backbone failed: {e:#}"));
+        let (logits, loss) = {
+            let bf16 = hp.precision == Precision::Bf16;
+            let _amp = bf16.then(|| backbone::amp::Autocast::enter(device));
+            let logits = self
+                .model
+                .try_forward_t(&x, true)
+                .map_err(backbone_failed)?;
+            let weights = self.class_weights.as_ref();
+            let loss = classification_loss(&logits, &y, weights, hp.label_smoothing);
+            (logits, loss)
+        };
+        (&loss / hp.grad_accumulation as f64).backward();
+        self.model.finish_backward().map_err(backbone_failed)?;
+        if (b + 1).is_multiple_of(hp.grad_accumulation as usize) || b + 1 == batches {
+            if let Some(c) = hp.grad_clip {
+                self.opt.clip_grad_norm(c);
+            }
+            let steps_per_epoch = self.train_items.len().div_ceil(hp.batch_size as usize);
+            t.lr = hp.lr * hp.lr_factor(epoch as f64 + b as f64 / steps_per_epoch as f64);
+            self.opt.step(t.lr)?;
+            self.opt.zero_grad();
+        }
+        alive();
+        let loss_v = loss.double_value(&[]);
+        t.loss_sum += loss_v * labels.len() as f64;
+        t.correct += i64::try_from(logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64))
+            .unwrap_or(0) as usize;
+        t.seen += labels.len();
+        self.state.step += 1;
+        if self.state.step % hp.log_every_steps as i64 == 0 {
+            self.log.step(self.state.step, epoch, loss_v, t.lr)?;
+        }
+        Ok(())
+    }
+
+    /// At most once a second (and after the epoch's last batch): report progress and the ETA,
+    /// learn whether to go on, and enforce `max_runtime_s`.
+    fn poll(
+        &mut self,
+        epoch: u32,
+        b: usize,
+        batches: usize,
+        started: Instant,
+    ) -> Result<ControlFlow<Outcome>, TrainError> {
+        let hp = &self.job.hp;
+        if self.last_poll.elapsed() < Duration::from_secs(1) && b + 1 != batches {
+            return Ok(ControlFlow::Continue(()));
+        }
+        self.last_poll = Instant::now();
+        let share = (b + 1) as f64 / batches as f64;
+        let done = epoch as f64 + share;
+        let per_epoch = self
+            .epoch_times
+            .last()
+            .copied()
+            .unwrap_or_else(|| started.elapsed().as_secs_f64() / share);
+        let progress = Progress {
+            epoch: epoch + 1,
+            step: self.state.step,
+            fraction: done / hp.epochs as f64,
+            eta_s: per_epoch * (hp.epochs as f64 - done),
+        };
+        match self.log.progress(progress)? {
+            Control::FencedOut => return Ok(ControlFlow::Break(Outcome::FencedOut)),
+            Control::CancelRequested => return Ok(ControlFlow::Break(Outcome::Canceled)),
+            Control::Continue => {}
+        }
+        if let Some(max) = hp.max_runtime_s
+            && self.ctx.started.elapsed().as_secs() >= max
+        {
+            return Err(user(format!("stopped: max_runtime_s ({max} s) reached")));
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// `clips` clips per video of `split`, averaged.
+    fn evaluate(&self, split: &Split, clips: u32) -> anyhow::Result<Metrics> {
+        let how = Clips {
+            spec: &self.spec,
+            prep: &self.prep,
+            device: self.ctx.device,
+            bf16: self.job.hp.precision == Precision::Bf16,
+        };
+        evaluate(&self.model, split, &how, &self.job.splits.classes, clips)
+    }
+
+    /// Record the epoch, track the best epoch and early stopping, save a checkpoint and prune
+    /// old ones.
+    fn end_epoch(
+        &mut self,
+        epoch: u32,
+        t: &Trained,
+        val: &Metrics,
+    ) -> Result<AfterEpoch, TrainError> {
+        let hp = &self.job.hp;
+        let elapsed = t.started.elapsed().as_secs_f64();
+        self.epoch_times.push(elapsed);
+        let train_loss = t.loss_sum / t.seen.max(1) as f64;
+        let train_acc = t.correct as f64 / t.seen.max(1) as f64;
+        let inserted = self.log.epoch(&EpochRecord {
+            epoch: epoch + 1,
+            train_loss,
+            train_accuracy: train_acc,
+            val,
+            lr: t.lr,
+            clips_per_s: t.seen as f64 / elapsed,
+            data_wait_share: t.wait.as_secs_f64() / elapsed,
+        })?;
+        self.log.event(
+            "epoch",
+            "info",
+            &format!("epoch {}/{}: train loss {train_loss:.4}, val accuracy {:.3}, balanced {:.3}", epoch + 1, hp.epochs, val.accuracy, val.balanced_accuracy),
+            json!({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val.loss, "val_accuracy": val.accuracy, "val_balanced_accuracy": val.balanced_accuracy, "val_macro_f1": val.macro_f1, "inserted": inserted}),
+        )?;
+
+        let state = &mut self.state;
+        state.epochs_done = epoch + 1;
+        let value = val.get(hp.selection_metric).unwrap_or(val.accuracy);
+        if hp.selection_metric.better(value, state.best_value) {
+            state.best_value = Some(value);
+            state.best_epoch = Some(epoch + 1);
+        }
+        let mut stop = None;
+        if let Some(es) = &hp.early_stopping {
+            let v = val.get(es.metric).unwrap_or(val.accuracy);
+            if es.metric.better(v, state.es_best) {
+                state.es_best = Some(v);
+                state.es_bad = 0;
+            } else {
+                state.es_bad += 1;
+            }
+            stop = (state.es_bad >= es.patience).then_some(es);
+        }
+        let dir = checkpoint::save(
+            &self.ckpt_root,
+            self.job.attempt,
+            &self.vs,
+            &self.opt,
+            state,
+        )?;
+        if !self.log.checkpoint(&self.ctx.data_dir.relative(&dir))? {
+            return Ok(AfterEpoch::FencedOut);
+        }
+        checkpoint::prune(
+            &self.ckpt_root,
+            hp.keep_checkpoints as usize,
+            state.best_epoch,
+        );
+        let Some(es) = stop else {
+            return Ok(AfterEpoch::Next);
+        };
+        self.log.event(
+            "early_stop",
+            "info",
+            &format!(
+                "no improvement of {} for {} epochs; stopping",
+                es.metric, es.patience
+            ),
+            json!({"epoch": epoch + 1}),
+        )?;
+        Ok(AfterEpoch::EarlyStop)
+    }
+
+    /// The best epoch's weights, evaluated on the test split with multi-clip averaging and
+    /// exported; the model is recorded only after its files are complete.
+    fn finish(mut self) -> Result<Outcome, TrainError> {
+        let hp = &self.job.hp;
+        let best = self.state.best_epoch.unwrap_or(self.state.epochs_done);
+        let best_dir = checkpoint::epoch_dir(&self.ckpt_root, best);
+        if best != self.state.epochs_done && best_dir.exists() {
+            self.vs
+                .load(best_dir.join("model.safetensors"))
+                .context("loading the best checkpoint")?;
+        }
+        let val = self.evaluate(&self.job.splits.val, hp.eval_clips)?;
+        let test = if self.job.splits.test.items.is_empty() {
+            self.log.event(
+                "test",
+                "warning",
+                "the dataset has no test videos; the model has validation metrics only",
+                json!({}),
+            )?;
+            None
+        } else {
+            let m = self.evaluate(&self.job.splits.test, hp.eval_clips)?;
+            self.log.event("test", "info", &format!("test ({} clips per video): accuracy {:.3}, balanced {:.3}, macro-F1 {:.3}", hp.eval_clips, m.accuracy, m.balanced_accuracy, m.macro_f1), json!({"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1}))?;
+            Some(m)
+        };
+
+        let id = Uuid::new_v4();
+        let rel = DataDir::model_relative(id);
+        let classes = &self.job.splits.classes;
+        let meta = export::ExportMetadata::new(
+            &self.job.base_model,
+            classes.clone(),
+            hp.head.clone(),
+            self.prep.clone(),
+            hp.eval_clips as i64,
+        );
+        let dir = self.ctx.data_dir.resolve(&rel);
+        export::write_safetensors(&self.vs, &meta, &dir)?;
+        let committed = self.log.finish(&TrainedModel {
+            id,
+            path: &rel,
+            classes,
+            preprocessing: &self.prep,
+            head: &hp.head,
+            eval_clips: hp.eval_clips,
+            val: &val,
+            test: test.as_ref(),
+        })?;
+        if !committed {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(Outcome::FencedOut);
+        }
+        Ok(Outcome::Succeeded(id))
+    }
+}
+
+/// A custom backbone was inspected at the clip size it was registered with; one whose output
+/// depends on that size does not fit a job that changes `frames` or `crop`. One zero clip
+/// through it first makes that the user's error, naming the hyperparameters.
+fn check_clip_size(
+    model: &VideoClassifier,
+    registered: &Preprocessing,
+    job: &Preprocessing,
+    device: Device,
+) -> Result<(), TrainError> {
+    if !model.is_sandboxed() || (registered.frames, registered.crop) == (job.frames, job.crop) {
+        return Ok(());
+    }
+    let _guard = tch::no_grad_guard();
+    let clip = Tensor::zeros(
+        [2, 3, job.frames, job.crop, job.crop],
+        (Kind::Float, device),
+    );
+    model.try_forward_t(&clip, false).map(drop).map_err(|e| {
+        user(format!(
+            "the TorchScript backbone does not fit this job's clips of {} frames at {}×{} (it \
+             was registered with {} frames at {}×{}); choose hyperparameters.frames and \
+             hyperparameters.crop it accepts: {e:#}",
+            job.frames, job.crop, job.crop, registered.frames, registered.crop, registered.crop
+        ))
+    })
+}
+
+/// Pretrained weights into a built-in architecture, or say that it starts from random ones.
+fn initialise(vs: &VarStore, job: &Job, log: &mut dyn AttemptLog) -> Result<(), TrainError> {
+    let Base::Builtin(arch) = &job.base else {
+        return Ok(());
+    };
+    match &job.pretrained {
+        Some(w) => {
+            let tensors =
+                Tensor::read_safetensors(&w.path).context("reading pretrained weights")?;
+            backbone::load_into(vs, &tensors)?;
+            log.event("weights", "info", &format!("{} initialised from {} weights {}", arch.name(), arch.pretrained_on(), &w.sha256[..12]), json!({"sha256": w.sha256}))?;
+        }
+        None => log.event(
             "weights",
             "warning",
             &format!("no pretrained weights are installed for {}; training from random initialisation (vidtune weights pull {})", arch.name(), arch.name()),
             json!({}),
         )?,
-        _ => {}
     }
-    let (backbone_params, head_params) = model.trainable_groups(&vs);
-    let mut opt = Optimizer::new(
+    Ok(())
+}
+
+/// The backbone's trainable parameters at `lr × backbone_lr_mult`, the head's at `lr`.
+fn optimizer(hp: &Hyperparameters, model: &VideoClassifier, vs: &VarStore) -> Optimizer {
+    let (backbone_params, head_params) = model.trainable_groups(vs);
+    Optimizer::new(
         hp.optimizer,
         vec![
             Group {
@@ -297,514 +678,221 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
         ],
         hp.momentum,
         hp.weight_decay,
-    );
+    )
+}
 
-    let ckpt_root = ctx
-        .data_dir
-        .join("jobs")
-        .join(ctx.job_id.to_string())
-        .join("checkpoints");
-    let mut state = LoopState {
-        epochs_done: 0,
-        step: 0,
-        optimizer_step: 0,
-        best_epoch: None,
-        best_value: None,
-        es_best: None,
-        es_bad: 0,
-    };
-    if let Some(path) = &job.checkpoint {
-        let dir = ctx.data_dir.join(path);
-        vs.load(dir.join("model.safetensors"))
-            .context("loading the checkpoint's weights")?;
-        let opt_state = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
-            .context("loading optimizer state")?;
-        let saved = std::fs::read(dir.join("state.json")).context("reading checkpoint state")?;
-        state = serde_json::from_slice(&saved).context("checkpoint state")?;
-        opt.load_state(state.optimizer_step, &opt_state);
-        ctx.event(
-            "resumed",
-            "info",
-            &format!(
-                "resumed from the checkpoint after epoch {}",
-                state.epochs_done
-            ),
-            json!({"epoch": state.epochs_done}),
-        )?;
-    }
-
-    // Class weights for an imbalanced training set.
-    let counts: Vec<f64> = (0..classes.len())
+/// Inverse class frequencies of the training split, for an imbalanced training set.
+fn class_weights(splits: &Splits) -> Tensor {
+    let k = splits.classes.len();
+    let counts: Vec<f64> = (0..k)
         .map(|c| splits.train.items.iter().filter(|i| i.label == c).count() as f64)
         .collect();
-    let class_weights = (hp.class_imbalance == Imbalance::WeightedLoss).then(|| {
-        let n = counts.iter().sum::<f64>();
-        let w: Vec<f32> = counts
-            .iter()
-            .map(|&c| (n / (classes.len() as f64 * c.max(1.0))) as f32)
-            .collect();
-        Tensor::from_slice(&w).to_device(ctx.device)
-    });
+    let n = counts.iter().sum::<f64>();
+    let w: Vec<f32> = counts
+        .iter()
+        .map(|&c| (n / (k as f64 * c.max(1.0))) as f32)
+        .collect();
+    Tensor::from_slice(&w)
+}
 
-    let bf16 = hp.precision == Precision::Bf16;
-    let train_items = Arc::new(splits.train.items.clone());
-    let train_hw = &splits.train.hw;
-    let batch = hp.batch_size as usize;
-    let steps_per_epoch = train_items.len().div_ceil(batch);
-    let mut last_poll = Instant::now();
-    let mut epoch_times: Vec<f64> = Vec::new();
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::Arch;
+    use crate::media::cache::CacheWriter;
+    use crate::train::splits::SplitVideo;
 
-    for epoch in state.epochs_done..hp.epochs {
-        let epoch_start = Instant::now();
-        tch::manual_seed(
-            (hp.seed as i64)
-                .wrapping_mul(7919)
-                .wrapping_add(epoch as i64),
-        );
-        let mut rng =
-            rand::rngs::StdRng::seed_from_u64(hp.seed.wrapping_mul(1_000_003) ^ (epoch as u64 + 1));
-        let order: Vec<usize> = match hp.class_imbalance {
-            Imbalance::BalancedSampler => {
-                let by_class: Vec<Vec<usize>> = (0..classes.len())
-                    .map(|c| {
-                        (0..train_items.len())
-                            .filter(|&i| train_items[i].label == c)
-                            .collect()
-                    })
-                    .collect();
-                let present: Vec<&Vec<usize>> = by_class.iter().filter(|v| !v.is_empty()).collect();
-                (0..train_items.len())
-                    .map(|_| {
-                        let class = present[rand::RngExt::random_range(&mut rng, 0..present.len())];
-                        class[rand::RngExt::random_range(&mut rng, 0..class.len())]
-                    })
-                    .collect()
-            }
-            _ => {
-                let mut o: Vec<usize> = (0..train_items.len()).collect();
-                o.shuffle(&mut rng);
-                o
-            }
-        };
-        let plans: Vec<Vec<Plan>> = order
-            .chunks(batch)
-            .map(|chunk| {
-                chunk
-                    .iter()
-                    .map(|&i| {
-                        data::train_plan(&mut rng, i, train_items[i].frames, &spec, train_hw[i])
-                    })
-                    .collect()
-            })
-            .collect();
-        let loader = Loader::start(
-            train_items.clone(),
-            plans.clone(),
-            hp.loader_threads as usize,
-            2,
-        );
+    /// What an attempt reported, kept in memory; `fence_at_checkpoint` plays a job reclaimed
+    /// by another attempt.
+    #[derive(Default)]
+    struct Memory {
+        fence_at_checkpoint: bool,
+        steps: Vec<(i64, u32)>,
+        epochs: Vec<(u32, f64, f64, Metrics)>,
+        events: Vec<(String, String)>,
+        checkpoints: Vec<String>,
+        models: Vec<(Uuid, PathBuf, Vec<String>)>,
+    }
 
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
-        let mut wait = Duration::ZERO;
-        let mut lr_now = 0.0;
-        let mut waiting = Instant::now();
-        for (b, raw) in loader.enumerate() {
-            let raw =
-                raw.map_err(|e| TrainError::System(e.context("reading the training cache")))?;
-            wait += waiting.elapsed();
-            let x = data::to_batch(&raw, &plans[b], &spec, &prep, ctx.device);
-            let labels: Vec<i64> = plans[b]
-                .iter()
-                .map(|p| train_items[p.item].label as i64)
+    impl AttemptLog for Memory {
+        fn progress(&mut self, _: Progress) -> anyhow::Result<Control> {
+            Ok(Control::Continue)
+        }
+        fn step(&mut self, step: i64, epoch: u32, _: f64, _: f64) -> anyhow::Result<()> {
+            self.steps.push((step, epoch));
+            Ok(())
+        }
+        fn epoch(&mut self, e: &EpochRecord) -> anyhow::Result<u64> {
+            let m = e.val.clone();
+            self.epochs
+                .push((e.epoch, e.train_loss, e.train_accuracy, m));
+            Ok(1)
+        }
+        fn event(
+            &mut self,
+            kind: &str,
+            _: &str,
+            msg: &str,
+            _: serde_json::Value,
+        ) -> anyhow::Result<()> {
+            self.events.push((kind.to_owned(), msg.to_owned()));
+            Ok(())
+        }
+        fn checkpoint(&mut self, path: &str) -> anyhow::Result<bool> {
+            self.checkpoints.push(path.to_owned());
+            Ok(!self.fence_at_checkpoint)
+        }
+        fn finish(&mut self, m: &TrainedModel) -> anyhow::Result<bool> {
+            self.models
+                .push((m.id, m.path.to_path_buf(), m.classes.to_vec()));
+            Ok(true)
+        }
+    }
+
+    /// A cached video of 8 frames, 40 × 40: class 0 bright on the left, class 1 on the right.
+    fn video(dir: &Path, name: &str, class: usize, seed: u8) -> PathBuf {
+        let path = dir.join(format!("{name}.vtc"));
+        let mut w = CacheWriter::create(&path, 40, 40, 10.0).unwrap();
+        for f in 0..8u8 {
+            let frame: Vec<u8> = (0..40 * 40)
+                .flat_map(|p| {
+                    let left = p % 40 < 20;
+                    let lit = left == (class == 0);
+                    let v = if lit { 200 } else { 40 } + (f * 3 + seed * 5) % 30;
+                    [v, v / 2, 255 - v]
+                })
                 .collect();
-            let y = Tensor::from_slice(&labels).to_device(ctx.device);
-            let (logits, loss) = {
-                let _amp = bf16.then(|| amp::Autocast::enter(ctx.device));
-                let logits = model
-                    .try_forward_t(&x, true)
-                    .map_err(|e| user(format!("the TorchScript backbone failed: {e:#}")))?;
-                let loss =
-                    classification_loss(&logits, &y, class_weights.as_ref(), hp.label_smoothing);
-                (logits, loss)
-            };
-            (&loss / hp.grad_accumulation as f64).backward();
-            model
-                .finish_backward()
-                .map_err(|e| user(format!("the TorchScript backbone failed: {e:#}")))?;
-            let last = b + 1 == plans.len();
-            if (b + 1) % hp.grad_accumulation as usize == 0 || last {
-                if let Some(c) = hp.grad_clip {
-                    opt.clip_grad_norm(c);
-                }
-                lr_now = hp.lr * hp.lr_factor(epoch as f64 + b as f64 / steps_per_epoch as f64);
-                opt.step(lr_now)?;
-                opt.zero_grad();
-            }
-            alive();
-            let loss_v = loss.double_value(&[]);
-            loss_sum += loss_v * labels.len() as f64;
-            correct += i64::try_from(logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64))
-                .unwrap_or(0) as usize;
-            seen += labels.len();
-            state.step += 1;
-            if state.step % hp.log_every_steps as i64 == 0 {
-                ctx.block(db::jobs::insert_step(
-                    &ctx.db,
-                    ctx.job_id,
-                    ctx.attempt,
-                    state.step,
-                    epoch as i32,
-                    loss_v,
-                    lr_now,
-                ))?;
-            }
-            if last_poll.elapsed() >= Duration::from_secs(1) || last {
-                last_poll = Instant::now();
-                let done = epoch as f64 + (b + 1) as f64 / plans.len() as f64;
-                let per_epoch = epoch_times.last().copied().unwrap_or_else(|| {
-                    epoch_start.elapsed().as_secs_f64() / ((b + 1) as f64 / plans.len() as f64)
-                });
-                let eta = per_epoch * (hp.epochs as f64 - done);
-                match ctx.block(db::jobs::progress(
-                    &ctx.db,
-                    ctx.job_id,
-                    ctx.attempt,
-                    epoch as i32 + 1,
-                    state.step,
-                    done / hp.epochs as f64,
-                    Some(eta),
-                ))? {
-                    None => return Ok(Outcome::FencedOut),
-                    Some(true) => return Ok(Outcome::Canceled),
-                    Some(false) => {}
-                }
-                if hp
-                    .max_runtime_s
-                    .is_some_and(|m| started.elapsed().as_secs() >= m)
-                {
-                    return Err(user(format!(
-                        "stopped: max_runtime_s ({} s) reached",
-                        hp.max_runtime_s.unwrap_or(0)
-                    )));
+            w.push(&frame).unwrap();
+        }
+        w.finish().unwrap();
+        path
+    }
+
+    /// Two classes: 2 training videos each, 1 validation and 1 test video each.
+    fn splits(dir: &Path) -> Splits {
+        let mut videos = Vec::new();
+        use crate::train::splits::SplitName;
+        for (split, n) in [
+            (SplitName::Train, 2),
+            (SplitName::Val, 1),
+            (SplitName::Test, 1),
+        ] {
+            for class in 0..2 {
+                for i in 0..n {
+                    let name = format!("{}-{class}-{i}", split.as_str());
+                    videos.push(SplitVideo {
+                        split: Some(split),
+                        label: Some(["left", "right"][class].to_owned()),
+                        cache: video(dir, &name, class, i as u8 + class as u8),
+                        frames: 8,
+                        hw: (40, 40),
+                    });
                 }
             }
-            waiting = Instant::now();
         }
-        state.optimizer_step = opt.step;
+        Splits::new(videos).unwrap()
+    }
 
-        let val = evaluate(
-            &model,
-            &splits.val,
-            &spec,
-            &prep,
-            &classes,
-            1,
-            ctx.device,
-            bf16,
-        )?;
-        let elapsed = epoch_start.elapsed().as_secs_f64();
-        epoch_times.push(elapsed);
-        let train_loss = loss_sum / seen.max(1) as f64;
-        let train_acc = correct as f64 / seen.max(1) as f64;
-        let inserted = ctx.block(db::jobs::insert_epoch(
-            &ctx.db,
-            ctx.job_id,
-            ctx.attempt,
-            epoch as i32 + 1,
-            train_loss,
-            train_acc,
-            &serde_json::to_value(&val).expect("serialises"),
-            lr_now,
-            seen as f64 / elapsed,
-            wait.as_secs_f64() / elapsed,
-        ))?;
-        ctx.event(
-            "epoch",
-            "info",
-            &format!("epoch {}/{}: train loss {train_loss:.4}, val accuracy {:.3}, balanced {:.3}", epoch + 1, hp.epochs, val.accuracy, val.balanced_accuracy),
-            json!({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val.loss, "val_accuracy": val.accuracy, "val_balanced_accuracy": val.balanced_accuracy, "val_macro_f1": val.macro_f1, "inserted": inserted}),
-        )?;
-
-        state.epochs_done = epoch + 1;
-        let value = val.get(&hp.selection_metric).unwrap_or(val.accuracy);
-        if better(&hp.selection_metric, value, state.best_value) {
-            state.best_value = Some(value);
-            state.best_epoch = Some(epoch + 1);
-        }
-        let mut stop = false;
-        if let Some(es) = &hp.early_stopping {
-            let v = val.get(&es.metric).unwrap_or(val.accuracy);
-            if better(&es.metric, v, state.es_best) {
-                state.es_best = Some(v);
-                state.es_bad = 0;
-            } else {
-                state.es_bad += 1;
-            }
-            stop = state.es_bad >= es.patience;
-        }
-        let rel = save_checkpoint(ctx, &vs, &opt, &state, &ckpt_root)?;
-        if !ctx.block(db::jobs::set_checkpoint(
-            &ctx.db,
-            ctx.job_id,
-            ctx.attempt,
-            &rel,
-        ))? {
-            return Ok(Outcome::FencedOut);
-        }
-        prune_checkpoints(&ckpt_root, hp.keep_checkpoints as usize, state.best_epoch);
-        if stop {
-            let es = hp
-                .early_stopping
-                .as_ref()
-                .expect("stop implies early stopping");
-            ctx.event(
-                "early_stop",
-                "info",
-                &format!(
-                    "no improvement of {} for {} epochs; stopping",
-                    es.metric, es.patience
-                ),
-                json!({"epoch": epoch + 1}),
-            )?;
-            break;
+    fn job(id: Uuid, attempt: i32, splits: Splits, checkpoint: Option<String>) -> Job {
+        let hp: Hyperparameters = serde_json::from_value(json!({
+            "epochs": 2, "batch_size": 2, "frames": 4, "crop": 32, "warmup_epochs": 0,
+            "eval_clips": 1, "loader_threads": 1, "log_every_steps": 1, "lr": 0.05, "seed": 3
+        }))
+        .unwrap();
+        hp.validate().unwrap();
+        Job {
+            id,
+            attempt,
+            base_model: "r3d_18".into(),
+            hp,
+            base: Base::Builtin(Arch::R3d18),
+            prep: Arch::R3d18.preprocessing(),
+            pretrained: None,
+            splits,
+            checkpoint,
         }
     }
 
-    // The best epoch's weights, evaluated on the test split with multi-clip averaging.
-    let best = state.best_epoch.unwrap_or(state.epochs_done);
-    let best_dir = ckpt_root.join(format!("epoch-{best:04}"));
-    if best != state.epochs_done && best_dir.exists() {
-        vs.load(best_dir.join("model.safetensors"))
-            .context("loading the best checkpoint")?;
-    }
-    let val = evaluate(
-        &model,
-        &splits.val,
-        &spec,
-        &prep,
-        &classes,
-        hp.eval_clips,
-        ctx.device,
-        bf16,
-    )?;
-    let test = if splits.test.items.is_empty() {
-        ctx.event(
-            "test",
-            "warning",
-            "the dataset has no test videos; the model has validation metrics only",
-            json!({}),
-        )?;
-        None
-    } else {
-        let m = evaluate(
-            &model,
-            &splits.test,
-            &spec,
-            &prep,
-            &classes,
-            hp.eval_clips,
-            ctx.device,
-            bf16,
-        )?;
-        ctx.event("test", "info", &format!("test ({} clips per video): accuracy {:.3}, balanced {:.3}, macro-F1 {:.3}", hp.eval_clips, m.accuracy, m.balanced_accuracy, m.macro_f1), json!({"accuracy": m.accuracy, "balanced_accuracy": m.balanced_accuracy, "macro_f1": m.macro_f1}))?;
-        Some(m)
-    };
-
-    // The model: files first, then the record and the final state in one fenced transaction.
-    let model_id = Uuid::new_v4();
-    let rel = Path::new("models").join(model_id.to_string());
-    let meta = export::ExportMetadata::new(
-        &job.base_model,
-        classes.clone(),
-        hp.head.clone(),
-        prep.clone(),
-        hp.eval_clips as i64,
-    );
-    export::write_safetensors(&vs, &meta, &ctx.data_dir.join(&rel))?;
-    let committed = ctx.block(async {
-        let mut tx = ctx.db.begin().await?;
-        sqlx::query(
-            "insert into models (id, tenant_id, job_id, dataset_id, dataset_hash, base_model,
-                 base_weights_sha256, hyperparameters, classes, preprocessing, head, eval_clips,
-                 val_metrics, test_metrics, vidtune_version, libtorch_version, path, decode)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                     (select cache_spec from datasets where id = $4))",
-        )
-        .bind(model_id)
-        .bind(job.tenant_id)
-        .bind(job.id)
-        .bind(job.dataset_id)
-        .bind(&dataset_hash)
-        .bind(&job.base_model)
-        .bind(weights_sha.as_ref().map(|w| w.sha256.clone()))
-        .bind(&job.hyperparameters)
-        .bind(&classes)
-        .bind(serde_json::to_value(&prep).expect("serialises"))
-        .bind(serde_json::to_value(&hp.head).expect("serialises"))
-        .bind(hp.eval_clips as i32)
-        .bind(serde_json::to_value(&val).expect("serialises"))
-        .bind(
-            test.as_ref()
-                .map(|t| serde_json::to_value(t).expect("serialises")),
-        )
-        .bind(env!("CARGO_PKG_VERSION"))
-        .bind(env!("VIDTUNE_LIBTORCH_VERSION"))
-        .bind(rel.to_string_lossy().as_ref())
-        .execute(&mut *tx)
-        .await?;
-        if db::jobs::finish(
-            &mut *tx,
-            ctx.job_id,
-            ctx.attempt,
-            db::jobs::JobState::Succeeded,
-            None,
-            Some(model_id),
-        )
-        .await?
-        {
-            tx.commit().await?;
-            Ok::<bool, sqlx::Error>(true)
-        } else {
-            Ok(false)
+    fn context(data_dir: &Path) -> Context {
+        Context {
+            data_dir: DataDir::new(data_dir),
+            device: Device::Cpu,
+            started: Instant::now(),
         }
-    })?;
-    if !committed {
-        let _ = std::fs::remove_dir_all(ctx.data_dir.join(&rel));
-        return Ok(Outcome::FencedOut);
     }
-    Ok(Outcome::Succeeded(model_id))
-}
 
-/// Cross-entropy with optional class weights and label smoothing, averaged over the batch.
-fn classification_loss(
-    logits: &Tensor,
-    y: &Tensor,
-    weights: Option<&Tensor>,
-    smoothing: f64,
-) -> Tensor {
-    let logp = logits.log_softmax(-1, Kind::Float);
-    let nll = -logp.gather(1, &y.unsqueeze(1), false).squeeze_dim(1);
-    let per = if smoothing > 0.0 {
-        nll * (1.0 - smoothing) + (-logp.mean_dim(-1, false, Kind::Float)) * smoothing
-    } else {
-        nll
-    };
-    match weights {
-        Some(w) => {
-            let wi = w.index_select(0, y);
-            (per * &wi).sum(Kind::Float) / wi.sum(Kind::Float)
-        }
-        None => per.mean(Kind::Float),
-    }
-}
+    #[test]
+    fn an_attempt_trains_checkpoints_exports_and_resumes_to_the_same_epochs() {
+        let data = tempfile::tempdir().unwrap();
+        let ctx = context(data.path());
+        let splits = splits(data.path());
+        let id = Uuid::new_v4();
+        let mut log = Memory::default();
+        let outcome = run(&ctx, job(id, 1, splits.clone(), None), &mut log).unwrap();
 
-/// Evaluate with `clips` clips per video, softmax averaged per video.
-#[allow(clippy::too_many_arguments)]
-fn evaluate(
-    model: &VideoClassifier,
-    split: &Split,
-    spec: &ClipSpec,
-    prep: &Preprocessing,
-    classes: &[String],
-    clips: u32,
-    device: Device,
-    bf16: bool,
-) -> anyhow::Result<Metrics> {
-    let _guard = tch::no_grad_guard();
-    let hw = &split.hw;
-    let items = Arc::new(split.items.clone());
-    let plans: Vec<Plan> = (0..items.len())
-        .flat_map(|i| (0..clips).map(move |c| (i, c)))
-        .map(|(i, c)| data::eval_plan(i, items[i].frames, spec, hw[i], c, clips))
-        .collect();
-    let batches: Vec<Vec<Plan>> = plans.chunks(8).map(<[Plan]>::to_vec).collect();
-    let loader = Loader::start(items.clone(), batches.clone(), 2, 2);
-    let mut probs = vec![vec![0.0f64; classes.len()]; items.len()];
-    let mut loss_sum = 0.0;
-    for (b, raw) in loader.enumerate() {
-        let raw = raw?;
-        let x = data::to_batch(&raw, &batches[b], spec, prep, device);
-        let logits = {
-            let _amp = bf16.then(|| amp::Autocast::enter(device));
-            model.try_forward_t(&x, false)?.to_kind(Kind::Float)
+        let Outcome::Succeeded(model) = outcome else {
+            panic!("{outcome:?}");
         };
-        alive();
-        let y = Tensor::from_slice(
-            &batches[b]
-                .iter()
-                .map(|p| items[p.item].label as i64)
-                .collect::<Vec<_>>(),
-        )
-        .to_device(device);
-        loss_sum +=
-            classification_loss(&logits, &y, None, 0.0).double_value(&[]) * batches[b].len() as f64;
-        let p = logits.softmax(-1, Kind::Float).to_device(Device::Cpu);
-        let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(p)?;
-        for (plan, row) in batches[b].iter().zip(rows) {
-            for (acc, v) in probs[plan.item].iter_mut().zip(row) {
-                *acc += v as f64 / clips as f64;
-            }
-        }
-    }
-    let truth: Vec<usize> = items.iter().map(|i| i.label).collect();
-    Ok(metrics::compute(
-        classes,
-        &probs,
-        &truth,
-        loss_sum / plans.len().max(1) as f64,
-    ))
-}
+        assert_eq!(log.epochs.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2]);
+        // 4 training clips in batches of 2: 2 steps an epoch, each logged.
+        assert_eq!(log.steps, [(1, 0), (2, 0), (3, 1), (4, 1)]);
+        let ckpt = |e: u32| format!("jobs/{id}/checkpoints/epoch-{e:04}");
+        assert_eq!(log.checkpoints, [ckpt(1), ckpt(2)]);
+        assert!(data.path().join(ckpt(1)).join("state.json").exists());
+        assert_eq!(log.models.len(), 1);
+        let (mid, path, classes) = &log.models[0];
+        assert_eq!(*mid, model);
+        assert_eq!(classes, &["left", "right"]);
+        assert_eq!(path, &Path::new("models").join(model.to_string()));
+        let exported: Vec<_> = std::fs::read_dir(data.path().join(path))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(!exported.is_empty());
+        let kinds: Vec<&str> = log.events.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(kinds, ["weights", "epoch", "epoch", "test"]);
 
-fn save_checkpoint(
-    ctx: &Context,
-    vs: &VarStore,
-    opt: &Optimizer,
-    state: &LoopState,
-    root: &Path,
-) -> anyhow::Result<String> {
-    let name = format!("epoch-{:04}", state.epochs_done);
-    let dir = root.join(&name);
-    let part = root.join(format!("{name}.part-{}", ctx.attempt));
-    let _ = std::fs::remove_dir_all(&part);
-    std::fs::create_dir_all(&part)?;
-    vs.save(part.join("model.safetensors"))
-        .context("saving weights")?;
-    let opt_state = opt.state_tensors();
-    let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    if named.is_empty() {
-        let empty = Tensor::zeros([1], (Kind::Float, Device::Cpu));
-        Tensor::write_safetensors(&[("opt.none", &empty)], part.join("optimizer.safetensors"))?;
-    } else {
-        Tensor::write_safetensors(&named, part.join("optimizer.safetensors"))?;
+        // A second attempt from the checkpoint after epoch 1 trains the same epoch 2.
+        let mut resumed = Memory::default();
+        let outcome = run(&ctx, job(id, 2, splits, Some(ckpt(1))), &mut resumed).unwrap();
+        assert!(matches!(outcome, Outcome::Succeeded(_)), "{outcome:?}");
+        assert_eq!(
+            resumed.events[1].1,
+            "resumed from the checkpoint after epoch 1"
+        );
+        assert_eq!(resumed.epochs.len(), 1);
+        let (a, b) = (&log.epochs[1], &resumed.epochs[0]);
+        assert_eq!(b.0, 2);
+        let close = |x: f64, y: f64| (x - y).abs() < 1e-5;
+        assert!(close(a.1, b.1), "train loss {} vs resumed {}", a.1, b.1);
+        assert!(close(a.2, b.2), "train accuracy {} vs resumed {}", a.2, b.2);
+        assert!(
+            close(a.3.loss, b.3.loss),
+            "val loss {} vs {}",
+            a.3.loss,
+            b.3.loss
+        );
+        assert_eq!(a.3.confusion, b.3.confusion);
+        assert_eq!(resumed.steps, [(3, 1), (4, 1)]);
     }
-    std::fs::write(part.join("state.json"), serde_json::to_vec_pretty(state)?)?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&part, &dir)?;
-    Ok(dir
-        .strip_prefix(&ctx.data_dir)
-        .unwrap_or(&dir)
-        .to_string_lossy()
-        .into_owned())
-}
 
-/// Keep the newest `keep` checkpoints and the best one.
-fn prune_checkpoints(root: &Path, keep: usize, best: Option<u32>) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    let mut epochs: Vec<(u32, PathBuf)> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let n = name.strip_prefix("epoch-")?.parse::<u32>().ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    epochs.sort();
-    let cut = epochs.len().saturating_sub(keep);
-    for (n, path) in &epochs[..cut] {
-        if Some(*n) != best {
-            let _ = std::fs::remove_dir_all(path);
-        }
+    #[test]
+    fn a_fenced_out_attempt_stops_at_its_checkpoint_and_records_no_model() {
+        let data = tempfile::tempdir().unwrap();
+        let ctx = context(data.path());
+        let mut log = Memory {
+            fence_at_checkpoint: true,
+            ..Memory::default()
+        };
+        let outcome = run(
+            &ctx,
+            job(Uuid::new_v4(), 1, splits(data.path()), None),
+            &mut log,
+        );
+        assert_eq!(outcome.unwrap(), Outcome::FencedOut);
+        assert_eq!(log.epochs.len(), 1);
+        assert_eq!(log.checkpoints.len(), 1);
+        assert!(log.models.is_empty());
+        assert!(!data.path().join("models").exists());
     }
 }

@@ -1,5 +1,7 @@
 //! Workers: device discovery, the claim loop with child-process supervision (`pool`), and the
-//! `train-job` child's entry point.
+//! `train-job` child's entry point with the attempt's database side (`attempt`).
+
+pub mod attempt;
 pub mod pool;
 
 pub use crate::device::Device;
@@ -15,6 +17,7 @@ pub fn train_job_main(
     data_dir: std::path::PathBuf,
 ) -> std::process::ExitCode {
     use crate::train::run::{Context, Outcome, TrainError, run};
+    let started = std::time::Instant::now();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -37,16 +40,24 @@ pub fn train_job_main(
     }
     crate::backbone::heap::keep_freed_memory();
     let ctx = Context {
-        db: db.clone(),
-        rt,
-        job_id: job,
-        attempt,
-        data_dir,
+        data_dir: crate::datadir::DataDir::new(data_dir),
         device: device.to_tch(),
+        started,
     };
-    let outcome = run(&ctx);
+    let outcome = rt
+        .block_on(attempt::load(&db, job, attempt, &ctx.data_dir))
+        .and_then(|(input, provenance)| {
+            let mut log = attempt::PgLog {
+                db: &db,
+                rt: &rt,
+                job_id: job,
+                attempt,
+                provenance,
+            };
+            run(&ctx, input, &mut log)
+        });
     let note = |state: &str, level: &str, msg: &str| {
-        let _ = ctx.rt.block_on(crate::db::jobs::event_unfenced(
+        let _ = rt.block_on(crate::db::jobs::event_unfenced(
             &db,
             job,
             attempt,
@@ -62,8 +73,7 @@ pub fn train_job_main(
             std::process::ExitCode::SUCCESS
         }
         Ok(Outcome::Canceled) => {
-            if ctx
-                .rt
+            if rt
                 .block_on(crate::db::jobs::finish(
                     &db,
                     job,
@@ -80,8 +90,7 @@ pub fn train_job_main(
         }
         Ok(Outcome::FencedOut) => std::process::ExitCode::SUCCESS,
         Err(TrainError::User(msg)) => {
-            if ctx
-                .rt
+            if rt
                 .block_on(crate::db::jobs::finish(
                     &db,
                     job,

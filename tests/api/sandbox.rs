@@ -317,3 +317,34 @@ async fn a_training_process_that_stops_making_progress_is_killed_and_retried(db:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A backbone whose feature width follows the clip size, trained with another `frames` than it
+/// was registered with: the job fails as the user's error, naming the hyperparameters, and is
+/// not retried as a machine fault.
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_backbone_that_does_not_fit_the_jobs_clip_size_fails_the_job_as_a_user_error(db: PgPool) {
+    let app = spawn_app(db).await;
+    let resp = register(&app, "clip_shaped").await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let key = &app.admin_key;
+    let ds = app.motion_dataset(key, 2).await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            key,
+            serde_json::json!({"dataset_id": ds, "base_model": "clip_shaped", "max_attempts": 3,
+                "hyperparameters": {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "frames": 8,
+                    "eval_clips": 1, "loader_threads": 1}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let job: Value = resp.json().await.unwrap();
+    let job = job["id"].as_str().unwrap().to_owned();
+    let _workers = app.start_workers(1, 30).await;
+    let done = app.wait_job(key, &job, 300).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["error_kind"], "user", "{done}");
+    assert_eq!(done["attempt"], 1, "retried as a machine fault: {done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.contains("hyperparameters.frames"), "{error}");
+}

@@ -1,0 +1,238 @@
+//! The database side of a training attempt: [`load`] reads everything the attempt needs before
+//! it starts, and [`PgLog`] writes what it reports, every write fenced by the attempt.
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio::runtime::Runtime;
+use uuid::Uuid;
+
+use crate::datadir::DataDir;
+use crate::db::{self, jobs::JobState, videos::VideoStatus};
+use crate::registry::{self, BaseModel};
+use crate::train::hyper::Hyperparameters;
+use crate::train::run::{
+    AttemptLog, Control, EpochRecord, Job, Pretrained, Progress, TrainError, TrainedModel,
+};
+use crate::train::splits::{SplitVideo, Splits};
+
+/// What the model row records besides what training produced.
+pub struct Provenance {
+    pub tenant_id: Uuid,
+    pub dataset_id: Uuid,
+    pub dataset_hash: Option<String>,
+    pub base_model: String,
+    /// As stored with the job.
+    pub hyperparameters: serde_json::Value,
+    pub base_weights_sha256: Option<String>,
+}
+
+fn system(e: sqlx::Error) -> TrainError {
+    TrainError::System(e.into())
+}
+
+fn user(msg: String) -> TrainError {
+    TrainError::User(msg)
+}
+
+/// Read the job, its dataset's splits and its base model.
+pub async fn load(
+    db: &PgPool,
+    job_id: Uuid,
+    attempt: i32,
+    data: &DataDir,
+) -> Result<(Job, Provenance), TrainError> {
+    let job = db::jobs::get_any(db, job_id)
+        .await
+        .map_err(system)?
+        .context("the job no longer exists")?;
+    let hp: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())
+        .map_err(|e| user(format!("invalid hyperparameters: {e}")))?;
+    let videos = db::datasets::dataset_videos(db, job.dataset_id)
+        .await
+        .map_err(system)?;
+    let dataset_hash = db::datasets::content_hash(db, job.dataset_id)
+        .await
+        .map_err(system)?;
+    let dirs = data.dataset(job.dataset_id);
+    let splits = Splits::new(
+        videos
+            .into_iter()
+            .filter(|v| v.status == VideoStatus::Accepted)
+            .map(|v| SplitVideo {
+                cache: dirs.cache_file(v.id),
+                frames: v.cache_frames.unwrap_or(0).max(1) as u32,
+                hw: (
+                    v.cache_height.unwrap_or(128) as i64,
+                    v.cache_width.unwrap_or(171) as i64,
+                ),
+                split: v.split,
+                label: v.label,
+            })
+            .collect(),
+    )?;
+    let base_model = registry::resolve(db, job.tenant_id, &job.base_model)
+        .await
+        .map_err(system)?
+        .ok_or_else(|| user(format!("base model `{}` no longer exists", job.base_model)))?;
+    let pretrained = match &base_model {
+        BaseModel::Builtin {
+            weights: Some(w), ..
+        } => Some(Pretrained {
+            path: data.resolve(&w.path),
+            sha256: w.sha256.clone(),
+        }),
+        _ => None,
+    };
+    let (base, prep) = (base_model.base(data), base_model.preprocessing()?);
+    let provenance = Provenance {
+        tenant_id: job.tenant_id,
+        dataset_id: job.dataset_id,
+        dataset_hash,
+        base_model: job.base_model.clone(),
+        hyperparameters: job.hyperparameters,
+        base_weights_sha256: pretrained.as_ref().map(|w| w.sha256.clone()),
+    };
+    let job = Job {
+        id: job.id,
+        attempt,
+        base_model: job.base_model,
+        hp,
+        base,
+        prep,
+        pretrained,
+        splits,
+        checkpoint: job.checkpoint,
+    };
+    Ok((job, provenance))
+}
+
+/// The attempt's reports as rows in Postgres.
+pub struct PgLog<'a> {
+    pub db: &'a PgPool,
+    pub rt: &'a Runtime,
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub provenance: Provenance,
+}
+
+fn json(v: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(v).expect("serialises")
+}
+
+impl AttemptLog for PgLog<'_> {
+    fn progress(&mut self, p: Progress) -> anyhow::Result<Control> {
+        let cancel = self.rt.block_on(db::jobs::progress(
+            self.db,
+            self.job_id,
+            self.attempt,
+            p.epoch as i32,
+            p.step,
+            p.fraction,
+            Some(p.eta_s),
+        ))?;
+        Ok(match cancel {
+            None => Control::FencedOut,
+            Some(true) => Control::CancelRequested,
+            Some(false) => Control::Continue,
+        })
+    }
+
+    fn step(&mut self, step: i64, epoch: u32, loss: f64, lr: f64) -> anyhow::Result<()> {
+        self.rt.block_on(db::jobs::insert_step(
+            self.db,
+            self.job_id,
+            self.attempt,
+            step,
+            epoch as i32,
+            loss,
+            lr,
+        ))?;
+        Ok(())
+    }
+
+    fn epoch(&mut self, e: &EpochRecord) -> anyhow::Result<u64> {
+        Ok(self.rt.block_on(db::jobs::insert_epoch(
+            self.db,
+            self.job_id,
+            self.attempt,
+            e.epoch as i32,
+            e.train_loss,
+            e.train_accuracy,
+            &json(e.val),
+            e.lr,
+            e.clips_per_s,
+            e.data_wait_share,
+        ))?)
+    }
+
+    fn event(
+        &mut self,
+        kind: &str,
+        level: &str,
+        message: &str,
+        data: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        self.rt.block_on(db::jobs::event(
+            self.db,
+            self.job_id,
+            self.attempt,
+            kind,
+            level,
+            message,
+            data,
+        ))?;
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, path: &str) -> anyhow::Result<bool> {
+        Ok(self.rt.block_on(db::jobs::set_checkpoint(
+            self.db,
+            self.job_id,
+            self.attempt,
+            path,
+        ))?)
+    }
+
+    /// The model row and the job's `succeeded` state in one transaction, committed only
+    /// while the attempt still holds the job.
+    fn finish(&mut self, m: &TrainedModel) -> anyhow::Result<bool> {
+        let p = &self.provenance;
+        let path = m.path.to_string_lossy();
+        let row = db::models::NewModel {
+            id: m.id,
+            tenant_id: p.tenant_id,
+            job_id: self.job_id,
+            dataset_id: p.dataset_id,
+            dataset_hash: p.dataset_hash.as_deref(),
+            base_model: &p.base_model,
+            base_weights_sha256: p.base_weights_sha256.as_deref(),
+            hyperparameters: &p.hyperparameters,
+            classes: m.classes,
+            preprocessing: json(m.preprocessing),
+            head: json(m.head),
+            eval_clips: m.eval_clips as i32,
+            val_metrics: json(m.val),
+            test_metrics: m.test.map(json),
+            vidtune_version: env!("CARGO_PKG_VERSION"),
+            libtorch_version: env!("VIDTUNE_LIBTORCH_VERSION"),
+            path: &path,
+        };
+        let committed = self.rt.block_on(async {
+            let mut tx = self.db.begin().await?;
+            db::models::insert(&mut *tx, &row).await?;
+            let ours = db::jobs::finish(
+                &mut *tx,
+                self.job_id,
+                self.attempt,
+                JobState::Succeeded,
+                None,
+                Some(m.id),
+            )
+            .await?;
+            if ours {
+                tx.commit().await?;
+            }
+            Ok::<bool, sqlx::Error>(ours)
+        })?;
+        Ok(committed)
+    }
+}
