@@ -12,6 +12,7 @@ pub mod datadir;
 pub mod db;
 pub mod device;
 pub mod doctor;
+pub mod evaluation;
 pub mod http;
 pub mod ingest;
 pub mod jobs;

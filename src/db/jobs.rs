@@ -2,11 +2,13 @@
 //! a lease renewed by heartbeats; every write of an attempt is fenced by its attempt number, so
 //! a stale attempt (its lease expired and the job was claimed again) changes nothing.
 use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::device::{Device, claimable_prefs};
+use crate::evaluation::Metrics;
 
 /// Where a job is in its life: `queued → running → succeeded | failed | canceled`; an expired
 /// lease or a retried machine fault goes from `running` back to `queued`.
@@ -372,17 +374,24 @@ pub async fn set_checkpoint(
 
 /// One epoch's metrics (fenced; a resumed job never duplicates an epoch).
 #[allow(clippy::too_many_arguments)]
+/// One finished epoch of an attempt.
+pub struct NewEpoch<'a> {
+    pub epoch: i32,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val: &'a Metrics,
+    pub lr: f64,
+    pub clips_per_s: f64,
+    pub data_wait_share: f64,
+}
+
+/// Record an epoch (fenced; an epoch already recorded by an earlier attempt stays). Returns
+/// the rows written.
 pub async fn insert_epoch(
     db: impl PgExecutor<'_>,
     id: Uuid,
     attempt: i32,
-    epoch: i32,
-    train_loss: f64,
-    train_accuracy: f64,
-    val: &serde_json::Value,
-    lr: f64,
-    clips_per_s: f64,
-    data_wait_share: f64,
+    e: &NewEpoch<'_>,
 ) -> sqlx::Result<u64> {
     Ok(sqlx::query(&format!(
         "insert into job_epochs (job_id, epoch, attempt, train_loss, train_accuracy, val, lr,
@@ -392,13 +401,13 @@ pub async fn insert_epoch(
     ))
     .bind(id)
     .bind(attempt)
-    .bind(epoch)
-    .bind(train_loss)
-    .bind(train_accuracy)
-    .bind(val)
-    .bind(lr)
-    .bind(clips_per_s)
-    .bind(data_wait_share)
+    .bind(e.epoch)
+    .bind(e.train_loss)
+    .bind(e.train_accuracy)
+    .bind(Json(e.val))
+    .bind(e.lr)
+    .bind(e.clips_per_s)
+    .bind(e.data_wait_share)
     .execute(db)
     .await?
     .rows_affected())
@@ -490,7 +499,7 @@ pub struct EpochRow {
     pub attempt: i32,
     pub train_loss: f64,
     pub train_accuracy: f64,
-    pub val: serde_json::Value,
+    pub val: Json<Metrics>,
     pub lr: f64,
     pub clips_per_s: f64,
     pub data_wait_share: f64,
@@ -512,14 +521,15 @@ pub async fn epochs(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Vec<Epoch
 pub async fn model_test_metrics(
     db: impl PgExecutor<'_>,
     job_id: Uuid,
-) -> sqlx::Result<Option<serde_json::Value>> {
-    Ok(sqlx::query_scalar::<_, Option<serde_json::Value>>(
+) -> sqlx::Result<Option<Metrics>> {
+    Ok(sqlx::query_scalar::<_, Option<Json<Metrics>>>(
         "select test_metrics from models where job_id = $1",
     )
     .bind(job_id)
     .fetch_optional(db)
     .await?
-    .flatten())
+    .flatten()
+    .map(|m| m.0))
 }
 
 /// The newest epoch's metrics, if any.

@@ -9,7 +9,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use uuid::Uuid;
 
 use super::extract::{Json, Path, Query, csv_response};
@@ -18,7 +18,7 @@ use crate::db::{
     self,
     jobs::{Job, JobState},
 };
-use crate::jobs::{self, JobRequest, SubmitError};
+use crate::jobs::{self, JobError, JobRequest, JobView, PlotRequest};
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -85,13 +85,7 @@ async fn job_create(
                 })?,
         ),
     };
-    let submitted = jobs::submit(&s.db, caller.tenant_id, &body, key)
-        .await
-        .map_err(|e| match e {
-            SubmitError::Invalid { field, message } => ApiError::validation(field, message),
-            SubmitError::Conflict(msg) => ApiError::conflict(msg),
-            SubmitError::Database(e) => e.into(),
-        })?;
+    let submitted = jobs::submit(&s.db, caller.tenant_id, &body, key).await?;
     let job = submitted.job;
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -148,23 +142,11 @@ async fn job_view(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-) -> ApiResult<Json<Value>> {
-    let job = fetch(&s, &caller, id).await?;
-    let latest = db::jobs::latest_epoch(&s.db, id).await?;
-    let mut v = serde_json::to_value(&job).expect("serialises");
-    v["latest_metrics"] = latest.as_ref().map_or(Value::Null, |e| {
-        json!({
-            "epoch": e.epoch,
-            "train_loss": e.train_loss,
-            "train_accuracy": e.train_accuracy,
-            "val_loss": e.val["loss"],
-            "val_accuracy": e.val["accuracy"],
-            "val_balanced_accuracy": e.val["balanced_accuracy"],
-            "val_macro_f1": e.val["macro_f1"],
-            "val_macro_auc": e.val["macro_auc"],
-        })
-    });
-    Ok(Json(v))
+) -> ApiResult<Json<JobView>> {
+    jobs::view(&s.db, caller.tenant_id, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("job"))
 }
 
 async fn job_cancel(
@@ -201,27 +183,7 @@ async fn job_metrics(
     fetch(&s, &caller, id).await?;
     let epochs = db::jobs::epochs(&s.db, id).await?;
     if Format::negotiate(q.format.as_deref(), &headers)? == Format::Csv {
-        let mut out = String::from(
-            "epoch,train_loss,train_accuracy,val_loss,val_accuracy,val_balanced_accuracy,val_macro_f1,val_macro_auc,lr,clips_per_s,data_wait_share\n",
-        );
-        for e in &epochs {
-            let f = |k: &str| e.val[k].as_f64().map(|x| x.to_string()).unwrap_or_default();
-            out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{},{}\n",
-                e.epoch,
-                e.train_loss,
-                e.train_accuracy,
-                f("loss"),
-                f("accuracy"),
-                f("balanced_accuracy"),
-                f("macro_f1"),
-                f("macro_auc"),
-                e.lr,
-                e.clips_per_s,
-                e.data_wait_share
-            ));
-        }
-        return Ok(csv_response(out));
+        return Ok(csv_response(jobs::epochs_csv(&epochs)));
     }
     let steps = db::jobs::steps(&s.db, id).await?;
     Ok(Json(json!({ "job_id": id, "epochs": epochs, "steps": steps })).into_response())
@@ -316,9 +278,7 @@ struct PlotQuery {
     epoch: Option<i32>,
 }
 
-/// `training-curves`: loss and validation metrics per epoch, the best epoch marked.
-/// `confusion-matrix`: the test evaluation of the final model by default (the latest
-/// validation until there is one); `?split=val&epoch=N` for an epoch's validation.
+/// `training-curves` or `confusion-matrix` as SVG (see [`jobs::plot`]).
 async fn job_plot(
     State(s): State<AppState>,
     caller: Caller,
@@ -326,80 +286,12 @@ async fn job_plot(
     Query(q): Query<PlotQuery>,
 ) -> ApiResult<Response> {
     let job = fetch(&s, &caller, id).await?;
-    let short = &id.to_string()[..8];
-    let epochs = db::jobs::epochs(&s.db, id).await?;
-    let svg = match name.as_str() {
-        "training-curves" => {
-            if q.split.is_some() || q.epoch.is_some() {
-                return Err(ApiError::validation(
-                    "split",
-                    "training-curves takes no split or epoch",
-                ));
-            }
-            if epochs.is_empty() {
-                return Err(ApiError::conflict("no epoch has finished yet"));
-            }
-            let metric = job.hyperparameters["selection_metric"]
-                .as_str()
-                .unwrap_or("balanced_accuracy");
-            training_curves(
-                &format!("{} on job {short}", job.base_model),
-                metric,
-                &epochs,
-            )
-        }
-        "confusion-matrix" => {
-            let test = match q.split.as_deref() {
-                None => q.epoch.is_none(),
-                Some("test") => true,
-                Some("val") => false,
-                Some(_) => return Err(ApiError::validation("split", "test or val")),
-            };
-            let test_metrics = if test {
-                db::jobs::model_test_metrics(&s.db, id).await?
-            } else {
-                None
-            };
-            let (title, metrics) = match test_metrics {
-                Some(m) => (format!("job {short}: test split, final model"), m),
-                None if test && q.split.is_some() => {
-                    return Err(ApiError::conflict(
-                        "the job has no test evaluation (yet, or its dataset has no test split)",
-                    ));
-                }
-                None => {
-                    let e = match q.epoch {
-                        Some(n) => epochs.iter().find(|e| e.epoch == n).ok_or_else(|| {
-                            ApiError::validation("epoch", format!("no epoch {n} has finished"))
-                        })?,
-                        None => epochs
-                            .last()
-                            .ok_or_else(|| ApiError::conflict("no epoch has finished yet"))?,
-                    };
-                    (
-                        format!("job {short}: validation split, epoch {}", e.epoch),
-                        e.val.clone(),
-                    )
-                }
-            };
-            let labels: Vec<String> = metrics["per_class"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|c| c["label"].as_str().unwrap_or("?").to_string())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let matrix: Vec<Vec<usize>> =
-                serde_json::from_value(metrics["confusion"].clone()).unwrap_or_default();
-            crate::plots::confusion_matrix(&title, &labels, &matrix)
-        }
-        _ => {
-            return Err(ApiError::not_found(
-                "plot (training-curves or confusion-matrix)",
-            ));
-        }
+    let req = PlotRequest {
+        name: &name,
+        split: q.split.as_deref(),
+        epoch: q.epoch,
     };
+    let svg = jobs::plot(&s.db, &job, &req).await?;
     Ok((
         [
             (header::CONTENT_TYPE, "image/svg+xml"),
@@ -411,51 +303,13 @@ async fn job_plot(
         .into_response())
 }
 
-fn training_curves(title: &str, metric: &str, epochs: &[db::jobs::EpochRow]) -> String {
-    use crate::plots::{Panel, Series, line_panels};
-    let series =
-        |name: &'static str, f: &dyn Fn(&db::jobs::EpochRow) -> Option<f64>, dashed| Series {
-            name,
-            points: epochs
-                .iter()
-                .filter_map(|e| f(e).map(|v| (f64::from(e.epoch), v)))
-                .collect(),
-            dashed,
-        };
-    let val = |k: &'static str| move |e: &db::jobs::EpochRow| e.val[k].as_f64();
-    let mut best: Option<(i32, f64)> = None;
-    for e in epochs {
-        if let Some(v) = e.val[metric].as_f64()
-            && crate::train::hyper::Metric::named(metric).better(v, best.map(|b| b.1))
-        {
-            best = Some((e.epoch, v));
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Invalid { field, message } => ApiError::validation(field, message),
+            JobError::Conflict(msg) => ApiError::conflict(msg),
+            JobError::NotFound(what) => ApiError::not_found(what),
+            JobError::Database(e) => e.into(),
         }
     }
-    let label = best.map(|(e, v)| format!("best: epoch {e}, {metric} {v:.3}"));
-    line_panels(
-        title,
-        &[
-            Panel {
-                title: "loss",
-                series: vec![
-                    series("train", &|e| Some(e.train_loss), false),
-                    series("validation", &val("loss"), false),
-                ],
-                y_range: None,
-            },
-            Panel {
-                title: "validation metrics",
-                series: vec![
-                    series("accuracy", &val("accuracy"), false),
-                    series("balanced accuracy", &val("balanced_accuracy"), false),
-                    series("macro-F1", &val("macro_f1"), false),
-                    series("macro ROC-AUC", &val("macro_auc"), false),
-                    series("train accuracy", &|e| Some(e.train_accuracy), true),
-                ],
-                y_range: Some((0.0, 1.0)),
-            },
-        ],
-        best.zip(label.as_deref())
-            .map(|((e, _), l)| (f64::from(e), l)),
-    )
 }

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::data::{self, ClipSpec, Loader, Plan};
-use super::metrics::{self, Metrics};
 use super::splits::Split;
 use crate::backbone::{Preprocessing, VideoClassifier, amp};
+use crate::evaluation::{self, Metrics};
 
 /// Cross-entropy with optional class weights and label smoothing, averaged over the batch.
 pub fn classification_loss(
@@ -84,7 +84,7 @@ pub fn evaluate(
         }
     }
     let truth: Vec<usize> = items.iter().map(|i| i.label).collect();
-    Ok(metrics::compute(
+    Ok(evaluation::compute(
         classes,
         &probs,
         &truth,

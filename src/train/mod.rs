@@ -1,10 +1,9 @@
 //! Fine-tuning: hyperparameters, the clip loader over the training cache, saveable optimizers,
-//! metrics, checkpoints, and the training loop that a job's child process runs.
+//! evaluation, checkpoints, and the training loop that a job's child process runs.
 pub mod checkpoint;
 pub mod data;
 pub mod evaluate;
 pub mod hyper;
-pub mod metrics;
 pub mod optim;
 pub mod run;
 pub mod splits;

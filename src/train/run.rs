@@ -26,11 +26,11 @@ use super::checkpoint::{self, LoopState};
 use super::data::{self, ClipSpec, Item, Loader, Plan, RawClip};
 use super::evaluate::{Clips, classification_loss, evaluate};
 use super::hyper::{Hyperparameters, Imbalance, Precision};
-use super::metrics::Metrics;
 use super::optim::{Group, Optimizer};
 use super::splits::{Split, Splits};
 use crate::backbone::{self, Base, HeadSpec, Preprocessing, VideoClassifier, export};
 use crate::datadir::DataDir;
+use crate::evaluation::Metrics;
 
 /// How an attempt ended, short of an error.
 #[derive(Debug, PartialEq)]

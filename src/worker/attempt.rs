@@ -154,13 +154,15 @@ impl AttemptLog for PgLog<'_> {
             self.db,
             self.job_id,
             self.attempt,
-            e.epoch as i32,
-            e.train_loss,
-            e.train_accuracy,
-            &json(e.val),
-            e.lr,
-            e.clips_per_s,
-            e.data_wait_share,
+            &db::jobs::NewEpoch {
+                epoch: e.epoch as i32,
+                train_loss: e.train_loss,
+                train_accuracy: e.train_accuracy,
+                val: e.val,
+                lr: e.lr,
+                clips_per_s: e.clips_per_s,
+                data_wait_share: e.data_wait_share,
+            },
         ))?)
     }
 

@@ -377,9 +377,23 @@ async fn a_stale_attempt_changes_nothing(db: PgPool) {
         .unwrap();
     assert_eq!((first, second), (1, 2));
 
-    let val = json!({"accuracy": 0.5});
+    let val = vidtune::evaluation::compute(
+        &["a".to_owned(), "b".to_owned()],
+        &[vec![0.9, 0.1], vec![0.9, 0.1]],
+        &[0, 1],
+        0.7,
+    );
+    let epoch = jobs::NewEpoch {
+        epoch: 1,
+        train_loss: 1.0,
+        train_accuracy: 0.5,
+        val: &val,
+        lr: 0.1,
+        clips_per_s: 1.0,
+        data_wait_share: 0.1,
+    };
     assert_eq!(
-        jobs::insert_epoch(&app.db, id, first, 1, 1.0, 0.5, &val, 0.1, 1.0, 0.1)
+        jobs::insert_epoch(&app.db, id, first, &epoch)
             .await
             .unwrap(),
         0
@@ -409,7 +423,7 @@ async fn a_stale_attempt_changes_nothing(db: PgPool) {
     assert!(!jobs::retry_or_fail(&app.db, id, first, "x").await.unwrap());
     // The current attempt's writes land.
     assert_eq!(
-        jobs::insert_epoch(&app.db, id, second, 1, 1.0, 0.5, &val, 0.1, 1.0, 0.1)
+        jobs::insert_epoch(&app.db, id, second, &epoch)
             .await
             .unwrap(),
         1

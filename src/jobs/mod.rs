@@ -1,5 +1,6 @@
-//! Fine-tuning jobs as the API offers them: a request checked and queued (idempotently), and
-//! cancellation. The queue itself (claims, leases, fenced writes) is [`db::jobs`]; running an
+//! Fine-tuning jobs as the API offers them: a request checked and queued (idempotently),
+//! cancellation, the job with its latest metrics, its history as CSV, and its charts
+//! (`plots`). The queue itself (claims, leases, fenced writes) is [`db::jobs`]; running an
 //! attempt is `worker` and `train`.
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -11,7 +12,7 @@ use crate::backbone::Freeze;
 use crate::db::datasets::DatasetStatus;
 use crate::db::{
     self,
-    jobs::{Job, JobState},
+    jobs::{EpochRow, Job, JobState},
 };
 use crate::device::DeviceRequest;
 use crate::registry;
@@ -36,24 +37,34 @@ fn default_attempts() -> i32 {
     3
 }
 
-/// Why a request was not queued.
+pub mod plots;
+
+pub use plots::{PlotRequest, plot};
+
+/// Why a job operation did not happen.
 #[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
+pub enum JobError {
     /// A field is out of range or names nothing (the field as the API names it).
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
-    /// The request is well formed but cannot be taken now (a dataset still processing, an
-    /// idempotency key reused for another request).
+    /// The request is well formed but cannot be served now (a dataset still processing, an
+    /// idempotency key reused for another request, no epoch finished yet).
     #[error("{0}")]
     Conflict(String),
+    /// What the request names does not exist (the kind of thing).
+    #[error("no such {0}")]
+    NotFound(&'static str),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> SubmitError {
-    SubmitError::Invalid {
-        field: field.into(),
-        message: message.into(),
+impl JobError {
+    /// A field the API names is wrong.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        JobError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -72,7 +83,7 @@ pub async fn submit(
     tenant_id: Uuid,
     req: &JobRequest,
     idempotency_key: Option<&str>,
-) -> Result<Submitted, SubmitError> {
+) -> Result<Submitted, JobError> {
     let request_hash = hex::encode(Sha256::digest(serde_json::to_vec(req).expect("serialises")));
     if let Some(k) = idempotency_key
         && let Some(existing) = db::jobs::by_idempotency_key(db, tenant_id, k).await?
@@ -81,34 +92,36 @@ pub async fn submit(
     }
     let hp = hyperparameters(&req.hyperparameters)?;
     if !(0..=1000).contains(&req.priority) {
-        return Err(invalid("priority", "between 0 and 1000"));
+        return Err(JobError::invalid("priority", "between 0 and 1000"));
     }
     if !(1..=10).contains(&req.max_attempts) {
-        return Err(invalid("max_attempts", "between 1 and 10"));
+        return Err(JobError::invalid("max_attempts", "between 1 and 10"));
     }
     let base = registry::resolve(db, tenant_id, &req.base_model)
         .await?
-        .ok_or_else(|| invalid("base_model", "no such base model (see GET /v1/base-models)"))?;
+        .ok_or_else(|| {
+            JobError::invalid("base_model", "no such base model (see GET /v1/base-models)")
+        })?;
     let stages = base.stage_count();
     if let Freeze::LastStages { stages: k } = hp.freeze
         && (k == 0 || k > stages)
     {
-        return Err(invalid(
+        return Err(JobError::invalid(
             "hyperparameters.freeze.stages",
             format!("between 1 and {stages} for {}", req.base_model),
         ));
     }
     let dataset = db::datasets::get(db, tenant_id, req.dataset_id)
         .await?
-        .ok_or_else(|| invalid("dataset_id", "no such dataset"))?;
+        .ok_or_else(|| JobError::invalid("dataset_id", "no such dataset"))?;
     if dataset.status != DatasetStatus::Ready {
-        return Err(SubmitError::Conflict(format!(
+        return Err(JobError::Conflict(format!(
             "the dataset is `{}`; jobs need a ready dataset",
             dataset.status
         )));
     }
     let device = DeviceRequest::parse(&hp.device)
-        .ok_or_else(|| invalid("hyperparameters.device", "auto, cpu, cuda or cuda:N"))?;
+        .ok_or_else(|| JobError::invalid("hyperparameters.device", "auto, cpu, cuda or cuda:N"))?;
     // The job and its `queued` event become visible together, so a worker that claims it at
     // once cannot log `running` before `queued`.
     let mut tx = db.begin().await?;
@@ -135,7 +148,7 @@ pub async fn submit(
             drop(tx);
             let existing = db::jobs::by_idempotency_key(db, tenant_id, key)
                 .await?
-                .ok_or_else(|| SubmitError::Conflict("Idempotency-Key in use".into()))?;
+                .ok_or_else(|| JobError::Conflict("Idempotency-Key in use".into()))?;
             return replay(existing, &request_hash);
         }
         (Err(e), _) => return Err(e.into()),
@@ -149,20 +162,20 @@ pub async fn submit(
 }
 
 /// The hyperparameters of a request, defaults filled in and checked.
-fn hyperparameters(v: &Value) -> Result<Hyperparameters, SubmitError> {
+fn hyperparameters(v: &Value) -> Result<Hyperparameters, JobError> {
     let v = if v.is_null() { json!({}) } else { v.clone() };
-    let hp: Hyperparameters =
-        serde_json::from_value(v).map_err(|e| invalid("hyperparameters", format!("{e}")))?;
+    let hp: Hyperparameters = serde_json::from_value(v)
+        .map_err(|e| JobError::invalid("hyperparameters", format!("{e}")))?;
     hp.validate()
-        .map_err(|(field, msg)| invalid(format!("hyperparameters.{field}"), msg))?;
+        .map_err(|(field, msg)| JobError::invalid(format!("hyperparameters.{field}"), msg))?;
     Ok(hp)
 }
 
 /// The answer to a retried request: the job it queued, unless the key was reused for a
 /// different request.
-fn replay(existing: Job, request_hash: &str) -> Result<Submitted, SubmitError> {
+fn replay(existing: Job, request_hash: &str) -> Result<Submitted, JobError> {
     if existing.request_hash.as_deref() != Some(request_hash) {
-        return Err(SubmitError::Conflict(
+        return Err(JobError::Conflict(
             "this Idempotency-Key was used for a different request".into(),
         ));
     }
@@ -200,4 +213,73 @@ async fn state_event(
         json!({ "state": state }),
     )
     .await
+}
+
+/// A job with its latest epoch's figures (`GET /v1/jobs/{id}`).
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: Job,
+    pub latest_metrics: Option<LatestMetrics>,
+}
+
+/// The newest epoch's training and validation figures.
+#[derive(Debug, Serialize)]
+pub struct LatestMetrics {
+    pub epoch: i32,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub val_balanced_accuracy: f64,
+    pub val_macro_f1: f64,
+    pub val_macro_auc: Option<f64>,
+}
+
+/// A tenant's job with its latest epoch; `None`: no such job.
+pub async fn view(db: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Result<Option<JobView>> {
+    let Some(job) = db::jobs::get(db, tenant_id, id).await? else {
+        return Ok(None);
+    };
+    let latest_metrics = db::jobs::latest_epoch(db, id)
+        .await?
+        .map(|e| LatestMetrics {
+            epoch: e.epoch,
+            train_loss: e.train_loss,
+            train_accuracy: e.train_accuracy,
+            val_loss: e.val.loss,
+            val_accuracy: e.val.accuracy,
+            val_balanced_accuracy: e.val.balanced_accuracy,
+            val_macro_f1: e.val.macro_f1,
+            val_macro_auc: e.val.macro_auc,
+        });
+    Ok(Some(JobView {
+        job,
+        latest_metrics,
+    }))
+}
+
+/// One CSV row per epoch, for spreadsheets (`GET /v1/jobs/{id}/metrics?format=csv`).
+pub fn epochs_csv(epochs: &[EpochRow]) -> String {
+    let mut out = String::from(
+        "epoch,train_loss,train_accuracy,val_loss,val_accuracy,val_balanced_accuracy,val_macro_f1,val_macro_auc,lr,clips_per_s,data_wait_share\n",
+    );
+    for e in epochs {
+        let auc = e.val.macro_auc.map(|x| x.to_string()).unwrap_or_default();
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            e.epoch,
+            e.train_loss,
+            e.train_accuracy,
+            e.val.loss,
+            e.val.accuracy,
+            e.val.balanced_accuracy,
+            e.val.macro_f1,
+            auc,
+            e.lr,
+            e.clips_per_s,
+            e.data_wait_share
+        ));
+    }
+    out
 }

@@ -1,9 +1,10 @@
 //! Classification metrics that clinicians ask for: accuracy, balanced accuracy, macro-F1,
 //! per-class precision / recall (sensitivity) / specificity / F1, one-vs-rest ROC-AUC, and the
-//! confusion matrix.
+//! confusion matrix; and the metric a job selects its best epoch by.
+//!
+//! Plain data and arithmetic: the training loop computes these, the database stores them as
+//! typed JSON, the API and the plots read them.
 use serde::{Deserialize, Serialize};
-
-use super::hyper::Metric;
 
 /// Per-class figures.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -141,6 +142,75 @@ impl Metrics {
             Metric::Loss => Some(self.loss),
             Metric::Unknown => None,
         }
+    }
+}
+
+/// A validation metric that selects the best checkpoint or drives early stopping.
+///
+/// Any string deserializes (an unknown one as [`Metric::Unknown`]) so that
+/// [`Hyperparameters::validate`] reports it under the field's own name, as the API always has,
+/// rather than as a parse error of the whole object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "&'static str")]
+pub enum Metric {
+    Accuracy,
+    BalancedAccuracy,
+    MacroF1,
+    MacroAuc,
+    Loss,
+    /// A name that is none of the above; refused by `validate`.
+    Unknown,
+}
+
+impl Metric {
+    /// The metric of a name, as stored in a job's hyperparameters.
+    pub fn named(name: &str) -> Self {
+        match name {
+            "accuracy" => Self::Accuracy,
+            "balanced_accuracy" => Self::BalancedAccuracy,
+            "macro_f1" => Self::MacroF1,
+            "macro_auc" => Self::MacroAuc,
+            "loss" => Self::Loss,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Accuracy => "accuracy",
+            Self::BalancedAccuracy => "balanced_accuracy",
+            Self::MacroF1 => "macro_f1",
+            Self::MacroAuc => "macro_auc",
+            Self::Loss => "loss",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Whether `new` improves on `old` (lower is better only for `loss`).
+    pub fn better(self, new: f64, old: Option<f64>) -> bool {
+        match old {
+            None => true,
+            Some(old) if self == Self::Loss => new < old,
+            Some(old) => new > old,
+        }
+    }
+}
+
+impl From<String> for Metric {
+    fn from(name: String) -> Self {
+        Self::named(&name)
+    }
+}
+
+impl From<Metric> for &'static str {
+    fn from(m: Metric) -> Self {
+        m.name()
+    }
+}
+
+impl std::fmt::Display for Metric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
