@@ -8,8 +8,10 @@ use sqlx::postgres::PgPoolOptions;
 
 pub mod audit;
 pub mod base_models;
+pub mod batch_predictions;
 pub mod datasets;
 pub mod jobs;
+pub mod models;
 pub mod tenants;
 
 /// Migrations in `migrations/`, embedded at build time.
