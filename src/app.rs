@@ -1,7 +1,7 @@
-//! The application: shared state, binding, serving and graceful shutdown.
+//! The application: binding, serving and graceful shutdown. Handlers and their state live in
+//! [`crate::http`].
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
@@ -9,22 +9,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
-use crate::http::{self, Operation};
-use crate::ingest::IngestConfig;
-
-/// State shared by every handler. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub db: PgPool,
-    pub settings: Arc<Settings>,
-    pub ingest: Arc<IngestConfig>,
-    /// Loaded models for predictions.
-    pub models: Arc<crate::serve::ModelCache>,
-    /// Decoders for prediction uploads.
-    pub media: Arc<crate::media::worker::MediaPool>,
-    pub limiter: Arc<crate::serve::RateLimiter>,
-    pub http_metrics: Arc<crate::metrics::HttpMetrics>,
-}
+use crate::http::{self, AppState, Operation};
 
 /// A bound, ready-to-run server.
 pub struct Application {
@@ -67,18 +52,7 @@ impl Application {
             ),
             None => None,
         };
-        let state = AppState {
-            db,
-            ingest: Arc::new(settings.ingest.clone()),
-            models: Arc::new(crate::serve::ModelCache::new(settings.serve.clone())),
-            media: Arc::new(crate::media::worker::MediaPool::new(
-                &settings.ingest.media_worker_exe,
-                settings.ingest.concurrency,
-            )),
-            limiter: Arc::default(),
-            http_metrics: Arc::default(),
-            settings: Arc::new(settings),
-        };
+        let state = AppState::new(settings, db);
         // Uploads a previous process left unfinished; the server answers meanwhile.
         let (db, data_dir, ingest) = (
             state.db.clone(),

@@ -57,21 +57,14 @@ pub async fn report(database_url: Option<&str>) -> String {
     let db = match database_url {
         None => "not configured (set DATABASE_URL)".to_string(),
         Some(url) => match crate::db::connect(url, 1).await {
-            Ok(pool) => {
-                let version: Result<String, _> = sqlx::query_scalar("show server_version")
-                    .fetch_one(&pool)
-                    .await;
-                let applied: Result<i64, _> =
-                    sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
-                        .fetch_one(&pool)
-                        .await;
-                format!(
-                    "reachable, PostgreSQL {}, {} of {} migrations applied",
-                    version.unwrap_or_else(|e| format!("? ({e})")),
-                    applied.unwrap_or(0),
-                    crate::db::MIGRATOR.iter().count()
-                )
-            }
+            Ok(pool) => format!(
+                "reachable, PostgreSQL {}, {} of {} migrations applied",
+                crate::db::server_version(&pool)
+                    .await
+                    .unwrap_or_else(|e| format!("? ({e})")),
+                crate::db::migrations_applied(&pool).await.unwrap_or(0),
+                crate::db::MIGRATOR.iter().count()
+            ),
             Err(e) => format!("unreachable: {e:#}"),
         },
     };

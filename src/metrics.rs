@@ -114,6 +114,51 @@ impl HttpMetrics {
     }
 }
 
+/// A text exposition being written: each family's `HELP` and `TYPE`, then its samples.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    /// Start a family: `kind` is `counter`, `gauge` or `histogram`.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        self
+    }
+
+    /// One sample; `labels` like `state="queued"` or empty.
+    pub fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) -> &mut Self {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+        }
+        self
+    }
+
+    /// A family of one unlabelled counter.
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
+        self.family(name, "counter", help).sample(name, "", value)
+    }
+
+    /// A family of one unlabelled histogram.
+    pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) -> &mut Self {
+        self.family(name, "histogram", help);
+        h.render(name, "", &mut self.out);
+        self
+    }
+
+    /// Room for families rendered elsewhere ([`HttpMetrics::render`]).
+    pub fn raw(&mut self) -> &mut String {
+        &mut self.out
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,14 +1,18 @@
 //! The base-model registry: pretrained weights for the built-in architectures (imported from
 //! torchvision-format files, no Python involved) and tenants' own TorchScript backbones.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::PgPool;
 use tch::Tensor;
 
-use crate::backbone::{self, Arch, Preprocessing};
-use crate::db::{self, base_models::BaseWeights};
+use crate::backbone::{self, Arch, Base, Preprocessing};
+use crate::datadir::DataDir;
+use crate::db::{
+    self,
+    base_models::{BaseWeights, CustomBackbone},
+};
 
 /// Why an import did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -26,13 +30,6 @@ impl From<sqlx::Error> for ImportError {
     }
 }
 
-/// Where imported weights live: `weights/<arch>/<sha256>.safetensors` under the data directory.
-pub fn weights_path(arch: Arch, sha256: &str) -> PathBuf {
-    Path::new("weights")
-        .join(arch.name())
-        .join(format!("{sha256}.safetensors"))
-}
-
 /// Validate `file` against `arch` and install its backbone tensors. Importing the same file
 /// again returns the existing record.
 pub async fn import_weights(
@@ -47,7 +44,7 @@ pub async fn import_weights(
         let sha256 = crate::ingest::sha256_file(&file).context("hashing the weights file")?;
         let tensors = backbone::read_backbone_weights(arch, &file)
             .map_err(|e| ImportError::Invalid(format!("{e:#}")))?;
-        let rel = weights_path(arch, &sha256);
+        let rel = DataDir::weights_relative(arch.name(), &sha256);
         let dest = data_dir.join(&rel);
         std::fs::create_dir_all(dest.parent().expect("has a parent"))
             .context("creating weights dir")?;
@@ -71,6 +68,66 @@ pub async fn import_weights(
     Ok(record)
 }
 
+/// A base model by the name a job or model record uses: a built-in architecture (with the
+/// newest pretrained weights installed for it, if any) or one of the tenant's TorchScript
+/// backbones. The one place that tells the two apart.
+#[derive(Debug, Clone)]
+pub enum BaseModel {
+    Builtin {
+        arch: Arch,
+        weights: Option<BaseWeights>,
+    },
+    Custom(CustomBackbone),
+}
+
+impl BaseModel {
+    /// What to build: the architecture, or the backbone's module file under `data_dir`.
+    pub fn base(&self, data_dir: &DataDir) -> Base {
+        match self {
+            BaseModel::Builtin { arch, .. } => Base::Builtin(*arch),
+            BaseModel::Custom(b) => Base::TorchScript {
+                path: data_dir.resolve(&b.path),
+                feature_dim: i64::from(b.feature_dim),
+            },
+        }
+    }
+
+    /// The input the base model was made for (frames, size, normalisation).
+    pub fn preprocessing(&self) -> anyhow::Result<Preprocessing> {
+        match self {
+            BaseModel::Builtin { arch, .. } => Ok(arch.preprocessing()),
+            BaseModel::Custom(b) => serde_json::from_value(b.preprocessing.clone())
+                .context("the backbone's stored preprocessing"),
+        }
+    }
+
+    /// How many stages `freeze.stages` may count (a TorchScript backbone is one).
+    pub fn stage_count(&self) -> usize {
+        match self {
+            BaseModel::Builtin { arch, .. } => arch.stages().len(),
+            BaseModel::Custom(_) => 1,
+        }
+    }
+}
+
+/// Resolve `name` for `tenant_id`; `None` when it names neither an architecture nor one of the
+/// tenant's backbones.
+pub async fn resolve(
+    db: impl sqlx::PgExecutor<'_>,
+    tenant_id: uuid::Uuid,
+    name: &str,
+) -> sqlx::Result<Option<BaseModel>> {
+    match Arch::parse(name) {
+        Some(arch) => Ok(Some(BaseModel::Builtin {
+            arch,
+            weights: db::base_models::latest_weights_of(db, arch.name()).await?,
+        })),
+        None => Ok(db::base_models::get_custom_by_name(db, tenant_id, name)
+            .await?
+            .map(BaseModel::Custom)),
+    }
+}
+
 /// The hex digits an official file name promises, e.g. `b3b3357e` in `r3d_18-b3b3357e.pth`.
 pub fn promised_hash_prefix(file_name: &str) -> Option<&str> {
     let stem = file_name.rsplit_once('.').map_or(file_name, |(s, _)| s);
@@ -87,7 +144,7 @@ pub async fn pull_weights(
 ) -> Result<BaseWeights, ImportError> {
     let url = arch.official_weights();
     let name = url.rsplit('/').next().expect("url has a file name");
-    let dir = data_dir.join("weights").join("incoming");
+    let dir = DataDir::new(data_dir).weights_incoming();
     std::fs::create_dir_all(&dir).context("creating download dir")?;
     let dest = dir.join(name);
     let status = tokio::process::Command::new("curl")

@@ -351,10 +351,9 @@ fn start(path: &Path, device: Device, timeout: Duration) -> anyhow::Result<(Host
     let cfg = config();
     let bytes = std::fs::read(path).context("reading the TorchScript backbone")?;
     let mut cmd = std::process::Command::new(&cfg.exe);
-    let dev = match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_owned(),
-    };
+    let dev = crate::device::Device::from_tch(device)
+        .unwrap_or(crate::device::Device::Cpu)
+        .to_string();
     cmd.arg("script-host")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -678,10 +677,10 @@ pub fn host_main() -> anyhow::Result<()> {
     let mut devices = Vec::new();
     // The parent says which GPU, if any, before anything untrusted arrives: that device's
     // context is made now, and its device files stay reachable.
-    if let Some(i) = std::env::var("VIDTUNE_SCRIPT_DEVICE").ok().and_then(|d| {
-        d.strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-    }) {
+    if let Some(crate::device::Device::Cuda(i)) = std::env::var("VIDTUNE_SCRIPT_DEVICE")
+        .ok()
+        .and_then(|d| crate::device::Device::parse(&d))
+    {
         warm_up(Device::Cuda(i));
         (readable, devices) = sandbox::gpu_paths();
     }
@@ -735,11 +734,9 @@ pub fn host_main() -> anyhow::Result<()> {
         let answer = (|| -> anyhow::Result<(Reply, Vec<Tensor>)> {
             match req {
                 Request::Load { device: d } => {
-                    device = if d == "cpu" {
-                        Device::Cpu
-                    } else {
-                        Device::Cuda(d.trim_start_matches("cuda:").parse().unwrap_or(0))
-                    };
+                    device = crate::device::Device::parse(&d)
+                        .ok_or_else(|| anyhow::anyhow!("unknown device `{d}`"))?
+                        .to_tch();
                     let bytes = tensors
                         .first()
                         .ok_or_else(|| anyhow::anyhow!("no module"))?;

@@ -54,6 +54,20 @@ pub async fn latest_weights(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<BaseWei
     .await
 }
 
+/// The newest weights installed for one architecture.
+pub async fn latest_weights_of(
+    db: impl PgExecutor<'_>,
+    arch: &str,
+) -> sqlx::Result<Option<BaseWeights>> {
+    sqlx::query_as(&format!(
+        "select {WEIGHTS_COLUMNS} from base_weights where arch = $1
+         order by created_at desc limit 1"
+    ))
+    .bind(arch)
+    .fetch_optional(db)
+    .await
+}
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct CustomBackbone {
     pub id: Uuid,

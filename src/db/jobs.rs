@@ -1,10 +1,60 @@
 //! The job queue. Claims use `FOR UPDATE SKIP LOCKED` by priority then age; a running job holds
 //! a lease renewed by heartbeats; every write of an attempt is fenced by its attempt number, so
 //! a stale attempt (its lease expired and the job was claimed again) changes nothing.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use crate::device::{Device, claimable_prefs};
+
+/// Where a job is in its life: `queued → running → succeeded | failed | canceled`; an expired
+/// lease or a retried machine fault goes from `running` back to `queued`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Canceled,
+    ];
+
+    /// The state's name, as stored and served.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Canceled => "canceled",
+        }
+    }
+
+    /// A job in a final state never runs again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Canceled
+        )
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -15,7 +65,7 @@ pub struct Job {
     pub dataset_id: Uuid,
     pub base_model: String,
     pub hyperparameters: serde_json::Value,
-    pub state: String,
+    pub state: JobState,
     pub cancel_requested: bool,
     pub priority: i32,
     pub attempt: i32,
@@ -53,6 +103,7 @@ pub struct NewJob<'a> {
     pub base_model: &'a str,
     pub hyperparameters: serde_json::Value,
     pub priority: i32,
+    pub max_attempts: i32,
     pub device_pref: &'a str,
     pub epochs: i32,
     pub idempotency_key: Option<&'a str>,
@@ -62,8 +113,8 @@ pub struct NewJob<'a> {
 pub async fn create(db: impl PgExecutor<'_>, j: &NewJob<'_>) -> sqlx::Result<Job> {
     sqlx::query_as(&format!(
         "insert into jobs (id, tenant_id, dataset_id, base_model, hyperparameters, priority,
-             device_pref, epochs, idempotency_key, request_hash)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) returning {JOB_COLUMNS}"
+             device_pref, epochs, idempotency_key, request_hash, max_attempts)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) returning {JOB_COLUMNS}"
     ))
     .bind(Uuid::new_v4())
     .bind(j.tenant_id)
@@ -75,6 +126,7 @@ pub async fn create(db: impl PgExecutor<'_>, j: &NewJob<'_>) -> sqlx::Result<Job
     .bind(j.epochs)
     .bind(j.idempotency_key)
     .bind(j.request_hash)
+    .bind(j.max_attempts)
     .fetch_one(db)
     .await
 }
@@ -114,7 +166,7 @@ pub async fn get_any(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<J
 pub async fn list(
     db: impl PgExecutor<'_>,
     tenant_id: Uuid,
-    state: Option<&str>,
+    state: Option<JobState>,
 ) -> sqlx::Result<Vec<Job>> {
     sqlx::query_as(&format!(
         "select {JOB_COLUMNS} from jobs where tenant_id = $1 and ($2::text is null or state = $2)
@@ -147,12 +199,12 @@ pub async fn request_cancel(db: &PgPool, tenant_id: Uuid, id: Uuid) -> sqlx::Res
     Ok(job)
 }
 
-/// Claim the next job this worker may run. `cuda`: whether the device is a GPU.
+/// Claim the next job a worker on `device` may run: one whose `device_pref` the device admits
+/// (`auto`, its kind, or exactly this GPU).
 pub async fn claim(
     db: impl PgExecutor<'_>,
     worker_id: &str,
-    device: &str,
-    cuda: bool,
+    device: Device,
     lease_s: f64,
 ) -> sqlx::Result<Option<(Uuid, i32)>> {
     sqlx::query_as(
@@ -162,15 +214,15 @@ pub async fn claim(
          where id = (
              select id from jobs
              where state = 'queued' and run_after <= now() and not cancel_requested
-               and (device_pref = 'auto' or device_pref = case when $3 then 'cuda' else 'cpu' end)
+               and device_pref = any($3)
              order by priority desc, created_at
              for update skip locked
              limit 1)
          returning id, attempt",
     )
     .bind(worker_id)
-    .bind(device)
-    .bind(cuda)
+    .bind(device.to_string())
+    .bind(claimable_prefs(device))
     .bind(lease_s)
     .fetch_optional(db)
     .await
@@ -224,7 +276,7 @@ pub async fn finish(
     db: impl PgExecutor<'_>,
     id: Uuid,
     attempt: i32,
-    state: &str,
+    state: JobState,
     error: Option<(&str, &str)>,
     model_id: Option<Uuid>,
 ) -> sqlx::Result<bool> {
@@ -521,4 +573,34 @@ pub async fn events_after(
     .bind(after)
     .fetch_all(db)
     .await
+}
+
+/// How many jobs are in each state, every state listed (for `/metrics`).
+pub async fn count_by_state(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<(JobState, i64)>> {
+    let rows: Vec<(JobState, i64)> =
+        sqlx::query_as("select state, count(*) from jobs group by state")
+            .fetch_all(db)
+            .await?;
+    Ok(JobState::ALL
+        .iter()
+        .map(|s| (*s, rows.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n)))
+        .collect())
+}
+
+/// A connection woken when a job is queued (`vidtune_jobs`), for idle workers. `None` when it
+/// cannot be opened: callers then poll.
+pub async fn listen_queue(db: &PgPool) -> Option<sqlx::postgres::PgListener> {
+    listen(db, "vidtune_jobs").await
+}
+
+/// A connection woken when any job writes an event (`vidtune_job_events`), for event streams.
+/// `None` when it cannot be opened: callers then poll.
+pub async fn listen_events(db: &PgPool) -> Option<sqlx::postgres::PgListener> {
+    listen(db, "vidtune_job_events").await
+}
+
+async fn listen(db: &PgPool, channel: &str) -> Option<sqlx::postgres::PgListener> {
+    let mut l = sqlx::postgres::PgListener::connect_with(db).await.ok()?;
+    l.listen(channel).await.ok()?;
+    Some(l)
 }

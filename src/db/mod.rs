@@ -33,3 +33,25 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     use anyhow::Context;
     MIGRATOR.run(pool).await.context("applying migrations")
 }
+
+/// The database answers a trivial query (readiness).
+pub async fn ping(db: &PgPool) -> sqlx::Result<()> {
+    sqlx::query_scalar::<_, i32>("select 1")
+        .fetch_one(db)
+        .await?;
+    Ok(())
+}
+
+/// The server's version string.
+pub async fn server_version(db: &PgPool) -> sqlx::Result<String> {
+    sqlx::query_scalar("show server_version")
+        .fetch_one(db)
+        .await
+}
+
+/// How many migrations have been applied successfully (an error before the first migration).
+pub async fn migrations_applied(db: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar("select count(*) from _sqlx_migrations where success")
+        .fetch_one(db)
+        .await
+}

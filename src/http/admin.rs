@@ -7,9 +7,9 @@ use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::AppState;
 use super::extract::{Json, Path, Query};
-use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
-use crate::app::AppState;
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, Items, Routes};
 use crate::auth::Role;
 use crate::db::{self, tenants::ApiKey, tenants::Tenant};
 use axum::extract::State;
@@ -103,11 +103,6 @@ async fn caller_view(caller: Caller) -> Json<CallerView> {
         admin: caller.admin,
         operator: caller.operator,
     })
-}
-
-#[derive(Serialize)]
-struct Items<T> {
-    items: Vec<T>,
 }
 
 async fn tenant_list(State(s): State<AppState>) -> ApiResult<Json<Items<Tenant>>> {

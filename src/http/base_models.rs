@@ -4,16 +4,16 @@
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::response::IntoResponse;
-use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::AppState;
 use super::extract::{Json, Path};
 use super::upload::{PartialFile, receive};
-use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Routes};
-use crate::app::AppState;
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Items, Routes};
 use crate::backbone::{Arch, Preprocessing};
 use crate::config::Settings;
+use crate::datadir::DataDir;
 use crate::db;
 use crate::registry::{self, ImportError};
 
@@ -48,11 +48,6 @@ impl From<ImportError> for ApiError {
             ImportError::Other(e) => ApiError::internal(e),
         }
     }
-}
-
-#[derive(Serialize)]
-struct Items<T> {
-    items: Vec<T>,
 }
 
 /// Built-in architectures first, then the tenant's TorchScript backbones.
@@ -106,11 +101,8 @@ async fn weights_import(
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
     let arch = Arch::parse(&arch).ok_or_else(|| ApiError::not_found("base model"))?;
-    let tmp = s
-        .settings
-        .data_dir
-        .join("weights")
-        .join("incoming")
+    let tmp = DataDir::new(&s.settings.data_dir)
+        .weights_incoming()
         .join(Uuid::new_v4().to_string());
     let _cleanup = PartialFile::new(tmp.clone());
     let incoming = receive(&s, req, &tmp, s.settings.max_video_bytes).await?;
@@ -144,7 +136,7 @@ async fn base_model_create(
         ));
     }
     let id = Uuid::new_v4();
-    let rel = std::path::Path::new("backbones").join(format!("{id}.pt"));
+    let rel = DataDir::backbone_relative(id);
     let dest = s.settings.data_dir.join(&rel);
     let partial = PartialFile::new(dest.clone());
     let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;

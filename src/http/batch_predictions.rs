@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::extract::{Json, Path, Query};
-use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
-use crate::app::AppState;
+use super::AppState;
+use super::extract::{Json, Path, Query, csv_response};
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, Format, Routes};
 use crate::db;
 use crate::db::batch_predictions::{Batch, BatchResult, BatchState, NewBatch};
 use crate::ingest::DatasetDirs;
@@ -167,20 +167,8 @@ async fn batch_prediction_view(
         .await?
         .ok_or_else(|| ApiError::not_found("batch prediction"))?;
     let results = db::batch_predictions::results(&s.db, id).await?;
-    if let Some(f) = q.format.as_deref()
-        && f != "json"
-        && f != "csv"
-    {
-        return Err(ApiError::validation("format", "json or csv"));
-    }
-    let csv = q.format.as_deref() == Some("csv")
-        || headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/csv"));
-    if csv {
-        let body = to_csv(&results).map_err(ApiError::internal)?;
-        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response());
+    if Format::negotiate(q.format.as_deref(), &headers)? == Format::Csv {
+        return Ok(csv_response(to_csv(&results).map_err(ApiError::internal)?));
     }
     let labelled: Vec<&BatchResult> = results.iter().filter(|r| r.truth.is_some()).collect();
     let correct = labelled

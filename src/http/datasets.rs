@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::AppState;
 use super::extract::{Json, Path, Query};
 use super::upload::{PartialFile, receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
-use crate::app::AppState;
 use crate::db::{self, datasets::Dataset};
 use crate::ingest::split::{Split, SplitSpec};
 use crate::ingest::{self, DatasetDirs, VideoMeta};

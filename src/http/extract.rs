@@ -46,3 +46,57 @@ where
         axum::Json(self.0).into_response()
     }
 }
+
+/// How a listing is sent: JSON, or CSV for spreadsheets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+}
+
+impl Format {
+    /// `?format=json|csv` when given, else CSV when `Accept` asks for `text/csv`, else JSON.
+    pub fn negotiate(
+        format: Option<&str>,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<Self, ApiError> {
+        match format {
+            Some("json") => Ok(Format::Json),
+            Some("csv") => Ok(Format::Csv),
+            Some(_) => Err(ApiError::validation("format", "json or csv")),
+            None => Ok(
+                if headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|a| a.contains("text/csv"))
+                {
+                    Format::Csv
+                } else {
+                    Format::Json
+                },
+            ),
+        }
+    }
+}
+
+/// A `text/csv` answer.
+pub fn csv_response(body: impl Into<axum::body::Body>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        body.into(),
+    )
+        .into_response()
+}
+
+/// A list answer, `{"items": [...]}`: the shape of every collection the API returns.
+#[derive(Debug, serde::Serialize)]
+pub struct Items<T> {
+    pub items: Vec<T>,
+}
+
+impl<T> From<Vec<T>> for Items<T> {
+    fn from(items: Vec<T>) -> Self {
+        Self { items }
+    }
+}

@@ -9,8 +9,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use super::AppState;
 use super::error::{ApiError, ErrorCode};
-use crate::app::AppState;
+use crate::metrics::Exposition;
 
 /// The probes and `/metrics` on the API address.
 pub fn router() -> Router<AppState> {
@@ -33,7 +34,7 @@ async fn healthz() -> Json<Value> {
 
 /// Ready to serve: the database answers within two seconds.
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&state.db);
+    let ping = crate::db::ping(&state.db);
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => Ok(Json(json!({ "status": "ready", "database": "ok" }))),
         Ok(Err(e)) => {
@@ -71,81 +72,66 @@ async fn metrics_for_operators(
 /// Prometheus text exposition: API requests and latency, predictions and their latency, batch
 /// sizes, rejections, loaded models, jobs by state.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    use std::fmt::Write as _;
     use std::sync::atomic::Ordering::Relaxed;
     let st = &state.models.stats;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
-    };
-    counter(
+    let mut e = Exposition::default();
+    e.counter(
         "vidtune_predictions_total",
         "Predictions answered.",
         st.predictions.load(Relaxed),
-    );
-    counter(
+    )
+    .counter(
         "vidtune_inference_batches_total",
         "Forward passes run by the inference threads.",
         st.batches.load(Relaxed),
-    );
-    counter(
+    )
+    .counter(
         "vidtune_inference_batched_requests_total",
         "Requests that shared a forward pass with another request.",
         st.batched_requests.load(Relaxed),
-    );
-    counter(
+    )
+    .counter(
         "vidtune_inference_clips_total",
         "Clips run through models.",
         st.clips.load(Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "# HELP vidtune_predictions_rejected_total Predictions refused.\n# TYPE vidtune_predictions_rejected_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "vidtune_predictions_rejected_total{{reason=\"overloaded\"}} {}",
-        st.rejected_overloaded.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "vidtune_predictions_rejected_total{{reason=\"rate_limited\"}} {}",
-        st.rejected_rate_limited.load(Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP vidtune_prediction_duration_seconds Time from request to answer of successful predictions.\n# TYPE vidtune_prediction_duration_seconds histogram"
-    );
-    st.prediction_seconds
-        .render("vidtune_prediction_duration_seconds", "", &mut out);
-    let _ = writeln!(
-        out,
-        "# HELP vidtune_inference_batch_clips Clips per forward pass.\n# TYPE vidtune_inference_batch_clips histogram"
-    );
-    st.batch_clips
-        .render("vidtune_inference_batch_clips", "", &mut out);
-    state.http_metrics.render(&mut out);
-    let _ = writeln!(
-        out,
-        "# HELP vidtune_models_loaded Models loaded for serving.\n# TYPE vidtune_models_loaded gauge\nvidtune_models_loaded {}",
-        state.models.loaded_count()
-    );
-    let jobs: Vec<(String, i64)> =
-        sqlx::query_as("select state, count(*) from jobs group by state")
-            .fetch_all(&state.db)
-            .await
-            .unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "# HELP vidtune_jobs Jobs by state.\n# TYPE vidtune_jobs gauge"
-    );
-    for s in ["queued", "running", "succeeded", "failed", "canceled"] {
-        let n = jobs.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
-        let _ = writeln!(out, "vidtune_jobs{{state=\"{s}\"}} {n}");
+    let rejected = "vidtune_predictions_rejected_total";
+    e.family(rejected, "counter", "Predictions refused.")
+        .sample(
+            rejected,
+            "reason=\"overloaded\"",
+            st.rejected_overloaded.load(Relaxed),
+        )
+        .sample(
+            rejected,
+            "reason=\"rate_limited\"",
+            st.rejected_rate_limited.load(Relaxed),
+        )
+        .histogram(
+            "vidtune_prediction_duration_seconds",
+            "Time from request to answer of successful predictions.",
+            &st.prediction_seconds,
+        )
+        .histogram(
+            "vidtune_inference_batch_clips",
+            "Clips per forward pass.",
+            &st.batch_clips,
+        );
+    state.http_metrics.render(e.raw());
+    e.family(
+        "vidtune_models_loaded",
+        "gauge",
+        "Models loaded for serving.",
+    )
+    .sample("vidtune_models_loaded", "", state.models.loaded_count());
+    let jobs = crate::db::jobs::count_by_state(&state.db)
+        .await
+        .unwrap_or_default();
+    e.family("vidtune_jobs", "gauge", "Jobs by state.");
+    for (s, n) in jobs {
+        e.sample("vidtune_jobs", &format!("state=\"{s}\""), n);
     }
+    let out = e.finish();
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -4,21 +4,21 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::extract::{Json, Path, Query};
-use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
-use crate::app::AppState;
-use crate::backbone::{Arch, Freeze};
-use crate::db::{self, jobs::Job};
-use crate::train::hyper::Hyperparameters;
+use super::extract::{Json, Path, Query, csv_response};
+use super::{Access, ApiError, ApiResult, AppState, AuditResource, Caller, Format, Items, Routes};
+use crate::db::{
+    self,
+    jobs::{Job, JobState},
+};
+use crate::jobs::{self, JobRequest, SubmitError};
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -68,28 +68,11 @@ pub fn routes(r: Routes) -> Routes {
         )
 }
 
-#[derive(Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct JobCreate {
-    dataset_id: Uuid,
-    base_model: String,
-    #[serde(default)]
-    hyperparameters: Value,
-    #[serde(default)]
-    priority: i32,
-    #[serde(default = "default_attempts")]
-    max_attempts: i32,
-}
-
-fn default_attempts() -> i32 {
-    3
-}
-
 async fn job_create(
     State(s): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
-    Json(body): Json<JobCreate>,
+    Json(body): Json<JobRequest>,
 ) -> ApiResult<Response> {
     let key = match headers.get("idempotency-key") {
         None => None,
@@ -99,149 +82,30 @@ async fn job_create(
                 .filter(|k| !k.is_empty() && k.len() <= 200)
                 .ok_or_else(|| {
                     ApiError::bad_request("Idempotency-Key must be 1 to 200 visible characters")
-                })?
-                .to_owned(),
+                })?,
         ),
     };
-    let request_hash = hex::encode(Sha256::digest(
-        serde_json::to_vec(&body).expect("serialises"),
-    ));
-    if let Some(k) = &key
-        && let Some(existing) = db::jobs::by_idempotency_key(&s.db, caller.tenant_id, k).await?
-    {
-        return replay(existing, &request_hash);
+    let submitted = jobs::submit(&s.db, caller.tenant_id, &body, key)
+        .await
+        .map_err(|e| match e {
+            SubmitError::Invalid { field, message } => ApiError::validation(field, message),
+            SubmitError::Conflict(msg) => ApiError::conflict(msg),
+            SubmitError::Database(e) => e.into(),
+        })?;
+    let job = submitted.job;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)).expect("a path is a header value"),
+    );
+    if submitted.replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-
-    let hp_value = if body.hyperparameters.is_null() {
-        json!({})
-    } else {
-        body.hyperparameters.clone()
-    };
-    let hp: Hyperparameters = serde_json::from_value(hp_value)
-        .map_err(|e| ApiError::validation("hyperparameters", format!("{e}")))?;
-    hp.validate()
-        .map_err(|(field, msg)| ApiError::validation(format!("hyperparameters.{field}"), msg))?;
-    if !(0..=1000).contains(&body.priority) {
-        return Err(ApiError::validation("priority", "between 0 and 1000"));
-    }
-    if !(1..=10).contains(&body.max_attempts) {
-        return Err(ApiError::validation("max_attempts", "between 1 and 10"));
-    }
-    let stages = match Arch::parse(&body.base_model) {
-        Some(a) => a.stages().len(),
-        None => {
-            db::base_models::get_custom_by_name(&s.db, caller.tenant_id, &body.base_model)
-                .await?
-                .ok_or_else(|| {
-                    ApiError::validation(
-                        "base_model",
-                        "no such base model (see GET /v1/base-models)",
-                    )
-                })?;
-            1
-        }
-    };
-    if let Freeze::LastStages { stages: k } = hp.freeze
-        && (k == 0 || k > stages)
-    {
-        return Err(ApiError::validation(
-            "hyperparameters.freeze.stages",
-            format!("between 1 and {stages} for {}", body.base_model),
-        ));
-    }
-    let dataset = db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
-        .await?
-        .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
-    if dataset.status != "ready" {
-        return Err(ApiError::conflict(format!(
-            "the dataset is `{}`; jobs need a ready dataset",
-            dataset.status
-        )));
-    }
-    let device_pref = match hp.device.as_str() {
-        "auto" => "auto",
-        "cpu" => "cpu",
-        _ => "cuda",
-    };
-    // The job, its attempt limit and its `queued` event become visible together, so a worker
-    // that claims it at once cannot log `running` before `queued`.
-    let mut tx = s.db.begin().await?;
-    let created = db::jobs::create(
-        &mut *tx,
-        &db::jobs::NewJob {
-            tenant_id: caller.tenant_id,
-            dataset_id: body.dataset_id,
-            base_model: &body.base_model,
-            hyperparameters: serde_json::to_value(&hp).expect("serialises"),
-            priority: body.priority,
-            device_pref,
-            epochs: hp.epochs as i32,
-            idempotency_key: key.as_deref(),
-            request_hash: &request_hash,
-        },
-    )
-    .await;
-    let mut job = match created {
-        Ok(j) => j,
-        Err(sqlx::Error::Database(d)) if d.is_unique_violation() && key.is_some() => {
-            // A concurrent retry with the same key won the race.
-            drop(tx);
-            let existing = db::jobs::by_idempotency_key(
-                &s.db,
-                caller.tenant_id,
-                key.as_deref().unwrap_or_default(),
-            )
-            .await?
-            .ok_or_else(|| ApiError::conflict("Idempotency-Key in use"))?;
-            return replay(existing, &request_hash);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    sqlx::query("update jobs set max_attempts = $2 where id = $1")
-        .bind(job.id)
-        .bind(body.max_attempts)
-        .execute(&mut *tx)
-        .await?;
-    job.max_attempts = body.max_attempts;
-    db::jobs::event_unfenced(
-        &mut *tx,
-        job.id,
-        0,
-        "state",
-        "info",
-        "queued",
-        json!({"state": "queued"}),
-    )
-    .await?;
-    tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
-        [(header::LOCATION, format!("/v1/jobs/{}", job.id))],
+        headers,
         AuditResource(job.id),
         Json(job),
-    )
-        .into_response())
-}
-
-/// The answer to a retried request: the job it created, or 409 if the key was reused for a
-/// different request.
-fn replay(existing: Job, request_hash: &str) -> ApiResult<Response> {
-    if existing.request_hash.as_deref() != Some(request_hash) {
-        return Err(ApiError::conflict(
-            "this Idempotency-Key was used for a different request",
-        ));
-    }
-    Ok((
-        StatusCode::ACCEPTED,
-        [
-            (header::LOCATION, format!("/v1/jobs/{}", existing.id)),
-            (
-                header::HeaderName::from_static("idempotent-replayed"),
-                "true".to_string(),
-            ),
-        ],
-        AuditResource(existing.id),
-        Json(existing),
     )
         .into_response())
 }
@@ -252,29 +116,25 @@ struct ListQuery {
     state: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Items<T> {
-    items: Vec<T>,
-}
-
-const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "canceled"];
-
 async fn job_list(
     State(s): State<AppState>,
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Items<Job>>> {
-    if let Some(st) = &q.state
-        && !STATES.contains(&st.as_str())
-    {
-        return Err(ApiError::validation(
-            "state",
-            "queued, running, succeeded, failed or canceled",
-        ));
-    }
-    Ok(Json(Items {
-        items: db::jobs::list(&s.db, caller.tenant_id, q.state.as_deref()).await?,
-    }))
+    let state = match q.state.as_deref() {
+        None => None,
+        Some(st) => Some(
+            JobState::ALL
+                .into_iter()
+                .find(|s| s.as_str() == st)
+                .ok_or_else(|| {
+                    ApiError::validation("state", "queued, running, succeeded, failed or canceled")
+                })?,
+        ),
+    };
+    Ok(Json(
+        db::jobs::list(&s.db, caller.tenant_id, state).await?.into(),
+    ))
 }
 
 async fn fetch(s: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Job> {
@@ -312,22 +172,10 @@ async fn job_cancel(
     caller: Caller,
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
-    let job = db::jobs::request_cancel(&s.db, caller.tenant_id, id)
+    let job = jobs::cancel(&s.db, caller.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("job"))?;
-    if job.state == "canceled" {
-        db::jobs::event_unfenced(
-            &s.db,
-            id,
-            job.attempt,
-            "state",
-            "info",
-            "canceled",
-            json!({"state": "canceled"}),
-        )
-        .await?;
-    }
-    let status = if job.state == "running" {
+    let status = if job.state == JobState::Running {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
@@ -352,18 +200,7 @@ async fn job_metrics(
 ) -> ApiResult<Response> {
     fetch(&s, &caller, id).await?;
     let epochs = db::jobs::epochs(&s.db, id).await?;
-    let wants_csv = q.format.as_deref() == Some("csv")
-        || headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/csv"));
-    if let Some(f) = q.format.as_deref()
-        && f != "csv"
-        && f != "json"
-    {
-        return Err(ApiError::validation("format", "json or csv"));
-    }
-    if wants_csv {
+    if Format::negotiate(q.format.as_deref(), &headers)? == Format::Csv {
         let mut out = String::from(
             "epoch,train_loss,train_accuracy,val_loss,val_accuracy,val_balanced_accuracy,val_macro_f1,val_macro_auc,lr,clips_per_s,data_wait_share\n",
         );
@@ -384,7 +221,7 @@ async fn job_metrics(
                 e.data_wait_share
             ));
         }
-        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response());
+        return Ok(csv_response(out));
     }
     let steps = db::jobs::steps(&s.db, id).await?;
     Ok(Json(json!({ "job_id": id, "epochs": epochs, "steps": steps })).into_response())
@@ -415,10 +252,7 @@ async fn job_events(
     let db = s.db.clone();
     let tenant = caller.tenant_id;
     let stream = async_stream::stream! {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&db).await.ok();
-        if let Some(l) = listener.as_mut() {
-            let _ = l.listen("vidtune_job_events").await;
-        }
+        let mut listener = db::jobs::listen_events(&db).await;
         loop {
             let rows = db::jobs::events_after(&db, id, after).await.unwrap_or_default();
             for r in &rows {
@@ -427,7 +261,7 @@ async fn job_events(
             }
             if rows.is_empty() {
                 let done = db::jobs::get(&db, tenant, id).await.ok().flatten()
-                    .is_none_or(|j| ["succeeded", "failed", "canceled"].contains(&j.state.as_str()));
+                    .is_none_or(|j| j.state.is_final());
                 if done {
                     break;
                 }

@@ -18,7 +18,6 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::config::Settings;
 use crate::db;
 
@@ -32,10 +31,13 @@ pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod models;
+pub mod state;
 pub mod upload;
 
 pub use auth::Caller;
 pub use error::{ApiError, ApiResult, ErrorCode};
+pub use extract::{Format, Items};
+pub use state::AppState;
 
 /// Who may call an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +269,20 @@ struct Guard {
     op: Arc<Operation>,
 }
 
+/// Whether `caller`'s role reaches `op`'s access level.
+fn authorise(op: &Operation, caller: &Caller) -> Result<(), ApiError> {
+    match op.access {
+        Access::Admin if !caller.admin => {
+            Err(ApiError::forbidden(format!("{} needs an admin key", op.id)))
+        }
+        Access::Operator if !caller.operator => Err(ApiError::forbidden(format!(
+            "{} needs an operator key (`vidtune keys create --operator` on the host)",
+            op.id
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Authenticate, authorise by access level, run the handler, and append the audit row.
 async fn guard_operation(State(g): State<Guard>, mut req: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
@@ -289,22 +305,13 @@ async fn guard_operation(State(g): State<Guard>, mut req: Request, next: Next) -
     let caller = auth::authenticate(&g.state.db, req.headers()).await;
     let (resp, caller) = match caller {
         Err(e) => (e.into_response(), None),
-        Ok(c) if g.op.access == Access::Admin && !c.admin => (
-            ApiError::forbidden(format!("{} needs an admin key", g.op.id)).into_response(),
-            Some(c),
-        ),
-        Ok(c) if g.op.access == Access::Operator && !c.operator => (
-            ApiError::forbidden(format!(
-                "{} needs an operator key (`vidtune keys create --operator` on the host)",
-                g.op.id
-            ))
-            .into_response(),
-            Some(c),
-        ),
-        Ok(c) => {
-            req.extensions_mut().insert(c.clone());
-            (next.run(req).await, Some(c))
-        }
+        Ok(c) => match authorise(&g.op, &c) {
+            Err(e) => (e.into_response(), Some(c)),
+            Ok(()) => {
+                req.extensions_mut().insert(c.clone());
+                (next.run(req).await, Some(c))
+            }
+        },
     };
 
     let event = db::audit::NewAuditEvent {

@@ -6,14 +6,16 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::AppState;
 use super::extract::{Json, Path, Query};
 use super::upload::{PartialFile, receive, verify_checksum};
-use super::{Access, ApiError, ApiResult, AuditDetails, AuditResource, Caller, ErrorCode, Routes};
-use crate::app::AppState;
+use super::{
+    Access, ApiError, ApiResult, AuditDetails, AuditResource, Caller, ErrorCode, Items, Routes,
+};
 use crate::db;
 use crate::db::models::Model;
 use crate::serve::{self, ExportFormat, PredictOptions, Serving, TimelineOptions, Upload};
@@ -57,14 +59,9 @@ async fn fetch(s: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Model> {
         .ok_or_else(|| ApiError::not_found("model"))
 }
 
-#[derive(Serialize)]
-struct Items<T> {
-    items: Vec<T>,
-}
-
 async fn model_list(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<Items<Model>>> {
     let items = db::models::list(&s.db, caller.tenant_id).await?;
-    Ok(Json(Items { items }))
+    Ok(Json(items.into()))
 }
 
 async fn model_view(

@@ -653,7 +653,7 @@ pub fn run(ctx: &Context) -> Result<Outcome, TrainError> {
             &mut *tx,
             ctx.job_id,
             ctx.attempt,
-            "succeeded",
+            db::jobs::JobState::Succeeded,
             None,
             Some(model_id),
         )

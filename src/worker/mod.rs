@@ -1,43 +1,8 @@
 //! Workers: device discovery, the claim loop with child-process supervision (`pool`), and the
 //! `train-job` child's entry point.
-use std::fmt;
-
 pub mod pool;
 
-/// A device a job can run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda(usize),
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
-
-impl Device {
-    pub fn to_tch(self) -> tch::Device {
-        match self {
-            Device::Cpu => tch::Device::Cpu,
-            Device::Cuda(i) => tch::Device::Cuda(i),
-        }
-    }
-}
-
-impl Device {
-    pub fn parse(s: &str) -> Option<Device> {
-        match s {
-            "cpu" => Some(Device::Cpu),
-            "cuda" => Some(Device::Cuda(0)),
-            _ => s.strip_prefix("cuda:")?.parse().ok().map(Device::Cuda),
-        }
-    }
-}
+pub use crate::device::Device;
 
 /// Entry point of `vidtune train-job`: run one attempt; exit 0 when the outcome is recorded
 /// (succeeded, canceled, failed for a user error, or fenced out), non-zero for a machine fault
@@ -100,7 +65,12 @@ pub fn train_job_main(
             if ctx
                 .rt
                 .block_on(crate::db::jobs::finish(
-                    &db, job, attempt, "canceled", None, None,
+                    &db,
+                    job,
+                    attempt,
+                    crate::db::jobs::JobState::Canceled,
+                    None,
+                    None,
                 ))
                 .unwrap_or(false)
             {
@@ -116,7 +86,7 @@ pub fn train_job_main(
                     &db,
                     job,
                     attempt,
-                    "failed",
+                    crate::db::jobs::JobState::Failed,
                     Some(("user", &msg)),
                     None,
                 ))
@@ -146,19 +116,8 @@ pub fn resolve_devices(spec: &str, cuda_count: usize) -> anyhow::Result<Vec<Devi
     }
     let mut out = Vec::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let device = match item {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda(0),
-            _ => {
-                let idx = item
-                    .strip_prefix("cuda:")
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("unknown device `{item}` (use auto, cpu or cuda:N)")
-                    })?;
-                Device::Cuda(idx)
-            }
-        };
+        let device = Device::parse(item)
+            .ok_or_else(|| anyhow::anyhow!("unknown device `{item}` (use auto, cpu or cuda:N)"))?;
         if let Device::Cuda(i) = device
             && i >= cuda_count
         {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -87,13 +86,7 @@ async fn device_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let id = worker_id(device);
-    let mut listener = match PgListener::connect_with(&db).await {
-        Ok(mut l) => match l.listen("vidtune_jobs").await {
-            Ok(()) => Some(l),
-            Err(_) => None,
-        },
-        Err(_) => None,
-    };
+    let mut listener = db::jobs::listen_queue(&db).await;
     tracing::info!(worker = %id, "worker ready");
     // Stop when told to, or when whoever could tell us is gone.
     let stopping = |rx: &watch::Receiver<bool>| *rx.borrow() || rx.has_changed().is_err();
@@ -101,14 +94,7 @@ async fn device_loop(
         if let Err(e) = db::jobs::reap_expired(&db).await {
             tracing::warn!(error = %e, "reaping expired leases");
         }
-        let claimed = db::jobs::claim(
-            &db,
-            &id,
-            &device.to_string(),
-            matches!(device, Device::Cuda(_)),
-            cfg.lease.as_secs_f64(),
-        )
-        .await;
+        let claimed = db::jobs::claim(&db, &id, device, cfg.lease.as_secs_f64()).await;
         match claimed {
             Ok(Some((job, attempt))) => {
                 tracing::info!(%job, attempt, device = %device, "claimed job");
@@ -253,7 +239,7 @@ async fn run_attempt(
                         let since = *cancel_seen.get_or_insert_with(tokio::time::Instant::now);
                         if since.elapsed() > cfg.cancel_grace {
                             let _ = child.kill().await;
-                            let _ = db::jobs::finish(db, job, attempt, "canceled", None, None).await;
+                            let _ = db::jobs::finish(db, job, attempt, db::jobs::JobState::Canceled, None, None).await;
                             let _ = db::jobs::event_unfenced(db, job, attempt, "state", "info", "canceled", serde_json::json!({"state": "canceled"})).await;
                             return;
                         }

@@ -2,6 +2,7 @@
 //! the Postgres queue.
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use vidtune::device::Device;
 
 use crate::helpers::{assert_problem, spawn_app};
 
@@ -319,6 +320,39 @@ async fn a_killed_worker_is_reclaimed_and_resumes_exactly(db: PgPool) {
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_job_for_one_gpu_is_claimed_only_by_that_gpus_worker(db: PgPool) {
+    use vidtune::db::jobs;
+    let app = spawn_app(db).await;
+    let key = app.key_for("gpu", false).await;
+    let ds = app.dataset(&key, json!({"name": "g"})).await;
+    sqlx::query("update datasets set status = 'ready' where id = $1::uuid")
+        .bind(&ds)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let job = create_job(&app, &key, &ds, json!({"epochs": 3, "device": "cuda:1"})).await;
+    for other in [Device::Cpu, Device::Cuda(0)] {
+        assert_eq!(
+            jobs::claim(&app.db, "w", other, 60.0).await.unwrap(),
+            None,
+            "a worker on {other} took a job for cuda:1"
+        );
+    }
+    let (claimed, _) = jobs::claim(&app.db, "w1", Device::Cuda(1), 60.0)
+        .await
+        .unwrap()
+        .expect("the cuda:1 worker claims it");
+    assert_eq!(claimed.to_string(), job);
+    let view: Value = app
+        .get(&format!("/v1/jobs/{job}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["device"], "cuda:1");
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn a_stale_attempt_changes_nothing(db: PgPool) {
     use vidtune::db::jobs;
     let app = spawn_app(db).await;
@@ -331,13 +365,13 @@ async fn a_stale_attempt_changes_nothing(db: PgPool) {
         .unwrap();
     let job = create_job(&app, &key, &ds, json!({"epochs": 3})).await;
     let id: uuid::Uuid = job.parse().unwrap();
-    let (_, first) = jobs::claim(&app.db, "w1", "cpu", false, 0.1)
+    let (_, first) = jobs::claim(&app.db, "w1", Device::Cpu, 0.1)
         .await
         .unwrap()
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(jobs::reap_expired(&app.db).await.unwrap(), 1);
-    let (_, second) = jobs::claim(&app.db, "w2", "cpu", false, 60.0)
+    let (_, second) = jobs::claim(&app.db, "w2", Device::Cpu, 60.0)
         .await
         .unwrap()
         .unwrap();
@@ -368,7 +402,7 @@ async fn a_stale_attempt_changes_nothing(db: PgPool) {
     );
     assert!(!jobs::set_checkpoint(&app.db, id, first, "x").await.unwrap());
     assert!(
-        !jobs::finish(&app.db, id, first, "succeeded", None, None)
+        !jobs::finish(&app.db, id, first, jobs::JobState::Succeeded, None, None)
             .await
             .unwrap()
     );

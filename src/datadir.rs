@@ -1,0 +1,139 @@
+//! The data directory's layout: the one place that decides where bytes live on disk.
+//!
+//! Postgres records keep paths *relative* to the data directory (so a data directory can move
+//! or be mounted elsewhere on another worker host); [`DataDir::resolve`] turns them back into
+//! paths. Every other module asks this one instead of joining path pieces itself.
+//!
+//! ```text
+//! datasets/<dataset>/incoming/<upload>      received upload bodies until extracted
+//! datasets/<dataset>/files/<upload>/…       extracted source videos
+//! datasets/<dataset>/cache/<video>.vtc      the training cache
+//! jobs/<job>/checkpoints/epoch-NNNN/        checkpoints (weights, optimizer, loop state)
+//! models/<model>/                           exported models (model.safetensors, model.json, exports)
+//! weights/<arch>/<sha256>.safetensors       imported pretrained weights
+//! weights/incoming/                         weights being received or downloaded
+//! backbones/<id>.pt                         registered TorchScript backbones
+//! tmp/predict/                              prediction uploads while they are decoded
+//! ```
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+/// The data directory. Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A path a database record holds (relative to the data directory).
+    pub fn resolve(&self, relative: impl AsRef<Path>) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    /// `path` as a database record holds it: relative to the data directory when inside it.
+    pub fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// A dataset's folders.
+    pub fn dataset(&self, dataset_id: Uuid) -> DatasetDirs {
+        DatasetDirs {
+            root: self.root.join("datasets").join(dataset_id.to_string()),
+        }
+    }
+
+    /// A job's checkpoints, one folder per epoch.
+    pub fn checkpoints(&self, job_id: Uuid) -> PathBuf {
+        self.root
+            .join("jobs")
+            .join(job_id.to_string())
+            .join("checkpoints")
+    }
+
+    /// A model's folder, relative (as its record holds it).
+    pub fn model_relative(model_id: Uuid) -> PathBuf {
+        Path::new("models").join(model_id.to_string())
+    }
+
+    /// Imported weights of an architecture, relative (as their record holds it).
+    pub fn weights_relative(arch: &str, sha256: &str) -> PathBuf {
+        Path::new("weights")
+            .join(arch)
+            .join(format!("{sha256}.safetensors"))
+    }
+
+    /// Weights files being received or downloaded.
+    pub fn weights_incoming(&self) -> PathBuf {
+        self.root.join("weights").join("incoming")
+    }
+
+    /// A registered TorchScript backbone, relative (as its record holds it).
+    pub fn backbone_relative(backbone_id: Uuid) -> PathBuf {
+        Path::new("backbones").join(format!("{backbone_id}.pt"))
+    }
+
+    /// Prediction uploads while they are decoded.
+    pub fn predict_scratch(&self) -> PathBuf {
+        self.root.join("tmp").join("predict")
+    }
+}
+
+/// Where a dataset's bytes live under the data directory.
+#[derive(Debug, Clone)]
+pub struct DatasetDirs {
+    pub root: PathBuf,
+}
+
+impl DatasetDirs {
+    /// Received upload bodies, `<upload_id>`, until ingest has extracted them.
+    pub fn incoming(&self) -> PathBuf {
+        self.root.join("incoming")
+    }
+    /// Source files, one folder per upload.
+    pub fn files(&self, upload_id: Uuid) -> PathBuf {
+        self.root.join("files").join(upload_id.to_string())
+    }
+    /// Training cache, one file per accepted video.
+    pub fn cache(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+    pub fn cache_file(&self, video_id: Uuid) -> PathBuf {
+        self.cache().join(format!("{video_id}.vtc"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_hold_paths_relative_to_the_data_dir() {
+        let d = DataDir::new("/srv/vidtune");
+        let id = Uuid::nil();
+        let rel = DataDir::model_relative(id);
+        assert_eq!(
+            d.resolve(&rel),
+            Path::new("/srv/vidtune/models/00000000-0000-0000-0000-000000000000")
+        );
+        assert_eq!(d.relative(&d.resolve(&rel)), rel.to_string_lossy());
+        let ckpt = d.checkpoints(id).join("epoch-0001");
+        assert_eq!(
+            d.relative(&ckpt),
+            "jobs/00000000-0000-0000-0000-000000000000/checkpoints/epoch-0001"
+        );
+        // Outside the data directory a path stays as it is.
+        assert_eq!(d.relative(Path::new("/elsewhere/x")), "/elsewhere/x");
+    }
+}
