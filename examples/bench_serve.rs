@@ -38,6 +38,7 @@ async fn run(
         preprocessing: Arch::R3d18.preprocessing(),
         decode: CacheSpec::default(),
         eval_clips: 1,
+        frame_stride: 1,
         weights: weights.to_path_buf(),
     };
     let handle = cache.get(meta).await.unwrap();

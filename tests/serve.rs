@@ -34,6 +34,7 @@ fn model_meta(dir: &std::path::Path) -> ModelMeta {
         preprocessing,
         decode: CacheSpec::default(),
         eval_clips: 1,
+        frame_stride: 1,
         weights,
     }
 }

@@ -7,6 +7,7 @@ use sqlx::postgres::PgPoolOptions;
 
 pub mod audit;
 pub mod base_models;
+pub mod batch_predictions;
 pub mod datasets;
 pub mod jobs;
 pub mod models;

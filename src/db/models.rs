@@ -1,6 +1,82 @@
-//! Trained models.
-use sqlx::PgExecutor;
+//! Trained models: the record a successful job leaves behind, with its lineage.
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{PgExecutor, PgPool};
+use time::OffsetDateTime;
 use uuid::Uuid;
+
+use crate::evaluation::Metrics;
+
+/// A trained model and where it came from (the `models` table).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Model {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub dataset_id: Uuid,
+    pub dataset_hash: Option<String>,
+    pub base_model: String,
+    pub base_weights_sha256: Option<String>,
+    pub hyperparameters: Value,
+    pub classes: Vec<String>,
+    pub preprocessing: Value,
+    pub decode: Value,
+    pub head: Value,
+    pub eval_clips: i32,
+    pub val_metrics: Json<Metrics>,
+    pub test_metrics: Option<Json<Metrics>>,
+    pub vidtune_version: String,
+    pub libtorch_version: String,
+    /// The model's directory, relative to the data directory: a server detail.
+    #[serde(skip)]
+    pub path: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+const COLUMNS: &str = "id, job_id, dataset_id, dataset_hash, base_model, base_weights_sha256,
+    hyperparameters, classes, preprocessing, decode, head, eval_clips, val_metrics, test_metrics,
+    vidtune_version, libtorch_version, path, created_at";
+
+/// A tenant's model; `None` also for another tenant's id, so ids leak nothing.
+pub async fn get(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Model>> {
+    sqlx::query_as(&format!(
+        "select {COLUMNS} from models where tenant_id = $1 and id = $2"
+    ))
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await
+}
+
+/// A tenant's newest models (at most 500).
+pub async fn list(db: impl PgExecutor<'_>, tenant_id: Uuid) -> sqlx::Result<Vec<Model>> {
+    sqlx::query_as(&format!(
+        "select {COLUMNS} from models where tenant_id = $1 order by created_at desc limit 500"
+    ))
+    .bind(tenant_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Delete a model's record. Its job stays, with its metric history, and forgets the model in
+/// the same transaction, so no job ever points at a missing model.
+pub async fn delete(db: &PgPool, id: Uuid) -> sqlx::Result<()> {
+    let mut tx = db.begin().await?;
+    sqlx::query("update jobs set model_id = null where model_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("delete from models where id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
 
 /// A trained model as its job records it (the files are already in place under `path`).
 pub struct NewModel<'a> {
@@ -17,8 +93,8 @@ pub struct NewModel<'a> {
     pub preprocessing: serde_json::Value,
     pub head: serde_json::Value,
     pub eval_clips: i32,
-    pub val_metrics: serde_json::Value,
-    pub test_metrics: Option<serde_json::Value>,
+    pub val_metrics: &'a Metrics,
+    pub test_metrics: Option<&'a Metrics>,
     pub vidtune_version: &'a str,
     pub libtorch_version: &'a str,
     /// Relative to the data directory.
@@ -46,8 +122,8 @@ pub async fn insert(db: impl PgExecutor<'_>, m: &NewModel<'_>) -> sqlx::Result<(
     .bind(&m.preprocessing)
     .bind(&m.head)
     .bind(m.eval_clips)
-    .bind(&m.val_metrics)
-    .bind(&m.test_metrics)
+    .bind(Json(m.val_metrics))
+    .bind(m.test_metrics.map(Json))
     .bind(m.vidtune_version)
     .bind(m.libtorch_version)
     .bind(m.path)

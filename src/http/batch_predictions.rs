@@ -1,21 +1,21 @@
 //! Batch predictions: a model over every accepted video of a dataset, in the background, read
 //! straight from the dataset's training cache; results as JSON or CSV.
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use time::OffsetDateTime;
+use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
-use super::extract::{Json, Path, Query};
-use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
+use super::extract::{Json, Path, Query, csv_response};
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, Format, Routes};
+use crate::db;
+use crate::db::batch_predictions::{Batch, BatchResult, BatchState, NewBatch};
+use crate::db::datasets::DatasetStatus;
+use crate::db::videos::{Split, VideoStatus};
 use crate::ingest::DatasetDirs;
-use crate::serve::{ModelHandle, Stats};
-use crate::train::data;
+use crate::serve::{self, BatchVideo, ModelMeta};
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -44,43 +44,76 @@ struct BatchCreate {
     clips: Option<u32>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
-struct Batch {
-    id: Uuid,
-    model_id: Uuid,
-    dataset_id: Uuid,
-    split: Option<String>,
-    clips: i32,
-    state: String,
-    error: Option<String>,
-    total: i32,
-    done: i32,
-    #[serde(with = "time::serde::rfc3339")]
-    created_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    finished_at: Option<OffsetDateTime>,
-}
-
 async fn batch_prediction_create(
     State(s): State<AppState>,
     caller: Caller,
     Path(model_id): Path<Uuid>,
     Json(body): Json<BatchCreate>,
 ) -> ApiResult<Response> {
-    let model = super::models::fetch_meta(&s, &caller, model_id).await?;
+    let model = db::models::get(&s.db, caller.tenant_id, model_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("model"))?;
+    let meta = serve::model_meta(&s.db, &s.settings.data_dir, caller.tenant_id, &model).await?;
     if let Some(split) = &body.split
         && !["train", "val", "test"].contains(&split.as_str())
     {
         return Err(ApiError::validation("split", "train, val or test"));
     }
-    let clips = body.clips.unwrap_or(model.0.eval_clips);
+    let clips = body.clips.unwrap_or(meta.eval_clips);
     if !(1..=32).contains(&clips) {
         return Err(ApiError::validation("clips", "between 1 and 32"));
     }
-    let dataset = crate::db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
+    let videos = dataset_videos(&s, &caller, &body, &meta).await?;
+    let id = Uuid::new_v4();
+    let new = NewBatch {
+        id,
+        tenant_id: caller.tenant_id,
+        model_id,
+        dataset_id: body.dataset_id,
+        split: body.split.as_deref(),
+        clips: clips as i32,
+        total: videos.len() as i32,
+    };
+    db::batch_predictions::insert(&s.db, &new).await?;
+
+    let handle = s.models.get(meta).await.map_err(ApiError::internal)?;
+    let dirs = DatasetDirs::new(&s.settings.data_dir, body.dataset_id);
+    let videos = videos
+        .into_iter()
+        .map(|video| BatchVideo {
+            cache: dirs.cache_file(video.id),
+            video,
+        })
+        .collect();
+    tokio::spawn(serve::run_batch(
+        s.db.clone(),
+        s.models.clone(),
+        handle,
+        id,
+        videos,
+        clips,
+    ));
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/batch-predictions/{id}"))],
+        AuditResource(id),
+        Json(json!({ "id": id, "state": BatchState::Running, "total": 0 })),
+    )
+        .into_response())
+}
+
+/// The videos of the requested dataset (and split) that a batch prediction with the model
+/// `meta` runs over: the accepted ones, read from a cache decoded as the model was trained.
+async fn dataset_videos(
+    s: &AppState,
+    caller: &Caller,
+    body: &BatchCreate,
+    meta: &ModelMeta,
+) -> ApiResult<Vec<db::datasets::Video>> {
+    let dataset = db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
         .await?
         .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
-    if dataset.status != crate::db::datasets::DatasetStatus::Ready {
+    if dataset.status != DatasetStatus::Ready {
         return Err(ApiError::conflict(format!(
             "the dataset is `{}`",
             dataset.status
@@ -92,10 +125,7 @@ async fn batch_prediction_create(
         dataset.cache_spec["short_side"].as_u64(),
         dataset.cache_spec["fps"].as_f64(),
     );
-    let wanted = (
-        Some(model.0.decode.short_side as u64),
-        Some(model.0.decode.fps),
-    );
+    let wanted = (Some(meta.decode.short_side as u64), Some(meta.decode.fps));
     if cached != wanted {
         return Err(ApiError::validation(
             "dataset_id",
@@ -105,139 +135,14 @@ async fn batch_prediction_create(
             ),
         ));
     }
-    let videos: Vec<_> = crate::db::datasets::dataset_videos(&s.db, body.dataset_id)
+    Ok(db::datasets::dataset_videos(&s.db, body.dataset_id)
         .await?
         .into_iter()
         .filter(|v| {
-            v.status == crate::db::videos::VideoStatus::Accepted
-                && (body.split.is_none() || v.split.map(|s| s.as_str()) == body.split.as_deref())
+            v.status == VideoStatus::Accepted
+                && (body.split.is_none() || v.split.map(Split::as_str) == body.split.as_deref())
         })
-        .collect();
-    let id = Uuid::new_v4();
-    sqlx::query(
-        "insert into batch_predictions (id, tenant_id, model_id, dataset_id, split, clips, total)
-         values ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(id)
-    .bind(caller.tenant_id)
-    .bind(model_id)
-    .bind(body.dataset_id)
-    .bind(&body.split)
-    .bind(clips as i32)
-    .bind(videos.len() as i32)
-    .execute(&s.db)
-    .await?;
-
-    let handle = s
-        .models
-        .get(model.0.clone())
-        .await
-        .map_err(ApiError::internal)?;
-    let (db, stats, dirs) = (
-        s.db.clone(),
-        s.models.stats.clone(),
-        DatasetDirs::new(&s.settings.data_dir, body.dataset_id),
-    );
-    let deadline = s.models.config().deadline;
-    let stride = model.1;
-    tokio::spawn(async move {
-        let outcome = run(
-            &db, id, &handle, &stats, &dirs, videos, clips, stride, deadline,
-        )
-        .await;
-        let (state, error) = match outcome {
-            Ok(()) => ("succeeded", None),
-            // The cause may name server paths or driver internals: it goes to the log, the
-            // answer gets a stable sentence that the batch id finds there.
-            Err(e) => {
-                tracing::error!(batch_prediction = %id, error.cause_chain = ?e, "batch prediction failed");
-                (
-                    "failed",
-                    Some("an internal error stopped this batch prediction; the server log has the details under its id".to_owned()),
-                )
-            }
-        };
-        let _ = sqlx::query("update batch_predictions set state = $2, error = $3, finished_at = now() where id = $1")
-            .bind(id)
-            .bind(state)
-            .bind(error)
-            .execute(&db)
-            .await;
-    });
-    Ok((
-        StatusCode::ACCEPTED,
-        [(header::LOCATION, format!("/v1/batch-predictions/{id}"))],
-        AuditResource(id),
-        Json(json!({ "id": id, "state": "running", "total": 0 })),
-    )
-        .into_response())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    db: &sqlx::PgPool,
-    id: Uuid,
-    handle: &Arc<ModelHandle>,
-    stats: &Stats,
-    dirs: &DatasetDirs,
-    videos: Vec<crate::db::datasets::Video>,
-    clips: u32,
-    stride: u32,
-    deadline: std::time::Duration,
-) -> anyhow::Result<()> {
-    let meta = &handle.meta;
-    let spec = crate::serve::clip_spec(meta, stride);
-    for v in videos {
-        let cache = dirs.cache_file(v.id);
-        let total = v.cache_frames.unwrap_or(1).max(1) as u32;
-        let hw = (
-            v.cache_height.unwrap_or(128) as i64,
-            v.cache_width.unwrap_or(171) as i64,
-        );
-        let plans: Vec<_> = (0..clips)
-            .map(|c| data::eval_plan(0, total, &spec, hw, c, clips))
-            .collect();
-        let (spec_b, prep) = (spec.clone(), meta.preprocessing.clone());
-        let input = tokio::task::spawn_blocking(move || {
-            crate::serve::read_input(&cache, &plans, &spec_b, &prep)
-        })
-        .await??;
-        let probs = handle
-            .infer(input, deadline, stats)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(&probs)?;
-        let p = crate::serve::mean_probs(&rows);
-        let best = (0..p.len())
-            .max_by(|&a, &b| p[a].total_cmp(&p[b]))
-            .unwrap_or(0);
-        let probabilities: serde_json::Map<String, Value> = meta
-            .classes
-            .iter()
-            .zip(&p)
-            .map(|(c, x)| (c.clone(), json!(x)))
-            .collect();
-        let mut tx = db.begin().await?;
-        sqlx::query(
-            "insert into batch_prediction_results (batch_id, video_id, path, truth, predicted, probability, probabilities)
-             values ($1, $2, $3, $4, $5, $6, $7) on conflict do nothing",
-        )
-        .bind(id)
-        .bind(v.id)
-        .bind(&v.path)
-        .bind(&v.label)
-        .bind(&meta.classes[best])
-        .bind(p[best])
-        .bind(Value::Object(probabilities))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("update batch_predictions set done = done + 1 where id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-    }
-    Ok(())
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -246,14 +151,14 @@ struct ViewQuery {
     format: Option<String>,
 }
 
-#[derive(Serialize, sqlx::FromRow)]
-struct ResultRow {
-    video_id: Uuid,
-    path: String,
-    truth: Option<String>,
-    predicted: String,
-    probability: f64,
-    probabilities: Value,
+/// A batch prediction with its results so far.
+#[derive(Serialize)]
+struct BatchView<'a> {
+    #[serde(flatten)]
+    batch: &'a Batch,
+    /// Share of the labelled videos predicted right; `null` without labelled videos.
+    accuracy: Option<f64>,
+    results: &'a [BatchResult],
 }
 
 async fn batch_prediction_view(
@@ -263,63 +168,38 @@ async fn batch_prediction_view(
     Query(q): Query<ViewQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let batch: Batch = sqlx::query_as(
-        "select id, model_id, dataset_id, split, clips, state, error, total, done, created_at, finished_at
-         from batch_predictions where tenant_id = $1 and id = $2",
-    )
-    .bind(caller.tenant_id)
-    .bind(id)
-    .fetch_optional(&s.db)
-    .await?
-    .ok_or_else(|| ApiError::not_found("batch prediction"))?;
-    let results: Vec<ResultRow> = sqlx::query_as(
-        "select video_id, path, truth, predicted, probability, probabilities
-         from batch_prediction_results where batch_id = $1 order by path",
-    )
-    .bind(id)
-    .fetch_all(&s.db)
-    .await?;
-    if let Some(f) = q.format.as_deref()
-        && f != "json"
-        && f != "csv"
-    {
-        return Err(ApiError::validation("format", "json or csv"));
+    let batch = db::batch_predictions::get(&s.db, caller.tenant_id, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch prediction"))?;
+    let results = db::batch_predictions::results(&s.db, id).await?;
+    if Format::negotiate(q.format.as_deref(), &headers)? == Format::Csv {
+        return Ok(csv_response(to_csv(&results).map_err(ApiError::internal)?));
     }
-    let csv = q.format.as_deref() == Some("csv")
-        || headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/csv"));
-    if csv {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        w.write_record(["video_id", "path", "truth", "predicted", "probability"])
-            .map_err(|e| ApiError::internal(e.into()))?;
-        for r in &results {
-            w.write_record([
-                r.video_id.to_string(),
-                r.path.clone(),
-                r.truth.clone().unwrap_or_default(),
-                r.predicted.clone(),
-                r.probability.to_string(),
-            ])
-            .map_err(|e| ApiError::internal(e.into()))?;
-        }
-        let body = w
-            .into_inner()
-            .map_err(|e| ApiError::internal(anyhow::anyhow!("{e}")))?;
-        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response());
-    }
-    let labelled: Vec<&ResultRow> = results.iter().filter(|r| r.truth.is_some()).collect();
+    let labelled: Vec<&BatchResult> = results.iter().filter(|r| r.truth.is_some()).collect();
     let correct = labelled
         .iter()
         .filter(|r| r.truth.as_deref() == Some(r.predicted.as_str()))
         .count();
-    let mut v = serde_json::to_value(&batch).expect("serialises");
-    v["accuracy"] = if labelled.is_empty() {
-        Value::Null
-    } else {
-        json!(correct as f64 / labelled.len() as f64)
+    let view = BatchView {
+        batch: &batch,
+        accuracy: (!labelled.is_empty()).then(|| correct as f64 / labelled.len() as f64),
+        results: &results,
     };
-    v["results"] = serde_json::to_value(&results).expect("serialises");
-    Ok(Json(v).into_response())
+    // Through a JSON value: its keys are sorted, the order this answer has always had.
+    Ok(Json(serde_json::to_value(view).map_err(|e| ApiError::internal(e.into()))?).into_response())
+}
+
+fn to_csv(results: &[BatchResult]) -> anyhow::Result<Vec<u8>> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["video_id", "path", "truth", "predicted", "probability"])?;
+    for r in results {
+        w.write_record([
+            r.video_id.to_string(),
+            r.path.clone(),
+            r.truth.clone().unwrap_or_default(),
+            r.predicted.clone(),
+            r.probability.to_string(),
+        ])?;
+    }
+    w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -188,6 +188,46 @@ pub(crate) fn on_unique(e: sqlx::Error, detail: &str) -> ApiError {
     }
 }
 
+impl From<crate::serve::MetaError> for ApiError {
+    fn from(e: crate::serve::MetaError) -> Self {
+        match e {
+            crate::serve::MetaError::Db(e) => e.into(),
+            crate::serve::MetaError::Record(e) => Self::internal(e),
+        }
+    }
+}
+
+impl From<crate::serve::PredictError> for ApiError {
+    fn from(e: crate::serve::PredictError) -> Self {
+        use crate::serve::PredictError;
+        match e {
+            PredictError::Overloaded => Self::new(
+                ErrorCode::Overloaded,
+                "the model's queue is full; retry shortly",
+            )
+            .with_retry_after(1),
+            PredictError::Deadline => Self::new(
+                ErrorCode::Overloaded,
+                "the prediction did not run within the deadline",
+            )
+            .with_retry_after(5),
+            PredictError::Rejected(r) => Self::video_rejected(r),
+            PredictError::Internal(e) => Self::internal(e),
+        }
+    }
+}
+
+impl From<crate::serve::ExportError> for ApiError {
+    fn from(e: crate::serve::ExportError) -> Self {
+        match e {
+            e @ crate::serve::ExportError::CustomBackbone => {
+                Self::validation("format", e.to_string())
+            }
+            crate::serve::ExportError::Internal(e) => Self::internal(e),
+        }
+    }
+}
+
 /// The problem document (RFC 9457) plus vidtune's extension members.
 #[derive(Serialize)]
 struct Problem<'a> {

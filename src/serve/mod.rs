@@ -2,22 +2,30 @@
 //! thread (tch tensors are not `Sync`), with dynamic batching of concurrent requests and a
 //! bounded queue that answers "overloaded" instead of growing.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::Deserialize;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use uuid::Uuid;
 
-use crate::backbone::{Arch, Base, Freeze, HeadSpec, Preprocessing, VideoClassifier};
-use crate::media::cache::CacheReader;
-use crate::media::decode::CacheSpec;
-use crate::train::data::{self, ClipSpec, Plan, RawClip};
+use crate::backbone::VideoClassifier;
+
+mod batch;
+mod export;
+mod meta;
+mod predict;
+
+pub use batch::{BatchVideo, run_batch};
+pub use export::{ExportError, ExportFormat, export_safetensors, export_torchscript};
+pub use meta::{MetaError, ModelMeta, load_classifier, model_meta};
+pub use predict::{
+    Classification, Input, MAX_WINDOWS, PredictError, PredictOptions, Prediction, Ranked, Serving,
+    TimelineOptions, Timings, Upload, Window, classify, plan_clips, plan_timeline, predict,
+    scratch_dir,
+};
 
 /// Serving limits.
 #[derive(Debug, Clone)]
@@ -80,64 +88,6 @@ impl Default for Stats {
             batch_clips: crate::metrics::Histogram::new(crate::metrics::BATCH_BUCKETS),
             prediction_seconds: crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS),
         }
-    }
-}
-
-/// What serving needs to know about a model (from its `models` row).
-#[derive(Debug, Clone)]
-pub struct ModelMeta {
-    pub id: Uuid,
-    pub base: Base,
-    pub classes: Vec<String>,
-    pub head: HeadSpec,
-    pub preprocessing: Preprocessing,
-    pub decode: CacheSpec,
-    pub eval_clips: u32,
-    pub weights: PathBuf,
-}
-
-/// The `decode` column: how the training data was decoded.
-#[derive(Deserialize)]
-struct DecodeSpec {
-    short_side: u32,
-    fps: f64,
-}
-
-impl ModelMeta {
-    /// Build from the stored record. `custom_path`: the TorchScript backbone's file, if the base
-    /// is not built in.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_record(
-        id: Uuid,
-        base_model: &str,
-        custom: Option<(PathBuf, i64)>,
-        classes: Vec<String>,
-        head: serde_json::Value,
-        preprocessing: serde_json::Value,
-        decode: serde_json::Value,
-        eval_clips: i32,
-        weights: PathBuf,
-    ) -> anyhow::Result<Self> {
-        let base = match (Arch::parse(base_model), custom) {
-            (Some(a), _) => Base::Builtin(a),
-            (None, Some((path, feature_dim))) => Base::TorchScript { path, feature_dim },
-            (None, None) => anyhow::bail!("base model {base_model} is gone"),
-        };
-        let d: DecodeSpec = serde_json::from_value(decode).context("decode spec")?;
-        Ok(Self {
-            id,
-            base,
-            classes,
-            head: serde_json::from_value(head).context("head spec")?,
-            preprocessing: serde_json::from_value(preprocessing).context("preprocessing")?,
-            decode: CacheSpec {
-                short_side: d.short_side,
-                fps: d.fps,
-                threads: 0,
-            },
-            eval_clips: eval_clips.max(1) as u32,
-            weights,
-        })
     }
 }
 
@@ -284,22 +234,20 @@ async fn spawn_model(
     let thread_meta = meta.clone();
     std::thread::Builder::new()
         .name(format!("infer-{}", &meta.id.to_string()[..8]))
-        .spawn(move || {
-            let loaded = load(&thread_meta, device);
-            match loaded {
-                Ok((vs, model)) => {
-                    let bytes = vs
-                        .variables()
-                        .values()
-                        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-                        .sum();
-                    let _ = ready_tx.send(Ok(bytes));
-                    serve_loop(&model, &rx, device, &cfg, &stats);
-                    drop(vs);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
+        .spawn(move || match load_classifier(&thread_meta, device) {
+            Ok((mut vs, model)) => {
+                vs.freeze();
+                let bytes = vs
+                    .variables()
+                    .values()
+                    .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                    .sum();
+                let _ = ready_tx.send(Ok(bytes));
+                serve_loop(&model, &rx, device, &cfg, &stats);
+                drop(vs);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
             }
         })
         .context("starting an inference thread")?;
@@ -307,21 +255,6 @@ async fn spawn_model(
         .await
         .context("the inference thread died while loading")??;
     Ok(ModelHandle { meta, tx, bytes })
-}
-
-fn load(meta: &ModelMeta, device: Device) -> anyhow::Result<(VarStore, VideoClassifier)> {
-    let mut vs = VarStore::new(device);
-    let model = VideoClassifier::new(
-        &vs.root(),
-        meta.base.clone(),
-        meta.classes.len() as i64,
-        &meta.head,
-        Freeze::Full,
-    )?;
-    vs.load(&meta.weights)
-        .with_context(|| format!("loading {}", meta.weights.display()))?;
-    vs.freeze();
-    Ok((vs, model))
 }
 
 /// Collect requests for up to `max_delay` (or `max_batch_clips` clips), run them as one batch,
@@ -413,63 +346,6 @@ impl RateLimiter {
             Err((1.0 - *tokens) / rate)
         }
     }
-}
-
-/// How clips are cut for a model (no augmentation; `frame_stride` as in training).
-pub fn clip_spec(meta: &ModelMeta, frame_stride: u32) -> ClipSpec {
-    let prep = &meta.preprocessing;
-    ClipSpec {
-        frames: prep.frames as u32,
-        stride: frame_stride.max(1),
-        sampling: prep.sampling,
-        short_side: prep.resize[0].max(prep.crop),
-        crop: prep.crop,
-        crop_scale: [1.0, 1.0],
-        flip: false,
-    }
-}
-
-/// Read the clips `plans` from a decoded video and preprocess them: `[N, 3, T, H, W]` on the CPU.
-/// Blocking (file reads and tensor work).
-pub fn read_input(
-    cache: &Path,
-    plans: &[Plan],
-    spec: &ClipSpec,
-    prep: &Preprocessing,
-) -> anyhow::Result<Tensor> {
-    let mut reader = CacheReader::open(cache)?;
-    let (h, w) = (reader.header.height as i64, reader.header.width as i64);
-    let raw: Vec<RawClip> = plans
-        .iter()
-        .map(|p| {
-            let mut data = Vec::new();
-            reader.read_frames(&p.indices, &mut data)?;
-            Ok(RawClip {
-                data,
-                frames: p.indices.len() as i64,
-                height: h,
-                width: w,
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
-    Ok(data::to_batch(&raw, plans, spec, prep, Device::Cpu))
-}
-
-/// Average class probabilities of `[N, classes]` rows.
-pub fn mean_probs(rows: &[Vec<f32>]) -> Vec<f64> {
-    let k = rows.first().map_or(0, Vec::len);
-    let mut out = vec![0f64; k];
-    for row in rows {
-        for (a, v) in out.iter_mut().zip(row) {
-            *a += *v as f64 / rows.len() as f64;
-        }
-    }
-    out
-}
-
-/// Where prediction uploads are decoded.
-pub fn scratch_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("tmp").join("predict")
 }
 
 #[cfg(test)]

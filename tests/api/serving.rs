@@ -166,6 +166,66 @@ async fn a_trained_model_predicts_held_out_videos_with_timelines(db: PgPool) {
         "{metrics}"
     );
 
+    // A batch prediction over the dataset's test split, from its training cache.
+    let resp = app
+        .post_json(
+            &format!("/v1/models/{model}/batch-predictions"),
+            &key,
+            json!({"dataset_id": ds, "split": "test"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let created: Value = resp.json().await.unwrap();
+    assert_eq!(created["state"], "running");
+    assert_eq!(
+        location,
+        format!("/v1/batch-predictions/{}", created["id"].as_str().unwrap())
+    );
+    let batch = loop {
+        let b: Value = app.get(&location, &key).await.json().await.unwrap();
+        if b["state"] != "running" {
+            break b;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(batch["state"], "succeeded", "{batch}");
+    assert_eq!(batch["split"], "test");
+    assert_eq!(batch["clips"], 3, "the model's evaluation setting");
+    let results = batch["results"].as_array().unwrap();
+    assert!(!results.is_empty());
+    assert_eq!(batch["total"], results.len());
+    assert_eq!(batch["done"], results.len());
+    let mut correct = 0;
+    for r in results {
+        let p = r["probabilities"].as_object().unwrap();
+        assert_eq!(p.len(), 2, "{r}");
+        let (best, prob) = p
+            .iter()
+            .map(|(c, v)| (c.clone(), v.as_f64().unwrap()))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        assert!((p.values().map(|v| v.as_f64().unwrap()).sum::<f64>() - 1.0).abs() < 1e-4);
+        assert_eq!(r["predicted"], best.as_str());
+        assert_eq!(r["probability"].as_f64().unwrap(), prob);
+        if r["truth"] == r["predicted"] {
+            correct += 1;
+        }
+    }
+    assert_eq!(
+        batch["accuracy"].as_f64().unwrap(),
+        correct as f64 / results.len() as f64
+    );
+    let csv = app
+        .get(&format!("{location}?format=csv"), &key)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "video_id,path,truth,predicted,probability");
+    assert_eq!(lines.len(), results.len() + 1);
+
     // Exports: safetensors + metadata as a tar, and TorchScript.
     let tar = app.get(&format!("/v1/models/{model}/export"), &key).await;
     assert_eq!(tar.headers()["content-type"], "application/x-tar");
