@@ -68,15 +68,11 @@ pub async fn import_weights(
     Ok(record)
 }
 
-/// A base model by the name a job or model record uses: a built-in architecture (with the
-/// newest pretrained weights installed for it, if any) or one of the tenant's TorchScript
-/// backbones. The one place that tells the two apart.
+/// A base model by the name a job or model record uses: a built-in architecture or one of the
+/// tenant's TorchScript backbones. The one place that tells the two apart.
 #[derive(Debug, Clone)]
 pub enum BaseModel {
-    Builtin {
-        arch: Arch,
-        weights: Option<BaseWeights>,
-    },
+    Builtin(Arch),
     Custom(CustomBackbone),
 }
 
@@ -84,7 +80,7 @@ impl BaseModel {
     /// What to build: the architecture, or the backbone's module file under `data_dir`.
     pub fn base(&self, data_dir: &DataDir) -> Base {
         match self {
-            BaseModel::Builtin { arch, .. } => Base::Builtin(*arch),
+            BaseModel::Builtin(arch) => Base::Builtin(*arch),
             BaseModel::Custom(b) => Base::TorchScript {
                 path: data_dir.resolve(&b.path),
                 feature_dim: i64::from(b.feature_dim),
@@ -95,7 +91,7 @@ impl BaseModel {
     /// The input the base model was made for (frames, size, normalisation).
     pub fn preprocessing(&self) -> anyhow::Result<Preprocessing> {
         match self {
-            BaseModel::Builtin { arch, .. } => Ok(arch.preprocessing()),
+            BaseModel::Builtin(arch) => Ok(arch.preprocessing()),
             BaseModel::Custom(b) => serde_json::from_value(b.preprocessing.clone())
                 .context("the backbone's stored preprocessing"),
         }
@@ -104,7 +100,7 @@ impl BaseModel {
     /// How many stages `freeze.stages` may count (a TorchScript backbone is one).
     pub fn stage_count(&self) -> usize {
         match self {
-            BaseModel::Builtin { arch, .. } => arch.stages().len(),
+            BaseModel::Builtin(arch) => arch.stages().len(),
             BaseModel::Custom(_) => 1,
         }
     }
@@ -118,10 +114,7 @@ pub async fn resolve(
     name: &str,
 ) -> sqlx::Result<Option<BaseModel>> {
     match Arch::parse(name) {
-        Some(arch) => Ok(Some(BaseModel::Builtin {
-            arch,
-            weights: db::base_models::latest_weights_of(db, arch.name()).await?,
-        })),
+        Some(arch) => Ok(Some(BaseModel::Builtin(arch))),
         None => Ok(db::base_models::get_custom_by_name(db, tenant_id, name)
             .await?
             .map(BaseModel::Custom)),

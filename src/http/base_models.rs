@@ -101,9 +101,7 @@ async fn weights_import(
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
     let arch = Arch::parse(&arch).ok_or_else(|| ApiError::not_found("base model"))?;
-    let tmp = DataDir::new(&s.settings.data_dir)
-        .weights_incoming()
-        .join(Uuid::new_v4().to_string());
+    let tmp = s.data.weights_incoming().join(Uuid::new_v4().to_string());
     let _cleanup = PartialFile::new(tmp.clone());
     let incoming = receive(&s, req, &tmp, s.settings.max_video_bytes).await?;
     let source = incoming
@@ -137,7 +135,7 @@ async fn base_model_create(
     }
     let id = Uuid::new_v4();
     let rel = DataDir::backbone_relative(id);
-    let dest = s.settings.data_dir.join(&rel);
+    let dest = s.data.resolve(&rel);
     let partial = PartialFile::new(dest.clone());
     let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;
     let field = |k: &str| incoming.field(k).map(str::to_owned);

@@ -14,7 +14,6 @@ use crate::db;
 use crate::db::batch_predictions::{Batch, BatchResult, BatchState, NewBatch};
 use crate::db::datasets::DatasetStatus;
 use crate::db::videos::{Split, VideoStatus};
-use crate::ingest::DatasetDirs;
 use crate::serve::{self, BatchVideo, ModelMeta};
 
 pub fn routes(r: Routes) -> Routes {
@@ -77,7 +76,7 @@ async fn batch_prediction_create(
     db::batch_predictions::insert(&s.db, &new).await?;
 
     let handle = s.models.get(meta).await.map_err(ApiError::internal)?;
-    let dirs = DatasetDirs::new(&s.settings.data_dir, body.dataset_id);
+    let dirs = s.data.dataset(body.dataset_id);
     let videos = videos
         .into_iter()
         .map(|video| BatchVideo {

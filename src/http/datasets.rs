@@ -9,12 +9,12 @@ use uuid::Uuid;
 use super::AppState;
 use super::extract::{Json, Path, Query};
 use super::upload::{PartialFile, receive, verify_checksum};
-use super::{Access, ApiError, ApiResult, AuditResource, Caller, Routes};
+use super::{Access, ApiError, ApiResult, AuditResource, Caller, Items, Routes};
 use crate::db;
 use crate::db::datasets::{Dataset, DatasetStatus};
 use crate::db::videos::{Video, VideoStatus};
 use crate::ingest::datasets::{NewDataset, VideoFields};
-use crate::ingest::{self, DatasetDirs, DatasetError, Receiving, Report, UploadContent, VideoMeta};
+use crate::ingest::{self, DatasetError, Receiving, Report, UploadContent, VideoMeta};
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -114,11 +114,6 @@ async fn fetch(s: &AppState, caller: &Caller, id: Uuid) -> ApiResult<Dataset> {
     db::datasets::get(&s.db, caller.tenant_id, id)
         .await?
         .ok_or_else(|| ApiError::not_found("dataset"))
-}
-
-#[derive(Serialize)]
-struct Items<T> {
-    items: Vec<T>,
 }
 
 async fn dataset_list(
@@ -227,8 +222,10 @@ async fn dataset_upload(
         ));
     }
     let receiving = Receiving::claim(&s.db, caller.tenant_id, dataset_id).await?;
-    let dest =
-        DatasetDirs::new(&s.settings.data_dir, dataset_id).archive_body(receiving.upload_id());
+    let dest = s
+        .data
+        .dataset(dataset_id)
+        .archive_body(receiving.upload_id());
     let partial = PartialFile::new(dest.clone());
     let received = receive(&s, req, &dest, s.settings.max_upload_bytes)
         .await?
@@ -251,7 +248,7 @@ async fn video_create(
 ) -> ApiResult<impl IntoResponse> {
     let headers = req.headers().clone();
     let receiving = Receiving::claim(&s.db, caller.tenant_id, dataset_id).await?;
-    let dest = DatasetDirs::new(&s.settings.data_dir, dataset_id).video_body(receiving.upload_id());
+    let dest = s.data.dataset(dataset_id).video_body(receiving.upload_id());
     let partial = PartialFile::new(dest.clone());
     let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;
     // Form fields win over query parameters.

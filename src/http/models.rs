@@ -81,7 +81,7 @@ async fn model_delete(
     let m = fetch(&s, &caller, id).await?;
     db::models::delete(&s.db, id).await?;
     s.models.evict(id);
-    let _ = tokio::fs::remove_dir_all(s.settings.data_dir.join(&m.path)).await;
+    let _ = tokio::fs::remove_dir_all(s.data.resolve(&m.path)).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -102,7 +102,7 @@ async fn model_export(
     let m = fetch(&s, &caller, id).await?;
     let format = ExportFormat::parse(q.format.as_deref())
         .ok_or_else(|| ApiError::validation("format", "safetensors or torchscript"))?;
-    let dir = s.settings.data_dir.join(&m.path);
+    let dir = s.data.resolve(&m.path);
     let file = match format {
         ExportFormat::Safetensors => serve::export_safetensors(&dir).await?,
         ExportFormat::TorchScript => {
@@ -205,7 +205,9 @@ async fn model_predict(
     let meta = serve::model_meta(&s.db, &s.settings.data_dir, caller.tenant_id, &m).await?;
 
     // The body goes to a scratch file, removed however the request ends.
-    let src = serve::scratch_dir(&s.settings.data_dir)
+    let src = s
+        .data
+        .predict_scratch()
         .join(Uuid::new_v4().to_string())
         .with_extension("upload");
     let _src_guard = PartialFile::new(src.clone());

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use crate::config::Settings;
+use crate::datadir::DataDir;
 use crate::ingest::IngestConfig;
 use crate::media::worker::MediaPool;
 use crate::metrics::HttpMetrics;
@@ -14,6 +15,8 @@ use crate::serve::{ModelCache, RateLimiter};
 pub struct AppState {
     pub db: PgPool,
     pub settings: Arc<Settings>,
+    /// The data directory's layout (`settings.data_dir`).
+    pub data: DataDir,
     pub ingest: Arc<IngestConfig>,
     /// Loaded models for predictions.
     pub models: Arc<ModelCache>,
@@ -28,6 +31,7 @@ impl AppState {
     pub fn new(settings: Settings, db: PgPool) -> Self {
         Self {
             db,
+            data: DataDir::new(&settings.data_dir),
             ingest: Arc::new(settings.ingest.clone()),
             models: Arc::new(ModelCache::new(settings.serve.clone())),
             media: Arc::new(MediaPool::new(

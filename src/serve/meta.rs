@@ -9,9 +9,11 @@ use tch::Device;
 use tch::nn::VarStore;
 use uuid::Uuid;
 
-use crate::backbone::{Arch, Base, Freeze, HeadSpec, Preprocessing, VideoClassifier};
+use crate::backbone::{Base, Freeze, HeadSpec, Preprocessing, VideoClassifier};
+use crate::datadir::DataDir;
 use crate::db;
 use crate::media::decode::CacheSpec;
+use crate::registry;
 
 /// What serving needs to know about a model (from its `models` row).
 #[derive(Debug, Clone)]
@@ -61,26 +63,14 @@ pub async fn model_meta(
     tenant_id: Uuid,
     m: &db::models::Model,
 ) -> Result<ModelMeta, MetaError> {
-    let custom = match Arch::parse(&m.base_model) {
-        Some(_) => None,
-        None => db::base_models::get_custom_by_name(db, tenant_id, &m.base_model)
-            .await?
-            .map(|b| (data_dir.join(b.path), b.feature_dim as i64)),
-    };
-    Ok(from_record(m, custom, data_dir)?)
+    let base = registry::resolve(db, tenant_id, &m.base_model)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("base model {} is gone", m.base_model))?;
+    let data = DataDir::new(data_dir);
+    Ok(from_record(m, base.base(&data), &data)?)
 }
 
-/// `custom`: the TorchScript backbone's file and feature size, if the base is not built in.
-fn from_record(
-    m: &db::models::Model,
-    custom: Option<(PathBuf, i64)>,
-    data_dir: &Path,
-) -> anyhow::Result<ModelMeta> {
-    let base = match (Arch::parse(&m.base_model), custom) {
-        (Some(a), _) => Base::Builtin(a),
-        (None, Some((path, feature_dim))) => Base::TorchScript { path, feature_dim },
-        (None, None) => anyhow::bail!("base model {} is gone", m.base_model),
-    };
+fn from_record(m: &db::models::Model, base: Base, data: &DataDir) -> anyhow::Result<ModelMeta> {
     let d: DecodeSpec = serde_json::from_value(m.decode.clone()).context("decode spec")?;
     let sampling: Sampling = serde_json::from_value(m.hyperparameters.clone()).unwrap_or_default();
     Ok(ModelMeta {
@@ -96,7 +86,7 @@ fn from_record(
         },
         eval_clips: m.eval_clips.max(1) as u32,
         frame_stride: sampling.frame_stride.unwrap_or(1).max(1) as u32,
-        weights: data_dir.join(&m.path).join("model.safetensors"),
+        weights: data.resolve(&m.path).join("model.safetensors"),
     })
 }
 

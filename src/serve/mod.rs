@@ -24,7 +24,6 @@ pub use meta::{MetaError, ModelMeta, load_classifier, model_meta};
 pub use predict::{
     Classification, Input, MAX_WINDOWS, PredictError, PredictOptions, Prediction, Ranked, Serving,
     TimelineOptions, Timings, Upload, Window, classify, plan_clips, plan_timeline, predict,
-    scratch_dir,
 };
 
 /// Serving limits.

@@ -131,11 +131,6 @@ impl From<InferError> for PredictError {
     }
 }
 
-/// Where prediction uploads are decoded.
-pub fn scratch_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("tmp").join("predict")
-}
-
 /// Predict `video` with the model `meta`. `started` is when the request arrived: the timings
 /// count from there, so `upload` is the time until this call.
 pub async fn predict(

@@ -283,13 +283,7 @@ impl Hyperparameters {
             "grad_clip",
             "a positive number",
         )?;
-        let device_ok = self.device == "auto"
-            || self.device == "cpu"
-            || self.device == "cuda"
-            || self
-                .device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
+        let device_ok = crate::device::DeviceRequest::parse(&self.device).is_some();
         check(device_ok, "device", "auto, cpu, cuda or cuda:N")?;
         check(
             self.max_runtime_s.is_none_or(|s| s >= 1),

@@ -74,13 +74,14 @@ pub async fn load(
         .map_err(system)?
         .ok_or_else(|| user(format!("base model `{}` no longer exists", job.base_model)))?;
     let pretrained = match &base_model {
-        BaseModel::Builtin {
-            weights: Some(w), ..
-        } => Some(Pretrained {
-            path: data.resolve(&w.path),
-            sha256: w.sha256.clone(),
-        }),
-        _ => None,
+        BaseModel::Builtin(arch) => db::base_models::latest_weights_of(db, arch.name())
+            .await
+            .map_err(system)?
+            .map(|w| Pretrained {
+                path: data.resolve(&w.path),
+                sha256: w.sha256,
+            }),
+        BaseModel::Custom(_) => None,
     };
     let (base, prep) = (base_model.base(data), base_model.preprocessing()?);
     let provenance = Provenance {
