@@ -18,7 +18,7 @@ use crate::db::{
     self,
     jobs::{Job, JobState},
 };
-use crate::jobs::{self, JobError, JobRequest, JobView, PlotRequest};
+use crate::jobs::{self, Backbones, JobError, JobRequest, JobView, PlotRequest};
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -85,7 +85,11 @@ async fn job_create(
                 })?,
         ),
     };
-    let submitted = jobs::submit(&s.db, caller.tenant_id, &body, key).await?;
+    let backbones = Backbones {
+        data: &s.data,
+        inspect_timeout: s.settings.inspect_timeout,
+    };
+    let submitted = jobs::submit(&s.db, &backbones, caller.tenant_id, &body, key).await?;
     let job = submitted.job;
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -310,6 +314,7 @@ impl From<JobError> for ApiError {
             JobError::Conflict(msg) => ApiError::conflict(msg),
             JobError::NotFound(what) => ApiError::not_found(what),
             JobError::Database(e) => e.into(),
+            JobError::Internal(e) => ApiError::internal(e),
         }
     }
 }

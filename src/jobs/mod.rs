@@ -2,20 +2,24 @@
 //! cancellation, the job with its latest metrics, its history as CSV, and its charts
 //! (`plots`). The queue itself (claims, leases, fenced writes) is [`db::jobs`]; running an
 //! attempt is `worker` and `train`.
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::backbone::Freeze;
+use crate::backbone::{Freeze, Preprocessing};
+use crate::datadir::DataDir;
+use crate::db::base_models::CustomBackbone;
 use crate::db::datasets::DatasetStatus;
 use crate::db::{
     self,
     jobs::{EpochRow, Job, JobState},
 };
 use crate::device::DeviceRequest;
-use crate::registry;
+use crate::registry::{self, BaseModel, ImportError};
 use crate::train::hyper::Hyperparameters;
 
 /// A job as submitted. Its serialisation is what an `Idempotency-Key` replay is compared
@@ -56,6 +60,9 @@ pub enum JobError {
     NotFound(&'static str),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// The server failed (logged, never sent).
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
 }
 
 impl JobError {
@@ -80,6 +87,7 @@ pub struct Submitted {
 /// conflict.
 pub async fn submit(
     db: &PgPool,
+    backbones: &Backbones<'_>,
     tenant_id: Uuid,
     req: &JobRequest,
     idempotency_key: Option<&str>,
@@ -102,6 +110,9 @@ pub async fn submit(
         .ok_or_else(|| {
             JobError::invalid("base_model", "no such base model (see GET /v1/base-models)")
         })?;
+    if let BaseModel::Custom(b) = &base {
+        backbone_fits(backbones, b, &base.preprocessing()?, &hp).await?;
+    }
     let stages = base.stage_count();
     if let Freeze::LastStages { stages: k } = hp.freeze
         && (k == 0 || k > stages)
@@ -159,6 +170,57 @@ pub async fn submit(
         job,
         replayed: false,
     })
+}
+
+/// Where registered TorchScript backbones live and how long trying one may take.
+pub struct Backbones<'a> {
+    pub data: &'a DataDir,
+    pub inspect_timeout: Duration,
+}
+
+/// A TorchScript backbone was tried at registration on clips of its own size only. A job that
+/// asks for other `frames` or `crop` tries it on one such clip now (in its sandbox), so a module
+/// that cannot take them is refused here, naming the field, instead of failing in the queue.
+async fn backbone_fits(
+    backbones: &Backbones<'_>,
+    b: &CustomBackbone,
+    registered: &Preprocessing,
+    hp: &Hyperparameters,
+) -> Result<(), JobError> {
+    let wanted = hp.preprocessing(registered);
+    if (wanted.frames, wanted.crop) == (registered.frames, registered.crop) {
+        return Ok(());
+    }
+    let field = if wanted.frames != registered.frames {
+        "hyperparameters.frames"
+    } else {
+        "hyperparameters.crop"
+    };
+    let path = backbones.data.resolve(&b.path);
+    let tried = registry::inspect_torchscript(&path, &wanted, backbones.inspect_timeout).await;
+    let problem = match tried {
+        Ok(i) if i.feature_dim == i64::from(b.feature_dim) => return Ok(()),
+        Ok(i) => format!(
+            "it returns {} features for these clips, {} at the size it was registered with",
+            i.feature_dim, b.feature_dim
+        ),
+        Err(ImportError::Invalid(msg)) => msg,
+        Err(ImportError::Other(e)) => return Err(JobError::Internal(e)),
+    };
+    Err(JobError::invalid(
+        field,
+        format!(
+            "the backbone `{}` does not take clips of {} frames at {}×{} (it was registered \
+             with {} frames at {}×{}): {problem}",
+            b.name,
+            wanted.frames,
+            wanted.crop,
+            wanted.crop,
+            registered.frames,
+            registered.crop,
+            registered.crop
+        ),
+    ))
 }
 
 /// The hyperparameters of a request, defaults filled in and checked.

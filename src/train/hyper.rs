@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::evaluation::Metric;
 
-use crate::backbone::{Freeze, HeadSpec};
+use crate::backbone::{Freeze, HeadSpec, Preprocessing};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -188,6 +188,21 @@ impl Default for Hyperparameters {
 }
 
 impl Hyperparameters {
+    /// The base model's input as this job asks for it: `frames` and `crop` override the base
+    /// model's, and the resize keeps its ratio to the crop (128 → 112 for the video models).
+    pub fn preprocessing(&self, base: &Preprocessing) -> Preprocessing {
+        let mut prep = base.clone();
+        if let Some(f) = self.frames {
+            prep.frames = f as i64;
+        }
+        if let Some(c) = self.crop {
+            let scale = c as f64 / prep.crop as f64;
+            prep.resize = prep.resize.map(|r| (r as f64 * scale).round() as i64);
+            prep.crop = c as i64;
+        }
+        prep
+    }
+
     /// Check ranges; `Err((field, message))`.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         fn check(ok: bool, field: &'static str, msg: &str) -> Result<(), (&'static str, String)> {

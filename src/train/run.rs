@@ -222,16 +222,7 @@ enum AfterEpoch {
 
 /// The job's input spec: the base model's, with the job's `frames` and `crop`.
 fn job_clips(hp: &Hyperparameters, base: &Preprocessing) -> (Preprocessing, ClipSpec) {
-    let mut prep = base.clone();
-    if let Some(f) = hp.frames {
-        prep.frames = f as i64;
-    }
-    if let Some(c) = hp.crop {
-        // Keep the base model's resize-to-crop ratio (128 → 112 for the video models).
-        let scale = c as f64 / prep.crop as f64;
-        prep.resize = prep.resize.map(|r| (r as f64 * scale).round() as i64);
-        prep.crop = c as i64;
-    }
+    let prep = hp.preprocessing(base);
     let spec = ClipSpec {
         frames: prep.frames as u32,
         stride: hp.frame_stride,

@@ -322,24 +322,41 @@ async fn a_training_process_that_stops_making_progress_is_killed_and_retried(db:
 /// was registered with: the job fails as the user's error, naming the hyperparameters, and is
 /// not retried as a machine fault.
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
-async fn a_backbone_that_does_not_fit_the_jobs_clip_size_fails_the_job_as_a_user_error(db: PgPool) {
+async fn a_backbone_that_does_not_fit_the_jobs_clip_size_is_refused_or_fails_as_a_user_error(
+    db: PgPool,
+) {
     let app = spawn_app(db).await;
     let resp = register(&app, "clip_shaped").await;
     assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
     let key = &app.admin_key;
     let ds = app.motion_dataset(key, 2).await;
-    let resp = app
-        .post_json(
-            "/v1/jobs",
-            key,
-            serde_json::json!({"dataset_id": ds, "base_model": "clip_shaped", "max_attempts": 3,
-                "hyperparameters": {"epochs": 1, "warmup_epochs": 0, "batch_size": 2, "frames": 8,
-                    "eval_clips": 1, "loader_threads": 1}}),
-        )
-        .await;
+    let job_with = |frames: Option<u32>| {
+        let mut hp = serde_json::json!({"epochs": 1, "warmup_epochs": 0, "batch_size": 2,
+            "eval_clips": 1, "loader_threads": 1});
+        if let Some(f) = frames {
+            hp["frames"] = f.into();
+        }
+        serde_json::json!({"dataset_id": ds, "base_model": "clip_shaped", "max_attempts": 3,
+            "hyperparameters": hp})
+    };
+    // At submission the module is tried on the job's clip size, in its sandbox.
+    let resp = app.post_json("/v1/jobs", key, job_with(Some(8))).await;
+    let problem = assert_problem(resp, 422, "validation_failed").await;
+    assert_eq!(problem["field"], "hyperparameters.frames", "{problem}");
+    // A job queued with such a size all the same (here: changed behind the API's back, as an
+    // older server could have queued it) fails as the user's error, without a retry.
+    let resp = app.post_json("/v1/jobs", key, job_with(None)).await;
     assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
     let job: Value = resp.json().await.unwrap();
     let job = job["id"].as_str().unwrap().to_owned();
+    sqlx::query(
+        "update jobs set hyperparameters = jsonb_set(hyperparameters, '{frames}', '8')
+         where id = $1::uuid",
+    )
+    .bind(&job)
+    .execute(&app.db)
+    .await
+    .unwrap();
     let _workers = app.start_workers(1, 30).await;
     let done = app.wait_job(key, &job, 300).await;
     assert_eq!(done["state"], "failed", "{done}");
