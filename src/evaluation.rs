@@ -214,6 +214,20 @@ impl std::fmt::Display for Metric {
     }
 }
 
+/// One finished epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochRecord<'a> {
+    /// From 1.
+    pub epoch: u32,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub val: &'a Metrics,
+    /// The learning rate of the epoch's last optimizer step.
+    pub lr: f64,
+    pub clips_per_s: f64,
+    pub data_wait_share: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

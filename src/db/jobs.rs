@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::device::{Device, claimable_prefs};
-use crate::evaluation::Metrics;
+use crate::evaluation::{EpochRecord, Metrics};
 
 /// Where a job is in its life: `queued → running → succeeded | failed | canceled`; an expired
 /// lease or a retried machine fault goes from `running` back to `queued`.
@@ -373,25 +373,13 @@ pub async fn set_checkpoint(
 }
 
 /// One epoch's metrics (fenced; a resumed job never duplicates an epoch).
-#[allow(clippy::too_many_arguments)]
-/// One finished epoch of an attempt.
-pub struct NewEpoch<'a> {
-    pub epoch: i32,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
-    pub val: &'a Metrics,
-    pub lr: f64,
-    pub clips_per_s: f64,
-    pub data_wait_share: f64,
-}
-
 /// Record an epoch (fenced; an epoch already recorded by an earlier attempt stays). Returns
 /// the rows written.
 pub async fn insert_epoch(
     db: impl PgExecutor<'_>,
     id: Uuid,
     attempt: i32,
-    e: &NewEpoch<'_>,
+    e: &EpochRecord<'_>,
 ) -> sqlx::Result<u64> {
     Ok(sqlx::query(&format!(
         "insert into job_epochs (job_id, epoch, attempt, train_loss, train_accuracy, val, lr,
@@ -401,7 +389,7 @@ pub async fn insert_epoch(
     ))
     .bind(id)
     .bind(attempt)
-    .bind(e.epoch)
+    .bind(e.epoch as i32)
     .bind(e.train_loss)
     .bind(e.train_accuracy)
     .bind(Json(e.val))

@@ -30,7 +30,7 @@ use super::optim::{Group, Optimizer};
 use super::splits::{Split, Splits};
 use crate::backbone::{self, Base, HeadSpec, Preprocessing, VideoClassifier, export};
 use crate::datadir::DataDir;
-use crate::evaluation::Metrics;
+use crate::evaluation::{EpochRecord, Metrics};
 
 /// How an attempt ended, short of an error.
 #[derive(Debug, PartialEq)]
@@ -112,20 +112,6 @@ pub struct Progress {
     /// Share of the whole job done, 0 to 1.
     pub fraction: f64,
     pub eta_s: f64,
-}
-
-/// One finished epoch.
-#[derive(Debug, Clone, Copy)]
-pub struct EpochRecord<'a> {
-    /// From 1.
-    pub epoch: u32,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
-    pub val: &'a Metrics,
-    /// The learning rate of the epoch's last optimizer step.
-    pub lr: f64,
-    pub clips_per_s: f64,
-    pub data_wait_share: f64,
 }
 
 /// The trained model, its files already written under `path`.

@@ -7,11 +7,10 @@ use uuid::Uuid;
 
 use crate::datadir::DataDir;
 use crate::db::{self, jobs::JobState, videos::VideoStatus};
+use crate::evaluation::EpochRecord;
 use crate::registry::{self, BaseModel};
 use crate::train::hyper::Hyperparameters;
-use crate::train::run::{
-    AttemptLog, Control, EpochRecord, Job, Pretrained, Progress, TrainError, TrainedModel,
-};
+use crate::train::run::{AttemptLog, Control, Job, Pretrained, Progress, TrainError, TrainedModel};
 use crate::train::splits::{SplitVideo, Splits};
 
 /// What the model row records besides what training produced.
@@ -155,15 +154,7 @@ impl AttemptLog for PgLog<'_> {
             self.db,
             self.job_id,
             self.attempt,
-            &db::jobs::NewEpoch {
-                epoch: e.epoch as i32,
-                train_loss: e.train_loss,
-                train_accuracy: e.train_accuracy,
-                val: e.val,
-                lr: e.lr,
-                clips_per_s: e.clips_per_s,
-                data_wait_share: e.data_wait_share,
-            },
+            e,
         ))?)
     }
 

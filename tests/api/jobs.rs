@@ -383,7 +383,7 @@ async fn a_stale_attempt_changes_nothing(db: PgPool) {
         &[0, 1],
         0.7,
     );
-    let epoch = jobs::NewEpoch {
+    let epoch = vidtune::evaluation::EpochRecord {
         epoch: 1,
         train_loss: 1.0,
         train_accuracy: 0.5,
