@@ -6,8 +6,10 @@
 //! typed JSON, the API and the plots read them.
 use serde::{Deserialize, Serialize};
 
-/// Per-class figures.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Per-class figures. Stored as JSON: a figure missing from an older record reads as its
+/// default rather than making the record unreadable.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct ClassMetrics {
     pub label: String,
     pub support: usize,
@@ -20,7 +22,8 @@ pub struct ClassMetrics {
 }
 
 /// Metrics of one evaluation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Metrics {
     pub samples: usize,
     pub loss: f64,
@@ -231,6 +234,19 @@ pub struct EpochRecord<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_missing_figures_still_reads() {
+        // Records written before a figure existed (or hand-made ones) must not make a model or
+        // a job unreadable.
+        let m: Metrics = serde_json::from_str("{}").unwrap();
+        assert_eq!(m, Metrics::default());
+        let m: Metrics =
+            serde_json::from_str(r#"{"accuracy": 0.5, "per_class": [{"label": "a"}]}"#).unwrap();
+        assert_eq!(m.accuracy, 0.5);
+        assert_eq!(m.per_class[0].label, "a");
+        assert_eq!(m.macro_auc, None);
+    }
 
     #[test]
     fn auc_matches_hand_computation() {
