@@ -65,7 +65,7 @@ pub fn evaluate(
             let _amp = how.bf16.then(|| amp::Autocast::enter(how.device));
             model.try_forward_t(&x, false)?.to_kind(Kind::Float)
         };
-        super::run::alive();
+        super::alive();
         let y = Tensor::from_slice(
             &batches[b]
                 .iter()

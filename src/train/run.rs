@@ -28,6 +28,7 @@ use super::evaluate::{Clips, classification_loss, evaluate};
 use super::hyper::{Hyperparameters, Imbalance, Precision};
 use super::optim::{Group, Optimizer};
 use super::splits::{Split, Splits};
+use super::{TrainError, alive};
 use crate::backbone::{self, Base, HeadSpec, Preprocessing, VideoClassifier, export};
 use crate::datadir::DataDir;
 use crate::evaluation::{EpochRecord, Metrics};
@@ -41,26 +42,8 @@ pub enum Outcome {
     FencedOut,
 }
 
-/// Errors are classified: the user's fault fails the job at once, the machine's is retried.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    #[error("{0}")]
-    User(String),
-    #[error(transparent)]
-    System(#[from] anyhow::Error),
-}
-
 fn user(msg: impl Into<String>) -> TrainError {
     TrainError::User(msg.into())
-}
-
-/// Tell the supervising worker that this attempt is alive: one line on stdout per batch. The
-/// worker kills a child that stays silent past its stall timeout (a hang keeps no lease).
-pub fn alive() {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(b"alive\n");
-    let _ = out.flush();
 }
 
 /// Where and on what the attempt runs.

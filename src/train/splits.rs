@@ -3,8 +3,8 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use super::TrainError;
 use super::data::Item;
-use super::run::TrainError;
 /// Which split a video belongs to (the plain enum its row stores).
 pub use crate::db::videos::Split as SplitName;
 

@@ -9,8 +9,9 @@ use crate::datadir::DataDir;
 use crate::db::{self, jobs::JobState, videos::VideoStatus};
 use crate::evaluation::EpochRecord;
 use crate::registry::{self, BaseModel};
+use crate::train::TrainError;
 use crate::train::hyper::Hyperparameters;
-use crate::train::run::{AttemptLog, Control, Job, Pretrained, Progress, TrainError, TrainedModel};
+use crate::train::run::{AttemptLog, Control, Job, Pretrained, Progress, TrainedModel};
 use crate::train::splits::{SplitVideo, Splits};
 
 /// What the model row records besides what training produced.

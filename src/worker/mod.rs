@@ -16,7 +16,8 @@ pub fn train_job_main(
     database_url: &str,
     data_dir: std::path::PathBuf,
 ) -> std::process::ExitCode {
-    use crate::train::run::{Context, Outcome, TrainError, run};
+    use crate::train::TrainError;
+    use crate::train::run::{Context, Outcome, run};
     let started = std::time::Instant::now();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
