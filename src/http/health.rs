@@ -72,51 +72,8 @@ async fn metrics_for_operators(
 /// Prometheus text exposition: API requests and latency, predictions and their latency, batch
 /// sizes, rejections, loaded models, jobs by state.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    use std::sync::atomic::Ordering::Relaxed;
-    let st = &state.models.stats;
     let mut e = Exposition::default();
-    e.counter(
-        "vidtune_predictions_total",
-        "Predictions answered.",
-        st.predictions.load(Relaxed),
-    )
-    .counter(
-        "vidtune_inference_batches_total",
-        "Forward passes run by the inference threads.",
-        st.batches.load(Relaxed),
-    )
-    .counter(
-        "vidtune_inference_batched_requests_total",
-        "Requests that shared a forward pass with another request.",
-        st.batched_requests.load(Relaxed),
-    )
-    .counter(
-        "vidtune_inference_clips_total",
-        "Clips run through models.",
-        st.clips.load(Relaxed),
-    );
-    let rejected = "vidtune_predictions_rejected_total";
-    e.family(rejected, "counter", "Predictions refused.")
-        .sample(
-            rejected,
-            "reason=\"overloaded\"",
-            st.rejected_overloaded.load(Relaxed),
-        )
-        .sample(
-            rejected,
-            "reason=\"rate_limited\"",
-            st.rejected_rate_limited.load(Relaxed),
-        )
-        .histogram(
-            "vidtune_prediction_duration_seconds",
-            "Time from request to answer of successful predictions.",
-            &st.prediction_seconds,
-        )
-        .histogram(
-            "vidtune_inference_batch_clips",
-            "Clips per forward pass.",
-            &st.batch_clips,
-        );
+    state.models.stats.render(&mut e);
     state.http_metrics.render(e.raw());
     e.family(
         "vidtune_models_loaded",

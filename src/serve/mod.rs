@@ -73,6 +73,56 @@ pub struct Stats {
     pub prediction_seconds: crate::metrics::Histogram,
 }
 
+impl Stats {
+    /// The serving families of `/metrics`: predictions, forward passes, rejections, latency and
+    /// batch sizes.
+    pub fn render(&self, e: &mut crate::metrics::Exposition) {
+        use std::sync::atomic::Ordering::Relaxed;
+        e.counter(
+            "vidtune_predictions_total",
+            "Predictions answered.",
+            self.predictions.load(Relaxed),
+        )
+        .counter(
+            "vidtune_inference_batches_total",
+            "Forward passes run by the inference threads.",
+            self.batches.load(Relaxed),
+        )
+        .counter(
+            "vidtune_inference_batched_requests_total",
+            "Requests that shared a forward pass with another request.",
+            self.batched_requests.load(Relaxed),
+        )
+        .counter(
+            "vidtune_inference_clips_total",
+            "Clips run through models.",
+            self.clips.load(Relaxed),
+        );
+        let rejected = "vidtune_predictions_rejected_total";
+        e.family(rejected, "counter", "Predictions refused.")
+            .sample(
+                rejected,
+                "reason=\"overloaded\"",
+                self.rejected_overloaded.load(Relaxed),
+            )
+            .sample(
+                rejected,
+                "reason=\"rate_limited\"",
+                self.rejected_rate_limited.load(Relaxed),
+            )
+            .histogram(
+                "vidtune_prediction_duration_seconds",
+                "Time from request to answer of successful predictions.",
+                &self.prediction_seconds,
+            )
+            .histogram(
+                "vidtune_inference_batch_clips",
+                "Clips per forward pass.",
+                &self.batch_clips,
+            );
+    }
+}
+
 impl Default for Stats {
     fn default() -> Self {
         Self {

@@ -11,7 +11,7 @@ use crate::evaluation::EpochRecord;
 use crate::registry::{self, BaseModel};
 use crate::train::TrainError;
 use crate::train::hyper::Hyperparameters;
-use crate::train::run::{AttemptLog, Control, Job, Pretrained, Progress, TrainedModel};
+use crate::train::run::{AttemptLog, Control, Job, Outcome, Pretrained, Progress, TrainedModel};
 use crate::train::splits::{SplitVideo, Splits};
 
 /// What the model row records besides what training produced.
@@ -230,4 +230,50 @@ impl AttemptLog for PgLog<'_> {
         })?;
         Ok(committed)
     }
+}
+
+/// Record how an attempt ended: its final state (fenced, so a stale attempt changes nothing)
+/// and the event that tells watchers. `false` for a machine fault, which the worker retries.
+pub async fn conclude(
+    db: &PgPool,
+    job: Uuid,
+    attempt: i32,
+    outcome: Result<Outcome, TrainError>,
+) -> bool {
+    let note = |state: JobState, level: &'static str, msg: String| async move {
+        let data = serde_json::json!({ "state": state });
+        let _ = db::jobs::event_unfenced(db, job, attempt, "state", level, &msg, data).await;
+    };
+    let finish = |state: JobState, error: Option<(&'static str, String)>| async move {
+        let error = error.as_ref().map(|(k, m)| (*k, m.as_str()));
+        db::jobs::finish(db, job, attempt, state, error, None)
+            .await
+            .unwrap_or(false)
+    };
+    match outcome {
+        Ok(Outcome::Succeeded(model)) => {
+            note(
+                JobState::Succeeded,
+                "info",
+                format!("succeeded; model {model}"),
+            )
+            .await;
+        }
+        Ok(Outcome::Canceled) => {
+            if finish(JobState::Canceled, None).await {
+                note(JobState::Canceled, "info", "canceled".into()).await;
+            }
+        }
+        Ok(Outcome::FencedOut) => {}
+        Err(TrainError::User(msg)) => {
+            if finish(JobState::Failed, Some(("user", msg.clone()))).await {
+                note(JobState::Failed, "error", msg).await;
+            }
+        }
+        Err(TrainError::System(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "training failed");
+            return false;
+        }
+    }
+    true
 }

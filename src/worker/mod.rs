@@ -16,8 +16,7 @@ pub fn train_job_main(
     database_url: &str,
     data_dir: std::path::PathBuf,
 ) -> std::process::ExitCode {
-    use crate::train::TrainError;
-    use crate::train::run::{Context, Outcome, run};
+    use crate::train::run::{Context, run};
     let started = std::time::Instant::now();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -57,59 +56,10 @@ pub fn train_job_main(
             };
             run(&ctx, input, &mut log)
         });
-    let note = |state: &str, level: &str, msg: &str| {
-        let _ = rt.block_on(crate::db::jobs::event_unfenced(
-            &db,
-            job,
-            attempt,
-            "state",
-            level,
-            msg,
-            serde_json::json!({"state": state}),
-        ));
-    };
-    match outcome {
-        Ok(Outcome::Succeeded(model)) => {
-            note("succeeded", "info", &format!("succeeded; model {model}"));
-            std::process::ExitCode::SUCCESS
-        }
-        Ok(Outcome::Canceled) => {
-            if rt
-                .block_on(crate::db::jobs::finish(
-                    &db,
-                    job,
-                    attempt,
-                    crate::db::jobs::JobState::Canceled,
-                    None,
-                    None,
-                ))
-                .unwrap_or(false)
-            {
-                note("canceled", "info", "canceled");
-            }
-            std::process::ExitCode::SUCCESS
-        }
-        Ok(Outcome::FencedOut) => std::process::ExitCode::SUCCESS,
-        Err(TrainError::User(msg)) => {
-            if rt
-                .block_on(crate::db::jobs::finish(
-                    &db,
-                    job,
-                    attempt,
-                    crate::db::jobs::JobState::Failed,
-                    Some(("user", &msg)),
-                    None,
-                ))
-                .unwrap_or(false)
-            {
-                note("failed", "error", &msg);
-            }
-            std::process::ExitCode::SUCCESS
-        }
-        Err(TrainError::System(e)) => {
-            tracing::error!(error = %format!("{e:#}"), "training failed");
-            std::process::ExitCode::FAILURE
-        }
+    if rt.block_on(attempt::conclude(&db, job, attempt, outcome)) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }
 
