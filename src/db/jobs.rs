@@ -454,7 +454,7 @@ pub async fn event_unfenced(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments, reason = "the columns of one event row")]
 async fn insert_event(
     db: impl PgExecutor<'_>,
     id: Uuid,
