@@ -113,135 +113,183 @@ async fn run(
         .await?
         .context("the dataset was deleted")?;
     let dirs = DatasetDirs::new(data_dir, upload.dataset_id);
-    let files_dir = dirs.files(upload.id);
     std::fs::create_dir_all(dirs.cache())?;
-
     // 1. Files and their labels.
-    let mut planned = if upload.kind == UploadKind::Archive {
-        let incoming = dirs.archive_body(upload.id);
-        let limits = config.archive_limits.clone();
-        let dest = files_dir.clone();
-        let (dataset_id, upload_id) = (upload.dataset_id, upload.id);
-        let extracted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            if dest.exists() {
-                std::fs::remove_dir_all(&dest)?;
-            }
-            std::fs::create_dir_all(&dest)?;
-            let kind = archive::sniff(&incoming)?;
-            let Some(kind) = kind else {
-                return Ok(Err(
-                    "the upload is not a zip, tar or tar.gz archive".to_string()
-                ));
-            };
-            match archive::extract(&incoming, kind, &dest, &limits) {
-                Ok(x) => Ok(Ok(x)),
-                // Writing to the data directory failed: the server's fault, not the archive's.
-                Err(archive::ArchiveError::Io(e)) => {
-                    tracing::error!(error = %e, %dataset_id, %upload_id, "writing extracted files failed");
-                    Ok(Err(INTERNAL_FAILURE.to_string()))
-                }
-                Err(e) => Ok(Err(e.to_string())),
-            }
-        })
-        .await??;
-        let extracted = match extracted {
-            Ok(x) => x,
-            Err(reason) => {
-                discard_archive(&dirs, upload.id, &files_dir);
-                return finish_failed(db, upload, &reason).await;
-            }
-        };
-        let mut planned = match layout::plan(extracted.files, target.classes.as_deref()) {
-            Ok(p) => p,
-            Err(e) => {
-                discard_archive(&dirs, upload.id, &files_dir);
-                return finish_failed(db, upload, &e.0).await;
-            }
-        };
-        for r in extracted.refused {
-            planned.push(layout::Planned {
-                path: r.rel,
-                file: None,
-                label: None,
-                split: None,
-                patient_id: None,
-                claimed: false,
-                verdict: Some((VideoStatus::Rejected, r.code, r.detail)),
-                label_problem: None,
-            });
+    let planned = if upload.kind == UploadKind::Archive {
+        match plan_archive(config, upload, &target, &dirs).await? {
+            Ok(planned) => planned,
+            Err(reason) => return finish_failed(db, upload, &reason).await,
         }
-        planned
     } else {
-        let meta: VideoMeta = serde_json::from_value(upload.meta.clone()).context("upload meta")?;
-        let path = dirs.video_body(upload.id);
-        let bytes = std::fs::metadata(&path)?.len();
-        let sha256 = upload.sha256.clone();
-        let label_problem = match &target.classes {
-            Some(c) if !c.contains(&meta.label) => Some((
-                "unknown_label",
-                format!(
-                    "label `{}` is not one of the dataset's declared classes",
-                    meta.label
-                ),
-            )),
-            _ => None,
-        };
-        vec![layout::Planned {
-            path: meta.filename,
-            file: Some(ExtractedFile {
-                rel: "video".into(),
-                path,
-                bytes,
-                sha256,
-            }),
-            label: Some(meta.label),
-            split: meta.split,
-            patient_id: meta.patient_id,
-            claimed: true,
-            verdict: None,
-            label_problem,
-        }]
+        plan_single(upload, &target, &dirs)?
     };
+    // 2. Rows. 3. Validation and the training cache.
+    let queue = register_videos(db, upload, planned).await?;
+    cache_videos(db, config, upload, &target, &dirs, queue).await?;
+    // 4. Splits, content hash, final status.
+    finalize(db, upload, &target).await?;
+    if upload.kind == UploadKind::Archive {
+        let _ = std::fs::remove_file(dirs.archive_body(upload.id));
+    }
+    Ok(())
+}
 
-    // 2. Rows, all visible at once with their count, so progress has a stable total. Paths are
-    // the videos' key within the upload: a hostile archive (the same path twice, NUL bytes)
-    // must come out as distinct, storable rows, not as a database error.
+/// Phase 1 for an archive: extract it within its limits and plan each file (label, split,
+/// patient, or why it is refused). `Err`: the reason the whole upload fails, the extracted
+/// files already removed.
+async fn plan_archive(
+    config: &IngestConfig,
+    upload: &PendingUpload,
+    target: &IngestTarget,
+    dirs: &DatasetDirs,
+) -> anyhow::Result<Result<Vec<layout::Planned>, String>> {
+    let files_dir = dirs.files(upload.id);
+    let incoming = dirs.archive_body(upload.id);
+    let limits = config.archive_limits.clone();
+    let dest = files_dir.clone();
+    let (dataset_id, upload_id) = (upload.dataset_id, upload.id);
+    let extracted = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest)?;
+        }
+        std::fs::create_dir_all(&dest)?;
+        let kind = archive::sniff(&incoming)?;
+        let Some(kind) = kind else {
+            return Ok(Err(
+                "the upload is not a zip, tar or tar.gz archive".to_string()
+            ));
+        };
+        match archive::extract(&incoming, kind, &dest, &limits) {
+            Ok(x) => Ok(Ok(x)),
+            // Writing to the data directory failed: the server's fault, not the archive's.
+            Err(archive::ArchiveError::Io(e)) => {
+                tracing::error!(error = %e, %dataset_id, %upload_id, "writing extracted files failed");
+                Ok(Err(INTERNAL_FAILURE.to_string()))
+            }
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    })
+    .await??;
+    let extracted = match extracted {
+        Ok(x) => x,
+        Err(reason) => {
+            discard_archive(dirs, upload.id, &files_dir);
+            return Ok(Err(reason));
+        }
+    };
+    let mut planned = match layout::plan(extracted.files, target.classes.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            discard_archive(dirs, upload.id, &files_dir);
+            return Ok(Err(e.0));
+        }
+    };
+    for r in extracted.refused {
+        planned.push(layout::Planned {
+            path: r.rel,
+            file: None,
+            label: None,
+            split: None,
+            patient_id: None,
+            claimed: false,
+            verdict: Some((VideoStatus::Rejected, r.code, r.detail)),
+            label_problem: None,
+        });
+    }
+    Ok(Ok(planned))
+}
+
+/// Phase 1 for a single video: its file as received, with the label it was sent with.
+fn plan_single(
+    upload: &PendingUpload,
+    target: &IngestTarget,
+    dirs: &DatasetDirs,
+) -> anyhow::Result<Vec<layout::Planned>> {
+    let meta: VideoMeta = serde_json::from_value(upload.meta.clone()).context("upload meta")?;
+    let path = dirs.video_body(upload.id);
+    let bytes = std::fs::metadata(&path)?.len();
+    let sha256 = upload.sha256.clone();
+    let label_problem = match &target.classes {
+        Some(c) if !c.contains(&meta.label) => Some((
+            "unknown_label",
+            format!(
+                "label `{}` is not one of the dataset's declared classes",
+                meta.label
+            ),
+        )),
+        _ => None,
+    };
+    Ok(vec![layout::Planned {
+        path: meta.filename,
+        file: Some(ExtractedFile {
+            rel: "video".into(),
+            path,
+            bytes,
+            sha256,
+        }),
+        label: Some(meta.label),
+        split: meta.split,
+        patient_id: meta.patient_id,
+        claimed: true,
+        verdict: None,
+        label_problem,
+    }])
+}
+
+/// Phase 2: one row per planned file, all visible at once with their count, so progress has a
+/// stable total. Returns the files still to validate, with their video ids.
+async fn register_videos(
+    db: &PgPool,
+    upload: &PendingUpload,
+    mut planned: Vec<layout::Planned>,
+) -> anyhow::Result<VecDeque<(Uuid, layout::Planned)>> {
+    // Paths are the videos' key within the upload: a hostile archive (the same path twice,
+    // NUL bytes) must come out as distinct, storable rows, not as a database error.
     layout::make_storable(&mut planned);
     let mut queue = VecDeque::new();
-    {
-        let mut tx = db.begin().await?;
-        for p in &planned {
-            let id = Uuid::new_v4();
-            let (status, code, reason) = match &p.verdict {
-                Some((s, c, d)) => (*s, Some(*c), Some(d.as_str())),
-                None => (VideoStatus::Pending, None, None),
-            };
-            let new = NewVideo {
-                id,
-                dataset_id: upload.dataset_id,
-                tenant_id: upload.tenant_id,
-                upload_id: upload.id,
-                path: &p.path,
-                status,
-                reason_code: code,
-                reason,
-                label: p.label.as_deref(),
-                split: p.split,
-                patient_id: p.patient_id.as_deref(),
-                sha256: p.file.as_ref().map(|f| f.sha256.as_str()),
-                bytes: p.file.as_ref().map(|f| f.bytes),
-            };
-            db::videos::insert(&mut *tx, &new).await?;
-            if p.verdict.is_none() {
-                queue.push_back((id, p.clone()));
-            }
+    let mut tx = db.begin().await?;
+    for p in &planned {
+        let id = Uuid::new_v4();
+        let (status, code, reason) = match &p.verdict {
+            Some((s, c, d)) => (*s, Some(*c), Some(d.as_str())),
+            None => (VideoStatus::Pending, None, None),
+        };
+        let new = NewVideo {
+            id,
+            dataset_id: upload.dataset_id,
+            tenant_id: upload.tenant_id,
+            upload_id: upload.id,
+            path: &p.path,
+            status,
+            reason_code: code,
+            reason,
+            label: p.label.as_deref(),
+            split: p.split,
+            patient_id: p.patient_id.as_deref(),
+            sha256: p.file.as_ref().map(|f| f.sha256.as_str()),
+            bytes: p.file.as_ref().map(|f| f.bytes),
+        };
+        db::videos::insert(&mut *tx, &new).await?;
+        if p.verdict.is_none() {
+            queue.push_back((id, p.clone()));
         }
-        let done = planned.len() - queue.len();
-        db::datasets::add_progress(&mut *tx, upload.dataset_id, planned.len(), done).await?;
-        tx.commit().await?;
     }
+    let done = planned.len() - queue.len();
+    db::datasets::add_progress(&mut *tx, upload.dataset_id, planned.len(), done).await?;
+    tx.commit().await?;
+    Ok(queue)
+}
 
-    // 3. Validate and cache, several at a time, each in its own media-worker child.
+/// Phase 3: validate and cache the queued videos, several at a time, each in its own
+/// media-worker child, recording each outcome as it comes.
+async fn cache_videos(
+    db: &PgPool,
+    config: &IngestConfig,
+    upload: &PendingUpload,
+    target: &IngestTarget,
+    dirs: &DatasetDirs,
+    queue: VecDeque<(Uuid, layout::Planned)>,
+) -> anyhow::Result<()> {
     let spec: CacheSpec = serde_json::from_value(target.cache_spec.clone()).unwrap_or_default();
     let workers = config.concurrency.clamp(1, queue.len().max(1));
     let spec = CacheSpec {
@@ -277,12 +325,6 @@ async fn run(
     }
     while let Some(r) = tasks.join_next().await {
         r??;
-    }
-
-    // 4. Splits, content hash, final status.
-    finalize(db, upload, &target).await?;
-    if upload.kind == UploadKind::Archive {
-        let _ = std::fs::remove_file(dirs.archive_body(upload.id));
     }
     Ok(())
 }
