@@ -22,6 +22,10 @@ use crate::device::DeviceRequest;
 use crate::registry::{self, BaseModel, ImportError};
 use crate::train::hyper::Hyperparameters;
 
+pub mod plots;
+
+pub use plots::{PlotRequest, plot};
+
 /// A job as submitted. Its serialisation is what an `Idempotency-Key` replay is compared
 /// against, so the field order is part of the contract.
 #[derive(Debug, Deserialize, Serialize)]
@@ -40,10 +44,6 @@ pub struct JobRequest {
 fn default_attempts() -> i32 {
     3
 }
-
-pub mod plots;
-
-pub use plots::{PlotRequest, plot};
 
 /// Why a job operation did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -110,9 +110,6 @@ pub async fn submit(
         .ok_or_else(|| {
             JobError::invalid("base_model", "no such base model (see GET /v1/base-models)")
         })?;
-    if let BaseModel::Custom(b) = &base {
-        backbone_fits(backbones, b, &base.preprocessing()?, &hp).await?;
-    }
     let stages = base.stage_count();
     if let Freeze::LastStages { stages: k } = hp.freeze
         && (k == 0 || k > stages)
@@ -130,6 +127,10 @@ pub async fn submit(
             "the dataset is `{}`; jobs need a ready dataset",
             dataset.status
         )));
+    }
+    // Last, as the one check that starts a process: trying a TorchScript backbone.
+    if let BaseModel::Custom(b) = &base {
+        backbone_fits(backbones, b, &base.preprocessing()?, &hp).await?;
     }
     let device = DeviceRequest::parse(&hp.device)
         .ok_or_else(|| JobError::invalid("hyperparameters.device", "auto, cpu, cuda or cuda:N"))?;
