@@ -505,21 +505,6 @@ pub async fn epochs(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Vec<Epoch
     .await
 }
 
-/// The test-split metrics of the model a job produced, if it has one and it was evaluated.
-pub async fn model_test_metrics(
-    db: impl PgExecutor<'_>,
-    job_id: Uuid,
-) -> sqlx::Result<Option<Metrics>> {
-    Ok(sqlx::query_scalar::<_, Option<Json<Metrics>>>(
-        "select test_metrics from models where job_id = $1",
-    )
-    .bind(job_id)
-    .fetch_optional(db)
-    .await?
-    .flatten()
-    .map(|m| m.0))
-}
-
 /// The newest epoch's metrics, if any.
 pub async fn latest_epoch(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<EpochRow>> {
     sqlx::query_as(

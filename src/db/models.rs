@@ -131,3 +131,18 @@ pub async fn insert(db: impl PgExecutor<'_>, m: &NewModel<'_>) -> sqlx::Result<(
     .await?;
     Ok(())
 }
+
+/// The test-split metrics of the model a job produced, if it has one and it was evaluated.
+pub async fn test_metrics_of_job(
+    db: impl PgExecutor<'_>,
+    job_id: Uuid,
+) -> sqlx::Result<Option<Metrics>> {
+    Ok(sqlx::query_scalar::<_, Option<Json<Metrics>>>(
+        "select test_metrics from models where job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(db)
+    .await?
+    .flatten()
+    .map(|m| m.0))
+}

@@ -65,7 +65,7 @@ async fn confusion_source(
         Some(_) => return Err(JobError::invalid("split", "test or val")),
     };
     let test_metrics = if test {
-        db::jobs::model_test_metrics(db, job_id).await?
+        db::models::test_metrics_of_job(db, job_id).await?
     } else {
         None
     };
