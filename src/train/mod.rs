@@ -17,10 +17,22 @@ pub enum TrainError {
     System(#[from] anyhow::Error),
 }
 
+/// Whether this process is a supervised `train-job` child, whose stdout its worker reads.
+static SUPERVISED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Make [`alive`] speak: called by the `train-job` entry point. Elsewhere (tests, tools) the
+/// training code runs silently.
+pub fn supervised() {
+    SUPERVISED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Tell the supervising worker that this attempt is alive: one line on stdout per batch. The
 /// worker kills a child that stays silent past its stall timeout (a hang keeps no lease).
 pub fn alive() {
     use std::io::Write;
+    if !SUPERVISED.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(b"alive\n");
     let _ = out.flush();

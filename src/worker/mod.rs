@@ -39,6 +39,7 @@ pub fn train_job_main(
         tch::Cuda::cudnn_set_benchmark(true);
     }
     crate::backbone::heap::keep_freed_memory();
+    crate::train::supervised();
     let ctx = Context {
         data_dir: crate::datadir::DataDir::new(data_dir),
         device: device.to_tch(),
