@@ -104,6 +104,11 @@ pub fn write_torchscript(
     example: &Tensor,
     path: &Path,
 ) -> anyhow::Result<()> {
+    // Tracing runs the model here; a tenant's module runs only in its sandbox.
+    anyhow::ensure!(
+        !model.is_sandboxed(),
+        "a model on a TorchScript backbone cannot be traced outside the backbone's sandbox"
+    );
     let _guard = tch::no_grad_guard();
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
