@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sqlx::PgPool;
 use tch::Tensor;
+use uuid::Uuid;
 
 use crate::backbone::{self, Arch, Base, Preprocessing};
 use crate::datadir::DataDir;
@@ -14,12 +15,21 @@ use crate::db::{
     base_models::{BaseWeights, CustomBackbone},
 };
 
-/// Why an import did not happen.
+/// Why an import or a registration did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// The file is not usable for this architecture (the message names the key or problem).
     #[error("{0}")]
     Invalid(String),
+    /// A field of the registration is out of range (the field as the API names it).
+    #[error("{field}: {message}")]
+    Field {
+        field: &'static str,
+        message: String,
+    },
+    /// The tenant already has a base model of this name.
+    #[error("a base model with this name already exists")]
+    NameTaken,
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -110,7 +120,7 @@ impl BaseModel {
 /// tenant's backbones.
 pub async fn resolve(
     db: impl sqlx::PgExecutor<'_>,
-    tenant_id: uuid::Uuid,
+    tenant_id: Uuid,
     name: &str,
 ) -> sqlx::Result<Option<BaseModel>> {
     match Arch::parse(name) {
@@ -162,6 +172,66 @@ pub async fn pull_weights(
     let result = import_weights(db, data_dir, arch, &dest, url).await;
     let _ = std::fs::remove_file(&dest);
     result
+}
+
+/// A TorchScript backbone as a tenant registers it; its module is already received.
+pub struct NewBackbone<'a> {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: &'a str,
+    pub description: &'a str,
+    /// The input the module takes, as JSON; R(2+1)D-18's when absent.
+    pub preprocessing: Option<&'a str>,
+    /// Where the module was received, relative to the data directory
+    /// ([`DataDir::backbone_relative`]).
+    pub module: &'a Path,
+    pub sha256: &'a str,
+}
+
+/// Check a registration, try the module on a clip of its declared shape (in its sandbox) and
+/// record it.
+pub async fn register_backbone(
+    db: &PgPool,
+    data: &DataDir,
+    b: &NewBackbone<'_>,
+    inspect_timeout: Duration,
+) -> Result<CustomBackbone, ImportError> {
+    let name = b.name.trim();
+    if name.is_empty() || name.len() > 100 || Arch::parse(name).is_some() {
+        return Err(ImportError::Field {
+            field: "name",
+            message: "1 to 100 characters, not the name of a built-in architecture".into(),
+        });
+    }
+    let prep: Preprocessing = match b.preprocessing {
+        None => Arch::R2plus1d18.preprocessing(),
+        Some(text) => serde_json::from_str(text).map_err(|e| ImportError::Field {
+            field: "preprocessing",
+            message: format!("invalid preprocessing spec: {e}"),
+        })?,
+    };
+    if !(1..=256).contains(&prep.frames) || !(16..=1024).contains(&prep.crop) {
+        return Err(ImportError::Field {
+            field: "preprocessing",
+            message: "frames 1–256 and crop 16–1024".into(),
+        });
+    }
+    let inspected = inspect_torchscript(&data.resolve(b.module), &prep, inspect_timeout).await?;
+    let row = db::base_models::NewCustomBackbone {
+        id: b.id,
+        tenant_id: b.tenant_id,
+        name,
+        description: b.description,
+        feature_dim: inspected.feature_dim as i32,
+        preprocessing: serde_json::to_value(&prep).expect("serialises"),
+        sha256: b.sha256,
+        path: &b.module.to_string_lossy(),
+    };
+    match db::base_models::insert_custom(db, &row).await {
+        Ok(b) => Ok(b),
+        Err(e) if db::is_unique_violation(&e) => Err(ImportError::NameTaken),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// What a TorchScript backbone turned out to be when tried on a clip.

@@ -11,7 +11,7 @@ use super::AppState;
 use super::extract::{Json, Path};
 use super::upload::{PartialFile, receive};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Items, Routes};
-use crate::backbone::{Arch, Preprocessing};
+use crate::backbone::Arch;
 use crate::config::Settings;
 use crate::datadir::DataDir;
 use crate::db;
@@ -45,6 +45,8 @@ impl From<ImportError> for ApiError {
     fn from(e: ImportError) -> Self {
         match e {
             ImportError::Invalid(msg) => ApiError::new(ErrorCode::InvalidModelFile, msg),
+            ImportError::Field { field, message } => ApiError::validation(field, message),
+            ImportError::NameTaken => ApiError::conflict(e.to_string()),
             ImportError::Other(e) => ApiError::internal(e),
         }
     }
@@ -138,43 +140,16 @@ async fn base_model_create(
     let dest = s.data.resolve(&rel);
     let partial = PartialFile::new(dest.clone());
     let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;
-    let field = |k: &str| incoming.field(k).map(str::to_owned);
-    let name = field("name").unwrap_or_default().trim().to_owned();
-    if name.is_empty() || name.len() > 100 || Arch::parse(&name).is_some() {
-        return Err(ApiError::validation(
-            "name",
-            "1 to 100 characters, not the name of a built-in architecture",
-        ));
-    }
-    let description = field("description").unwrap_or_default();
-    let prep: Preprocessing = match field("preprocessing") {
-        None => Arch::R2plus1d18.preprocessing(),
-        Some(text) => serde_json::from_str(&text).map_err(|e| {
-            ApiError::validation("preprocessing", format!("invalid preprocessing spec: {e}"))
-        })?,
+    let new = registry::NewBackbone {
+        id,
+        tenant_id: caller.tenant_id,
+        name: incoming.field("name").unwrap_or_default(),
+        description: incoming.field("description").unwrap_or_default(),
+        preprocessing: incoming.field("preprocessing"),
+        module: &rel,
+        sha256: &incoming.received.sha256,
     };
-    if !(1..=256).contains(&prep.frames) || !(16..=1024).contains(&prep.crop) {
-        return Err(ApiError::validation(
-            "preprocessing",
-            "frames 1–256 and crop 16–1024",
-        ));
-    }
-    let inspected = registry::inspect_torchscript(&dest, &prep, s.settings.inspect_timeout).await?;
-    let b = db::base_models::insert_custom(
-        &s.db,
-        &db::base_models::NewCustomBackbone {
-            id,
-            tenant_id: caller.tenant_id,
-            name: &name,
-            description: &description,
-            feature_dim: inspected.feature_dim as i32,
-            preprocessing: serde_json::to_value(&prep).expect("serialises"),
-            sha256: &incoming.received.sha256,
-            path: &rel.to_string_lossy(),
-        },
-    )
-    .await
-    .map_err(|e| super::error::on_unique(e, "a base model with this name already exists"))?;
+    let b = registry::register_backbone(&s.db, &s.data, &new, s.settings.inspect_timeout).await?;
     partial.keep();
     Ok((StatusCode::CREATED, AuditResource(b.id), Json(b)))
 }

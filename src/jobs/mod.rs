@@ -206,7 +206,7 @@ async fn backbone_fits(
             i.feature_dim, b.feature_dim
         ),
         Err(ImportError::Invalid(msg)) => msg,
-        Err(ImportError::Other(e)) => return Err(JobError::Internal(e)),
+        Err(e) => return Err(JobError::Internal(e.into())),
     };
     Err(JobError::invalid(
         field,
