@@ -13,9 +13,13 @@ use serde::{Deserialize, Serialize};
 pub struct ClassMetrics {
     pub label: String,
     pub support: usize,
+    #[serde(deserialize_with = "null_as_nan")]
     pub precision: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub recall: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub specificity: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub f1: f64,
     /// One-vs-rest ROC-AUC; `None` when the class has no positive or no negative example.
     pub auc: Option<f64>,
@@ -26,15 +30,25 @@ pub struct ClassMetrics {
 #[serde(default)]
 pub struct Metrics {
     pub samples: usize,
+    #[serde(deserialize_with = "null_as_nan")]
     pub loss: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub accuracy: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub balanced_accuracy: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub macro_f1: f64,
     /// Mean of the defined per-class AUCs.
     pub macro_auc: Option<f64>,
     pub per_class: Vec<ClassMetrics>,
     /// `confusion[true][predicted]`.
     pub confusion: Vec<Vec<usize>>,
+}
+
+/// JSON has no NaN: a diverged run's loss is stored as `null`, and reads back as NaN rather
+/// than making its record unreadable.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -246,6 +260,17 @@ mod tests {
         assert_eq!(m.accuracy, 0.5);
         assert_eq!(m.per_class[0].label, "a");
         assert_eq!(m.macro_auc, None);
+    }
+
+    #[test]
+    fn a_diverged_runs_nan_loss_survives_the_round_trip() {
+        let m = Metrics {
+            loss: f64::NAN,
+            ..Metrics::default()
+        };
+        let stored = serde_json::to_string(&m).unwrap();
+        let back: Metrics = serde_json::from_str(&stored).unwrap();
+        assert!(back.loss.is_nan(), "{stored}");
     }
 
     #[test]

@@ -173,6 +173,9 @@ pub async fn submit(
     })
 }
 
+/// The largest clip a submission tries a TorchScript backbone on (2 clips of float32).
+const TRIAL_CLIP_BYTES: i64 = 256 << 20;
+
 /// Where registered TorchScript backbones live and how long trying one may take.
 pub struct Backbones<'a> {
     pub data: &'a DataDir,
@@ -192,6 +195,17 @@ async fn backbone_fits(
     if (wanted.frames, wanted.crop) == (registered.frames, registered.crop) {
         return Ok(());
     }
+    // The trial clip is allocated in this process: one trial at a time, and none for a clip
+    // beyond the budget (the training process then checks the size itself, as a user error).
+    let clip_bytes = 2 * 3 * 4 * wanted.frames * wanted.crop * wanted.crop;
+    if clip_bytes > TRIAL_CLIP_BYTES {
+        return Ok(());
+    }
+    static ONE_TRIAL_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let _turn = ONE_TRIAL_AT_A_TIME
+        .acquire()
+        .await
+        .map_err(|e| JobError::Internal(e.into()))?;
     let field = if wanted.frames != registered.frames {
         "hyperparameters.frames"
     } else {
