@@ -262,7 +262,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Whether tenant (non-operator) keys may register TorchScript backbones.
     pub tenant_backbones: bool,
-    /// Time a custom backbone gets to load and run once when it is registered.
+    /// Time a custom backbone gets to load and run once when it is registered, and when a job
+    /// asks it for another clip size.
     pub inspect_timeout: Duration,
 }
 
