@@ -3,6 +3,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
+use super::TrainError;
 use super::data::{self, ClipSpec, Loader, Plan};
 use super::splits::Split;
 use crate::backbone::{Preprocessing, VideoClassifier, amp};
@@ -39,14 +40,15 @@ pub struct Clips<'a> {
     pub bf16: bool,
 }
 
-/// Evaluate with `clips` clips per video, softmax averaged per video.
+/// Evaluate with `clips` clips per video, softmax averaged per video. A TorchScript backbone
+/// that fails is the user's error, as in training; the cache or libtorch failing is the machine's.
 pub fn evaluate(
     model: &VideoClassifier,
     split: &Split,
     how: &Clips,
     classes: &[String],
     clips: u32,
-) -> anyhow::Result<Metrics> {
+) -> Result<Metrics, TrainError> {
     let _guard = tch::no_grad_guard();
     let hw = &split.hw;
     let items = Arc::new(split.items.clone());
@@ -59,11 +61,14 @@ pub fn evaluate(
     let mut probs = vec![vec![0.0f64; classes.len()]; items.len()];
     let mut loss_sum = 0.0;
     for (b, raw) in loader.enumerate() {
-        let raw = raw?;
+        let raw = raw.map_err(|e| TrainError::System(e.context("reading the training cache")))?;
         let x = data::to_batch(&raw, &batches[b], how.spec, how.prep, how.device);
         let logits = {
             let _amp = how.bf16.then(|| amp::Autocast::enter(how.device));
-            model.try_forward_t(&x, false)?.to_kind(Kind::Float)
+            model
+                .try_forward_t(&x, false)
+                .map_err(|e| TrainError::User(format!("the TorchScript backbone failed: {e:#}")))?
+                .to_kind(Kind::Float)
         };
         super::alive();
         let y = Tensor::from_slice(
@@ -76,7 +81,8 @@ pub fn evaluate(
         loss_sum +=
             classification_loss(&logits, &y, None, 0.0).double_value(&[]) * batches[b].len() as f64;
         let p = logits.softmax(-1, Kind::Float).to_device(Device::Cpu);
-        let rows: Vec<Vec<f32>> = Vec::<Vec<f32>>::try_from(p)?;
+        let rows: Vec<Vec<f32>> =
+            Vec::<Vec<f32>>::try_from(p).map_err(|e| TrainError::System(e.into()))?;
         for (plan, row) in batches[b].iter().zip(rows) {
             for (acc, v) in probs[plan.item].iter_mut().zip(row) {
                 *acc += v as f64 / clips as f64;

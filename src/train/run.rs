@@ -429,7 +429,7 @@ impl<'a> Attempt<'a> {
     }
 
     /// `clips` clips per video of `split`, averaged.
-    fn evaluate(&self, split: &Split, clips: u32) -> anyhow::Result<Metrics> {
+    fn evaluate(&self, split: &Split, clips: u32) -> Result<Metrics, TrainError> {
         let how = Clips {
             spec: &self.spec,
             prep: &self.prep,

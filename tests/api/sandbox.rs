@@ -365,3 +365,32 @@ async fn a_backbone_that_does_not_fit_the_jobs_clip_size_is_refused_or_fails_as_
     let error = done["error"].as_str().unwrap();
     assert!(error.contains("hyperparameters.frames"), "{error}");
 }
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_backbone_that_fails_in_evaluation_fails_the_job_as_a_user_error(db: PgPool) {
+    let app = spawn_app(db).await;
+    let resp = register(&app, "fails_in_evaluation").await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let key = &app.admin_key;
+    let ds = app.motion_dataset(key, 2).await;
+    // Three clips per video make the evaluation batches larger than the 2 it tolerates.
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            key,
+            serde_json::json!({"dataset_id": ds, "base_model": "fails_in_evaluation",
+                "max_attempts": 3, "hyperparameters": {"epochs": 1, "warmup_epochs": 0,
+                "batch_size": 2, "eval_clips": 3, "loader_threads": 1}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let job: Value = resp.json().await.unwrap();
+    let job = job["id"].as_str().unwrap().to_owned();
+    let _workers = app.start_workers(1, 30).await;
+    let done = app.wait_job(key, &job, 300).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["error_kind"], "user", "{done}");
+    assert_eq!(done["attempt"], 1, "retried as a machine fault: {done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(error.contains("TorchScript backbone failed"), "{error}");
+}
