@@ -126,6 +126,30 @@ impl DatasetDirs {
     }
 }
 
+/// Deletes a file that is not (yet) wanted unless disarmed: a partly received upload, a
+/// scratch copy. Also runs when the request that owns it is dropped mid-way.
+pub struct PartialFile {
+    path: Option<PathBuf>,
+}
+
+impl PartialFile {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path: Some(path) }
+    }
+    /// The file is complete and wanted: leave it.
+    pub fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

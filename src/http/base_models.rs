@@ -9,11 +9,12 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Json, Path};
-use super::upload::{PartialFile, receive};
+use super::upload::receive;
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Items, Routes};
 use crate::backbone::Arch;
 use crate::config::Settings;
 use crate::datadir::DataDir;
+use crate::datadir::PartialFile;
 use crate::db;
 use crate::registry::{self, ImportError};
 

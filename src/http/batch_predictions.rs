@@ -52,17 +52,21 @@ async fn batch_prediction_create(
     let model = db::models::get(&s.db, caller.tenant_id, model_id)
         .await?
         .ok_or_else(|| ApiError::not_found("model"))?;
-    let meta = serve::model_meta(&s.db, &s.settings.data_dir, caller.tenant_id, &model).await?;
-    if let Some(split) = &body.split
-        && !["train", "val", "test"].contains(&split.as_str())
-    {
-        return Err(ApiError::validation("split", "train, val or test"));
-    }
+    let meta = serve::model_meta(&s.db, &s.data, caller.tenant_id, &model).await?;
+    let split = match body.split.as_deref() {
+        None => None,
+        Some(name) => Some(
+            Split::ALL
+                .into_iter()
+                .find(|s| s.as_str() == name)
+                .ok_or_else(|| ApiError::validation("split", "train, val or test"))?,
+        ),
+    };
     let clips = body.clips.unwrap_or(meta.eval_clips);
     if !(1..=32).contains(&clips) {
         return Err(ApiError::validation("clips", "between 1 and 32"));
     }
-    let videos = dataset_videos(&s, &caller, &body, &meta).await?;
+    let videos = dataset_videos(&s, &caller, body.dataset_id, split, &meta).await?;
     let id = Uuid::new_v4();
     let new = NewBatch {
         id,
@@ -106,10 +110,11 @@ async fn batch_prediction_create(
 async fn dataset_videos(
     s: &AppState,
     caller: &Caller,
-    body: &BatchCreate,
+    dataset_id: Uuid,
+    split: Option<Split>,
     meta: &ModelMeta,
 ) -> ApiResult<Vec<db::datasets::Video>> {
-    let dataset = db::datasets::get(&s.db, caller.tenant_id, body.dataset_id)
+    let dataset = db::datasets::get(&s.db, caller.tenant_id, dataset_id)
         .await?
         .ok_or_else(|| ApiError::validation("dataset_id", "no such dataset"))?;
     if dataset.status != DatasetStatus::Ready {
@@ -134,13 +139,10 @@ async fn dataset_videos(
             ),
         ));
     }
-    Ok(db::datasets::dataset_videos(&s.db, body.dataset_id)
+    Ok(db::datasets::dataset_videos(&s.db, dataset_id)
         .await?
         .into_iter()
-        .filter(|v| {
-            v.status == VideoStatus::Accepted
-                && (body.split.is_none() || v.split.map(Split::as_str) == body.split.as_deref())
-        })
+        .filter(|v| v.status == VideoStatus::Accepted && (split.is_none() || v.split == split))
         .collect())
 }
 

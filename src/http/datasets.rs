@@ -8,8 +8,9 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Json, Path, Query};
-use super::upload::{PartialFile, receive, verify_checksum};
+use super::upload::{receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Items, Routes};
+use crate::datadir::PartialFile;
 use crate::db;
 use crate::db::datasets::{Dataset, DatasetStatus};
 use crate::db::videos::{Video, VideoStatus};

@@ -12,10 +12,11 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Json, Path, Query};
-use super::upload::{PartialFile, receive, verify_checksum};
+use super::upload::{receive, verify_checksum};
 use super::{
     Access, ApiError, ApiResult, AuditDetails, AuditResource, Caller, ErrorCode, Items, Routes,
 };
+use crate::datadir::PartialFile;
 use crate::db;
 use crate::db::models::Model;
 use crate::serve::{self, ExportFormat, PredictOptions, Serving, TimelineOptions, Upload};
@@ -106,7 +107,7 @@ async fn model_export(
     let file = match format {
         ExportFormat::Safetensors => serve::export_safetensors(&dir).await?,
         ExportFormat::TorchScript => {
-            let meta = serve::model_meta(&s.db, &s.settings.data_dir, caller.tenant_id, &m).await?;
+            let meta = serve::model_meta(&s.db, &s.data, caller.tenant_id, &m).await?;
             serve::export_torchscript(&meta, &dir).await?
         }
     };
@@ -202,7 +203,7 @@ async fn model_predict(
     }
     let m = fetch(&s, &caller, id).await?;
     let opts = q.options(&m)?;
-    let meta = serve::model_meta(&s.db, &s.settings.data_dir, caller.tenant_id, &m).await?;
+    let meta = serve::model_meta(&s.db, &s.data, caller.tenant_id, &m).await?;
 
     // The body goes to a scratch file, removed however the request ends.
     let src = s

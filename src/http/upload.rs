@@ -1,6 +1,6 @@
 //! Streaming request bodies to disk: never held whole in memory, SHA-256 computed on the way,
 //! size-capped while bytes arrive, and removed again if the body does not arrive whole.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use axum::body::Body;
 use axum::extract::multipart::{Field, MultipartError};
@@ -162,29 +162,6 @@ fn multipart_error(e: MultipartError) -> ApiError {
             "the upload was interrupted or malformed: {}",
             e.body_text()
         ))
-    }
-}
-
-/// Deletes a partly received file unless disarmed: also runs when the client disconnects and
-/// the handler future is dropped mid-body.
-pub struct PartialFile {
-    path: Option<PathBuf>,
-}
-
-impl PartialFile {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path: Some(path) }
-    }
-    pub fn keep(mut self) {
-        self.path = None;
-    }
-}
-
-impl Drop for PartialFile {
-    fn drop(&mut self) {
-        if let Some(p) = self.path.take() {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! From a `models` record to what serving, export and batch predictions need: the parsed
 //! specs, the backbone, the weights' path; and the classifier rebuilt from them.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use serde::Deserialize;
@@ -59,15 +59,14 @@ pub enum MetaError {
 /// TorchScript backbone of that name.
 pub async fn model_meta(
     db: impl PgExecutor<'_>,
-    data_dir: &Path,
+    data: &DataDir,
     tenant_id: Uuid,
     m: &db::models::Model,
 ) -> Result<ModelMeta, MetaError> {
     let base = registry::resolve(db, tenant_id, &m.base_model)
         .await?
         .ok_or_else(|| anyhow::anyhow!("base model {} is gone", m.base_model))?;
-    let data = DataDir::new(data_dir);
-    Ok(from_record(m, base.base(&data), &data)?)
+    Ok(from_record(m, base.base(data), data)?)
 }
 
 fn from_record(m: &db::models::Model, base: Base, data: &DataDir) -> anyhow::Result<ModelMeta> {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::{InferError, ModelCache, ModelHandle, ModelMeta};
 use crate::backbone::Preprocessing;
+use crate::datadir::PartialFile;
 use crate::media::cache::CacheReader;
 use crate::media::decode::{Limits, Rejection};
 use crate::media::worker::{Job, MediaPool};
@@ -143,7 +144,8 @@ pub async fn predict(
     let t_upload = started.elapsed();
     // Decoded frames at the training rate, in a media-worker child.
     let cache = video.path.with_extension("vtc");
-    let _cache_guard = RemoveOnDrop(cache.clone());
+    // The decoded copy goes however the prediction ends (also when the request is dropped).
+    let _cache_guard = PartialFile::new(cache.clone());
     let job = Job {
         src: video.path.clone(),
         cache: cache.clone(),
@@ -285,18 +287,9 @@ pub fn plan_timeline(
     (bounds, plans)
 }
 
-/// How clips are cut for a model (no augmentation; the frame stride as in training).
+/// How clips are cut for a model: as in its evaluation (the frame stride as in training).
 fn clip_spec(meta: &ModelMeta) -> ClipSpec {
-    let prep = &meta.preprocessing;
-    ClipSpec {
-        frames: prep.frames as u32,
-        stride: meta.frame_stride.max(1),
-        sampling: prep.sampling,
-        short_side: prep.resize[0].max(prep.crop),
-        crop: prep.crop,
-        crop_scale: [1.0, 1.0],
-        flip: false,
-    }
+    ClipSpec::new(&meta.preprocessing, meta.frame_stride)
 }
 
 /// Read the clips `plans` from a decoded video and preprocess them, on a blocking thread:
@@ -389,16 +382,6 @@ fn window(classes: &[String], start_s: f64, end_s: f64, row: &[f32]) -> Window {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// Removes the decoded copy of an upload however the prediction ends (also when the request is
-/// dropped mid-way).
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[cfg(test)]

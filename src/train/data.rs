@@ -32,6 +32,22 @@ pub struct ClipSpec {
     pub flip: bool,
 }
 
+impl ClipSpec {
+    /// Clips of `prep`'s size taking every `stride`-th frame, without augmentation: what
+    /// evaluation and serving cut, and what training cuts before its crop jitter and flips.
+    pub fn new(prep: &Preprocessing, stride: u32) -> Self {
+        Self {
+            frames: prep.frames as u32,
+            stride: stride.max(1),
+            sampling: prep.sampling,
+            short_side: prep.resize[0].max(prep.crop),
+            crop: prep.crop,
+            crop_scale: [1.0, 1.0],
+            flip: false,
+        }
+    }
+}
+
 /// One clip to load: the video, its frame indices and where to crop.
 #[derive(Debug, Clone)]
 pub struct Plan {

@@ -193,13 +193,9 @@ enum AfterEpoch {
 fn job_clips(hp: &Hyperparameters, base: &Preprocessing) -> (Preprocessing, ClipSpec) {
     let prep = hp.preprocessing(base);
     let spec = ClipSpec {
-        frames: prep.frames as u32,
-        stride: hp.frame_stride,
-        sampling: prep.sampling,
-        short_side: prep.resize[0].max(prep.crop),
-        crop: prep.crop,
         crop_scale: hp.augmentation.crop_scale,
         flip: hp.augmentation.horizontal_flip,
+        ..ClipSpec::new(&prep, hp.frame_stride)
     };
     (prep, spec)
 }
