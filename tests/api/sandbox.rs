@@ -318,9 +318,28 @@ async fn a_training_process_that_stops_making_progress_is_killed_and_retried(db:
     }
 }
 
-/// A backbone whose feature width follows the clip size, trained with another `frames` than it
-/// was registered with: the job fails as the user's error, naming the hyperparameters, and is
-/// not retried as a machine fault.
+/// Queue a job (the `POST /v1/jobs` body) as the operator; its id.
+async fn queued_job(app: &TestApp, body: Value) -> String {
+    let resp = app.post_json("/v1/jobs", &app.admin_key, body).await;
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let job: Value = resp.json().await.unwrap();
+    job["id"].as_str().unwrap().to_owned()
+}
+
+/// Run `job` on one worker to its end: it must fail as the user's error on its first attempt,
+/// not be retried as a machine fault. Its error text.
+async fn fails_as_the_users_error(app: &TestApp, job: &str) -> String {
+    let _workers = app.start_workers(1, 30).await;
+    let done = app.wait_job(&app.admin_key, job, 300).await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["error_kind"], "user", "{done}");
+    assert_eq!(done["attempt"], 1, "retried as a machine fault: {done}");
+    done["error"].as_str().unwrap().to_owned()
+}
+
+/// A backbone whose feature width follows the clip size, asked for another `frames` than it was
+/// registered with: refused at submission, naming the field; and a job queued with that size
+/// anyway fails as the user's error, naming the hyperparameters, not retried as a machine fault.
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn a_backbone_that_does_not_fit_the_jobs_clip_size_is_refused_or_fails_as_a_user_error(
     db: PgPool,
@@ -345,10 +364,7 @@ async fn a_backbone_that_does_not_fit_the_jobs_clip_size_is_refused_or_fails_as_
     assert_eq!(problem["field"], "hyperparameters.frames", "{problem}");
     // A job queued with such a size all the same (here: changed behind the API's back, as an
     // older server could have queued it) fails as the user's error, without a retry.
-    let resp = app.post_json("/v1/jobs", key, job_with(None)).await;
-    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-    let job: Value = resp.json().await.unwrap();
-    let job = job["id"].as_str().unwrap().to_owned();
+    let job = queued_job(&app, job_with(None)).await;
     sqlx::query(
         "update jobs set hyperparameters = jsonb_set(hyperparameters, '{frames}', '8')
          where id = $1::uuid",
@@ -357,12 +373,7 @@ async fn a_backbone_that_does_not_fit_the_jobs_clip_size_is_refused_or_fails_as_
     .execute(&app.db)
     .await
     .unwrap();
-    let _workers = app.start_workers(1, 30).await;
-    let done = app.wait_job(key, &job, 300).await;
-    assert_eq!(done["state"], "failed", "{done}");
-    assert_eq!(done["error_kind"], "user", "{done}");
-    assert_eq!(done["attempt"], 1, "retried as a machine fault: {done}");
-    let error = done["error"].as_str().unwrap();
+    let error = fails_as_the_users_error(&app, &job).await;
     assert!(error.contains("hyperparameters.frames"), "{error}");
 }
 
@@ -374,23 +385,13 @@ async fn a_backbone_that_fails_in_evaluation_fails_the_job_as_a_user_error(db: P
     let key = &app.admin_key;
     let ds = app.motion_dataset(key, 2).await;
     // Three clips per video make the evaluation batches larger than the 2 it tolerates.
-    let resp = app
-        .post_json(
-            "/v1/jobs",
-            key,
-            serde_json::json!({"dataset_id": ds, "base_model": "fails_in_evaluation",
-                "max_attempts": 3, "hyperparameters": {"epochs": 1, "warmup_epochs": 0,
-                "batch_size": 2, "eval_clips": 3, "loader_threads": 1}}),
-        )
-        .await;
-    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
-    let job: Value = resp.json().await.unwrap();
-    let job = job["id"].as_str().unwrap().to_owned();
-    let _workers = app.start_workers(1, 30).await;
-    let done = app.wait_job(key, &job, 300).await;
-    assert_eq!(done["state"], "failed", "{done}");
-    assert_eq!(done["error_kind"], "user", "{done}");
-    assert_eq!(done["attempt"], 1, "retried as a machine fault: {done}");
-    let error = done["error"].as_str().unwrap();
+    let job = queued_job(
+        &app,
+        serde_json::json!({"dataset_id": ds, "base_model": "fails_in_evaluation",
+            "max_attempts": 3, "hyperparameters": {"epochs": 1, "warmup_epochs": 0,
+            "batch_size": 2, "eval_clips": 3, "loader_threads": 1}}),
+    )
+    .await;
+    let error = fails_as_the_users_error(&app, &job).await;
     assert!(error.contains("TorchScript backbone failed"), "{error}");
 }
