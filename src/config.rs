@@ -194,6 +194,10 @@ pub struct ServeArgs {
     /// when it is registered (its sandbox is killed then).
     #[arg(long, env = "VIDTUNE_SANDBOX_INSPECT_SECS", default_value_t = 120)]
     pub sandbox_inspect_secs: u64,
+    /// Storage quota of a tenant without one of its own, in bytes (uploads, caches,
+    /// checkpoints, models and backbones together; operators set a tenant's own quota).
+    #[arg(long, env = "VIDTUNE_TENANT_QUOTA_BYTES", default_value_t = 1 << 40)]
+    pub tenant_quota_bytes: u64,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -265,6 +269,8 @@ pub struct Settings {
     /// Time a custom backbone gets to load and run once when it is registered, and when a job
     /// asks it for another clip size.
     pub inspect_timeout: Duration,
+    /// Storage quota of a tenant without one of its own.
+    pub tenant_quota_bytes: u64,
 }
 
 impl Settings {
@@ -283,6 +289,7 @@ impl Settings {
             metrics_listen: None,
             tenant_backbones: false,
             inspect_timeout: Duration::from_secs(120),
+            tenant_quota_bytes: 1 << 40,
         }
     }
 
@@ -315,6 +322,7 @@ impl Settings {
             metrics_listen: a.metrics_listen,
             tenant_backbones: a.tenant_backbones,
             inspect_timeout: Duration::from_secs(a.sandbox_inspect_secs),
+            tenant_quota_bytes: a.tenant_quota_bytes,
         })
     }
 }

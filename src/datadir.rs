@@ -126,6 +126,25 @@ impl DatasetDirs {
     }
 }
 
+/// Bytes of the files under `path` (a file's own size; 0 when it does not exist). Symbolic
+/// links are not followed.
+pub fn dir_bytes(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| dir_bytes(&e.path()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Deletes a file that is not (yet) wanted unless disarmed: a partly received upload, a
 /// scratch copy. Also runs when the request that owns it is dropped mid-way.
 pub struct PartialFile {

@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod media;
 pub mod metrics;
 pub mod plots;
+pub mod quota;
 pub mod registry;
 pub mod sandbox;
 pub mod serve;

@@ -186,6 +186,8 @@ pub struct NewBackbone<'a> {
     /// ([`DataDir::backbone_relative`]).
     pub module: &'a Path,
     pub sha256: &'a str,
+    /// The module's size, counted against the tenant's storage quota.
+    pub bytes: u64,
 }
 
 /// Check a registration, try the module on a clip of its declared shape (in its sandbox) and
@@ -226,6 +228,7 @@ pub async fn register_backbone(
         preprocessing: serde_json::to_value(&prep).expect("serialises"),
         sha256: b.sha256,
         path: &b.module.to_string_lossy(),
+        bytes: b.bytes as i64,
     };
     match db::base_models::insert_custom(db, &row).await {
         Ok(b) => Ok(b),

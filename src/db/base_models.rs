@@ -96,6 +96,7 @@ pub struct NewCustomBackbone<'a> {
     pub preprocessing: serde_json::Value,
     pub sha256: &'a str,
     pub path: &'a str,
+    pub bytes: i64,
 }
 
 pub async fn insert_custom(
@@ -104,8 +105,8 @@ pub async fn insert_custom(
 ) -> sqlx::Result<CustomBackbone> {
     sqlx::query_as(&format!(
         "insert into custom_backbones
-           (id, tenant_id, name, description, feature_dim, preprocessing, sha256, path)
-         values ($1, $2, $3, $4, $5, $6, $7, $8) returning {CUSTOM_COLUMNS}"
+           (id, tenant_id, name, description, feature_dim, preprocessing, sha256, path, bytes)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9) returning {CUSTOM_COLUMNS}"
     ))
     .bind(b.id)
     .bind(b.tenant_id)
@@ -115,6 +116,7 @@ pub async fn insert_custom(
     .bind(&b.preprocessing)
     .bind(b.sha256)
     .bind(b.path)
+    .bind(b.bytes)
     .fetch_one(db)
     .await
 }

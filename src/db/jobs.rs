@@ -372,7 +372,22 @@ pub async fn set_checkpoint(
     Ok(n == 1)
 }
 
-/// One epoch's metrics (fenced; a resumed job never duplicates an epoch).
+/// The bytes the job's checkpoints take (fenced).
+pub async fn set_checkpoint_bytes(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    attempt: i32,
+    bytes: i64,
+) -> sqlx::Result<()> {
+    sqlx::query("update jobs set checkpoint_bytes = $3 where id = $1 and attempt = $2")
+        .bind(id)
+        .bind(attempt)
+        .bind(bytes)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// Record an epoch (fenced; an epoch already recorded by an earlier attempt stays). Returns
 /// the rows written.
 pub async fn insert_epoch(

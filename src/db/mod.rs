@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod models;
 pub mod tenants;
 pub mod uploads;
+pub mod usage;
 pub mod videos;
 
 /// The pool and error types, named through `db` so that the modules above it need not depend on

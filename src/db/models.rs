@@ -99,6 +99,8 @@ pub struct NewModel<'a> {
     pub libtorch_version: &'a str,
     /// Relative to the data directory.
     pub path: &'a str,
+    /// Bytes of the model's files.
+    pub bytes: i64,
 }
 
 /// Insert a model; its decode spec is the dataset's cache spec at this moment.
@@ -106,9 +108,9 @@ pub async fn insert(db: impl PgExecutor<'_>, m: &NewModel<'_>) -> sqlx::Result<(
     sqlx::query(
         "insert into models (id, tenant_id, job_id, dataset_id, dataset_hash, base_model,
              base_weights_sha256, hyperparameters, classes, preprocessing, head, eval_clips,
-             val_metrics, test_metrics, vidtune_version, libtorch_version, path, decode)
+             val_metrics, test_metrics, vidtune_version, libtorch_version, path, bytes, decode)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                 (select cache_spec from datasets where id = $4))",
+                 $18, (select cache_spec from datasets where id = $4))",
     )
     .bind(m.id)
     .bind(m.tenant_id)
@@ -127,6 +129,7 @@ pub async fn insert(db: impl PgExecutor<'_>, m: &NewModel<'_>) -> sqlx::Result<(
     .bind(m.vidtune_version)
     .bind(m.libtorch_version)
     .bind(m.path)
+    .bind(m.bytes)
     .execute(db)
     .await?;
     Ok(())

@@ -11,9 +11,13 @@ use crate::auth::Role;
 pub struct Tenant {
     pub id: Uuid,
     pub name: String,
+    /// The tenant's storage quota in bytes; `None`: the server's default.
+    pub storage_quota_bytes: Option<i64>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
+
+const TENANT_COLUMNS: &str = "id, name, storage_quota_bytes, created_at";
 
 /// An API key as stored (never the key itself).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -51,37 +55,58 @@ impl KeyOwner {
 }
 
 pub async fn create_tenant(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Tenant> {
-    sqlx::query_as("insert into tenants (id, name) values ($1, $2) returning id, name, created_at")
-        .bind(Uuid::new_v4())
-        .bind(name)
-        .fetch_one(db)
-        .await
-}
-
-/// The tenant with this name, created if it does not exist yet.
-pub async fn ensure_tenant(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Tenant> {
-    sqlx::query_as(
-        "insert into tenants (id, name) values ($1, $2)
-         on conflict (name) do update set name = excluded.name
-         returning id, name, created_at",
-    )
+    sqlx::query_as(&format!(
+        "insert into tenants (id, name) values ($1, $2) returning {TENANT_COLUMNS}"
+    ))
     .bind(Uuid::new_v4())
     .bind(name)
     .fetch_one(db)
     .await
 }
 
+/// The tenant with this name, created if it does not exist yet.
+pub async fn ensure_tenant(db: impl PgExecutor<'_>, name: &str) -> sqlx::Result<Tenant> {
+    sqlx::query_as(&format!(
+        "insert into tenants (id, name) values ($1, $2)
+         on conflict (name) do update set name = excluded.name
+         returning {TENANT_COLUMNS}"
+    ))
+    .bind(Uuid::new_v4())
+    .bind(name)
+    .fetch_one(db)
+    .await
+}
+
+/// Set (or with `None` clear) a tenant's storage quota; the tenant, if it exists.
+pub async fn set_storage_quota(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    bytes: Option<i64>,
+) -> sqlx::Result<Option<Tenant>> {
+    sqlx::query_as(&format!(
+        "update tenants set storage_quota_bytes = $2 where id = $1 returning {TENANT_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(bytes)
+    .fetch_optional(db)
+    .await
+}
+
 pub async fn get_tenant(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Tenant>> {
-    sqlx::query_as("select id, name, created_at from tenants where id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(&format!(
+        "select {TENANT_COLUMNS} from tenants where id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 pub async fn list_tenants(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Tenant>> {
-    sqlx::query_as("select id, name, created_at from tenants order by name")
-        .fetch_all(db)
-        .await
+    sqlx::query_as(&format!(
+        "select {TENANT_COLUMNS} from tenants order by name"
+    ))
+    .fetch_all(db)
+    .await
 }
 
 const KEY_COLUMNS: &str =

@@ -13,6 +13,7 @@ use super::extract::{Json, Path, Query};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Items, Routes};
 use crate::auth::Role;
 use crate::db::{self, tenants::ApiKey, tenants::Tenant};
+use crate::quota;
 use axum::extract::State;
 
 pub fn routes(r: Routes) -> Routes {
@@ -38,6 +39,21 @@ pub fn routes(r: Routes) -> Routes {
             "tenant_view",
             Admin,
             tenant_view,
+        )
+        .op(
+            Method::PATCH,
+            "/v1/tenants/{tenant_id}",
+            "tenant_update",
+            Operator,
+            tenant_update,
+        )
+        .op(Method::GET, "/v1/usage", "usage_view", Tenant, usage_view)
+        .op(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/usage",
+            "tenant_usage_view",
+            Admin,
+            tenant_usage_view,
         )
         .op(
             Method::GET,
@@ -169,6 +185,52 @@ async fn tenant_view(
     Path(tenant_id): Path<Uuid>,
 ) -> ApiResult<Json<Tenant>> {
     Ok(Json(administered_tenant(&s, &caller, tenant_id).await?))
+}
+
+/// What an operator may change about a tenant.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantUpdate {
+    /// Bytes; `null` returns the tenant to the server's default quota.
+    #[serde(default, deserialize_with = "super::extract::explicit_null")]
+    storage_quota_bytes: Option<Option<i64>>,
+}
+
+async fn tenant_update(
+    State(s): State<AppState>,
+    Path(tenant_id): Path<Uuid>,
+    Json(body): Json<TenantUpdate>,
+) -> ApiResult<Json<Tenant>> {
+    let tenant = match body.storage_quota_bytes {
+        None => db::tenants::get_tenant(&s.db, tenant_id).await?,
+        Some(Some(q)) if q < 0 => {
+            return Err(ApiError::validation(
+                "storage_quota_bytes",
+                "a number of bytes, 0 or more, or null for the server's default",
+            ));
+        }
+        Some(q) => db::tenants::set_storage_quota(&s.db, tenant_id, q).await?,
+    };
+    Ok(Json(tenant.ok_or_else(|| ApiError::not_found("tenant"))?))
+}
+
+/// The caller's tenant's storage against its quota.
+async fn usage_view(State(s): State<AppState>, caller: Caller) -> ApiResult<Json<quota::Usage>> {
+    Ok(Json(
+        quota::usage(&s.db, s.settings.tenant_quota_bytes, caller.tenant_id).await?,
+    ))
+}
+
+/// The storage of a tenant the caller administers.
+async fn tenant_usage_view(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(tenant_id): Path<Uuid>,
+) -> ApiResult<Json<quota::Usage>> {
+    let tenant = administered_tenant(&s, &caller, tenant_id).await?;
+    Ok(Json(
+        quota::usage(&s.db, s.settings.tenant_quota_bytes, tenant.id).await?,
+    ))
 }
 
 /// The keys of a tenant the caller administers (operators: any tenant).

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Json, Path};
-use super::upload::receive;
+use super::upload::{UploadCap, receive};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, ErrorCode, Items, Routes};
 use crate::backbone::Arch;
 use crate::config::Settings;
@@ -139,8 +139,11 @@ async fn base_model_create(
     let id = Uuid::new_v4();
     let rel = DataDir::backbone_relative(id);
     let dest = s.data.resolve(&rel);
+    let cap = UploadCap::of(&s, caller.tenant_id, s.settings.max_video_bytes).await?;
     let partial = PartialFile::new(dest.clone());
-    let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;
+    let incoming = receive(&s, req, &dest, cap.bytes)
+        .await
+        .map_err(|e| cap.explain(e))?;
     let new = registry::NewBackbone {
         id,
         tenant_id: caller.tenant_id,
@@ -149,6 +152,7 @@ async fn base_model_create(
         preprocessing: incoming.field("preprocessing"),
         module: &rel,
         sha256: &incoming.received.sha256,
+        bytes: incoming.received.bytes,
     };
     let b = registry::register_backbone(&s.db, &s.data, &new, s.settings.inspect_timeout).await?;
     partial.keep();

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Json, Path, Query};
-use super::upload::{receive, verify_checksum};
+use super::upload::{UploadCap, receive, verify_checksum};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Items, Routes};
 use crate::datadir::PartialFile;
 use crate::db;
@@ -222,14 +222,16 @@ async fn dataset_upload(
              application/octet-stream, or as multipart/form-data field `file`",
         ));
     }
+    let cap = UploadCap::of(&s, caller.tenant_id, s.settings.max_upload_bytes).await?;
     let receiving = Receiving::claim(&s.db, caller.tenant_id, dataset_id).await?;
     let dest = s
         .data
         .dataset(dataset_id)
         .archive_body(receiving.upload_id());
     let partial = PartialFile::new(dest.clone());
-    let received = receive(&s, req, &dest, s.settings.max_upload_bytes)
-        .await?
+    let received = receive(&s, req, &dest, cap.bytes)
+        .await
+        .map_err(|e| cap.explain(e))?
         .received;
     verify_checksum(&headers, &received)?;
     let response =
@@ -248,10 +250,13 @@ async fn video_create(
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
     let headers = req.headers().clone();
+    let cap = UploadCap::of(&s, caller.tenant_id, s.settings.max_video_bytes).await?;
     let receiving = Receiving::claim(&s.db, caller.tenant_id, dataset_id).await?;
     let dest = s.data.dataset(dataset_id).video_body(receiving.upload_id());
     let partial = PartialFile::new(dest.clone());
-    let incoming = receive(&s, req, &dest, s.settings.max_video_bytes).await?;
+    let incoming = receive(&s, req, &dest, cap.bytes)
+        .await
+        .map_err(|e| cap.explain(e))?;
     // Form fields win over query parameters.
     let mut fields = q;
     for (name, slot) in [

@@ -47,6 +47,7 @@ error_codes! {
     Conflict => ("conflict", CONFLICT, "The request conflicts with the current state"),
     PayloadTooLarge => ("payload_too_large", PAYLOAD_TOO_LARGE, "The request body is too large"),
     UnsupportedMediaType => ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, "Unsupported content type"),
+    QuotaExceeded => ("quota_exceeded", FORBIDDEN, "The tenant's storage quota is used up"),
     RateLimited => ("rate_limited", TOO_MANY_REQUESTS, "Too many requests"),
     Internal => ("internal", INTERNAL_SERVER_ERROR, "Internal error"),
     DatabaseUnavailable => ("database_unavailable", SERVICE_UNAVAILABLE, "The database is unreachable"),
@@ -185,6 +186,17 @@ pub(crate) fn on_unique(e: sqlx::Error, detail: &str) -> ApiError {
         ApiError::conflict(detail)
     } else {
         e.into()
+    }
+}
+
+impl From<crate::quota::QuotaError> for ApiError {
+    fn from(e: crate::quota::QuotaError) -> Self {
+        use crate::quota::QuotaError;
+        match e {
+            QuotaError::Exceeded(_) => ApiError::new(ErrorCode::QuotaExceeded, e.to_string()),
+            QuotaError::NoTenant => ApiError::not_found("tenant"),
+            QuotaError::Db(e) => e.into(),
+        }
     }
 }
 

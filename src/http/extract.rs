@@ -100,3 +100,13 @@ impl<T> From<Vec<T>> for Items<T> {
         Self { items }
     }
 }
+
+/// For `Option<Option<T>>` fields with `#[serde(default)]`: a missing field stays `None`, an
+/// explicit `null` becomes `Some(None)`.
+pub fn explicit_null<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d).map(Some)
+}

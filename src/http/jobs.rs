@@ -88,6 +88,7 @@ async fn job_create(
     let backbones = Backbones {
         data: &s.data,
         inspect_timeout: s.settings.inspect_timeout,
+        tenant_quota_bytes: s.settings.tenant_quota_bytes,
     };
     let submitted = jobs::submit(&s.db, &backbones, caller.tenant_id, &body, key).await?;
     let job = submitted.job;
@@ -313,6 +314,7 @@ impl From<JobError> for ApiError {
             JobError::Invalid { field, message } => ApiError::validation(field, message),
             JobError::Conflict(msg) => ApiError::conflict(msg),
             JobError::NotFound(what) => ApiError::not_found(what),
+            JobError::Quota(e) => e.into(),
             JobError::Database(e) => e.into(),
             JobError::Internal(e) => ApiError::internal(e),
         }

@@ -186,3 +186,41 @@ pub fn verify_checksum(headers: &axum::http::HeaderMap, got: &Received) -> Resul
     }
     Ok(())
 }
+
+/// The most one upload of a tenant may stream: the route's limit, or what is left of the
+/// tenant's storage quota when that is less (going over it then answers `quota_exceeded`).
+/// Nothing is left: refused before a byte is read.
+pub struct UploadCap {
+    pub bytes: u64,
+    by_quota: bool,
+}
+
+impl UploadCap {
+    pub async fn of(
+        s: &super::AppState,
+        tenant_id: uuid::Uuid,
+        limit: u64,
+    ) -> Result<Self, ApiError> {
+        let room = crate::quota::room(&s.db, s.settings.tenant_quota_bytes, tenant_id).await?;
+        Ok(Self {
+            bytes: limit.min(room),
+            by_quota: room < limit,
+        })
+    }
+
+    /// `e` as the quota's error when it is the quota that stopped the upload.
+    pub fn explain(&self, e: ApiError) -> ApiError {
+        if self.by_quota && e.code == ErrorCode::PayloadTooLarge {
+            ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "the upload is larger than what remains of the tenant's storage quota \
+                     ({} bytes); delete datasets or models, or ask an operator for more",
+                    self.bytes
+                ),
+            )
+        } else {
+            e
+        }
+    }
+}

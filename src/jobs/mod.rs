@@ -19,6 +19,7 @@ use crate::db::{
     jobs::{EpochRow, Job, JobState},
 };
 use crate::device::DeviceRequest;
+use crate::quota;
 use crate::registry::{self, BaseModel, ImportError};
 use crate::train::hyper::Hyperparameters;
 
@@ -58,6 +59,9 @@ pub enum JobError {
     /// What the request names does not exist (the kind of thing).
     #[error("no such {0}")]
     NotFound(&'static str),
+    /// The tenant's storage quota is used up.
+    #[error(transparent)]
+    Quota(#[from] quota::QuotaError),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
     /// The server failed (logged, never sent).
@@ -99,6 +103,8 @@ pub async fn submit(
         return replay(existing, &request_hash);
     }
     let hp = hyperparameters(&req.hyperparameters)?;
+    // A job writes checkpoints and a model: none is queued for a tenant with no room left.
+    quota::room(db, backbones.tenant_quota_bytes, tenant_id).await?;
     if !(0..=1000).contains(&req.priority) {
         return Err(JobError::invalid("priority", "between 0 and 1000"));
     }
@@ -176,10 +182,12 @@ pub async fn submit(
 /// The largest clip a submission tries a TorchScript backbone on (2 clips of float32).
 const TRIAL_CLIP_BYTES: i64 = 256 << 20;
 
-/// Where registered TorchScript backbones live and how long trying one may take.
+/// What a submission checks against: where registered TorchScript backbones live, how long
+/// trying one may take, and the storage quota of a tenant without one of its own.
 pub struct Backbones<'a> {
     pub data: &'a DataDir,
     pub inspect_timeout: Duration,
+    pub tenant_quota_bytes: u64,
 }
 
 /// A TorchScript backbone was tried at registration on clips of its own size only. A job that

@@ -109,6 +109,8 @@ pub struct TrainedModel<'a> {
     pub eval_clips: u32,
     pub val: &'a Metrics,
     pub test: Option<&'a Metrics>,
+    /// Bytes of the model's files, counted against the tenant's storage quota.
+    pub bytes: u64,
 }
 
 /// Where an attempt reports. Every write is fenced by the attempt: a stale attempt's writes
@@ -129,6 +131,8 @@ pub trait AttemptLog {
     ) -> anyhow::Result<()>;
     /// The newest checkpoint (relative to the data directory); `false` when fenced out.
     fn checkpoint(&mut self, path: &str) -> anyhow::Result<bool>;
+    /// The bytes the job's checkpoints take now (after pruning), for the storage quota.
+    fn checkpoint_bytes(&mut self, bytes: u64) -> anyhow::Result<()>;
     /// Record the model and end the job as succeeded, both or neither; `false` when fenced
     /// out (then nothing was recorded).
     fn finish(&mut self, model: &TrainedModel) -> anyhow::Result<bool>;
@@ -497,6 +501,8 @@ impl<'a> Attempt<'a> {
             hp.keep_checkpoints as usize,
             state.best_epoch,
         );
+        self.log
+            .checkpoint_bytes(crate::datadir::dir_bytes(&self.ckpt_root))?;
         let Some(es) = stop else {
             return Ok(AfterEpoch::Next);
         };
@@ -559,6 +565,7 @@ impl<'a> Attempt<'a> {
             eval_clips: hp.eval_clips,
             val: &val,
             test: test.as_ref(),
+            bytes: crate::datadir::dir_bytes(&dir),
         })?;
         if !committed {
             let _ = std::fs::remove_dir_all(&dir);
@@ -667,7 +674,9 @@ mod tests {
         epochs: Vec<(u32, f64, f64, Metrics)>,
         events: Vec<(String, String)>,
         checkpoints: Vec<String>,
+        checkpoint_bytes: u64,
         models: Vec<(Uuid, PathBuf, Vec<String>)>,
+        model_bytes: u64,
     }
 
     impl AttemptLog for Memory {
@@ -698,9 +707,14 @@ mod tests {
             self.checkpoints.push(path.to_owned());
             Ok(!self.fence_at_checkpoint)
         }
+        fn checkpoint_bytes(&mut self, bytes: u64) -> anyhow::Result<()> {
+            self.checkpoint_bytes = bytes;
+            Ok(())
+        }
         fn finish(&mut self, m: &TrainedModel) -> anyhow::Result<bool> {
             self.models
                 .push((m.id, m.path.to_path_buf(), m.classes.to_vec()));
+            self.model_bytes = m.bytes;
             Ok(true)
         }
     }
@@ -795,8 +809,17 @@ mod tests {
         let ckpt = |e: u32| format!("jobs/{id}/checkpoints/epoch-{e:04}");
         assert_eq!(log.checkpoints, [ckpt(1), ckpt(2)]);
         assert!(data.path().join(ckpt(1)).join("state.json").exists());
+        // What the checkpoints and the model take on disk is reported for the storage quota.
+        let on_disk = |rel: &Path| crate::datadir::dir_bytes(&data.path().join(rel));
+        assert_eq!(
+            log.checkpoint_bytes,
+            on_disk(Path::new(&format!("jobs/{id}/checkpoints")))
+        );
+        assert!(log.checkpoint_bytes > 0);
         assert_eq!(log.models.len(), 1);
         let (mid, path, classes) = &log.models[0];
+        assert_eq!(log.model_bytes, on_disk(path));
+        assert!(log.model_bytes > 0);
         assert_eq!(*mid, model);
         assert_eq!(classes, &["left", "right"]);
         assert_eq!(path, &Path::new("models").join(model.to_string()));

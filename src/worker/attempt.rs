@@ -187,6 +187,16 @@ impl AttemptLog for PgLog<'_> {
         ))?)
     }
 
+    fn checkpoint_bytes(&mut self, bytes: u64) -> anyhow::Result<()> {
+        self.rt.block_on(db::jobs::set_checkpoint_bytes(
+            self.db,
+            self.job_id,
+            self.attempt,
+            bytes as i64,
+        ))?;
+        Ok(())
+    }
+
     /// The model row and the job's `succeeded` state in one transaction, committed only
     /// while the attempt still holds the job.
     fn finish(&mut self, m: &TrainedModel) -> anyhow::Result<bool> {
@@ -210,6 +220,7 @@ impl AttemptLog for PgLog<'_> {
             vidtune_version: env!("CARGO_PKG_VERSION"),
             libtorch_version: env!("VIDTUNE_LIBTORCH_VERSION"),
             path: &path,
+            bytes: m.bytes as i64,
         };
         let committed = self.rt.block_on(async {
             let mut tx = self.db.begin().await?;

@@ -13,6 +13,7 @@ mod health;
 mod jobs;
 mod openapi;
 mod problems;
+mod quota;
 mod roles;
 mod sandbox;
 mod serving;
