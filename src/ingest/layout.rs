@@ -432,7 +432,10 @@ mod tests {
             f.path = path;
             plan(vec![f], None)
         };
-        assert_eq!(csv("ok.csv", MAX_LABELS_ROWS, 1).unwrap().len(), MAX_LABELS_ROWS);
+        assert_eq!(
+            csv("ok.csv", MAX_LABELS_ROWS, 1).unwrap().len(),
+            MAX_LABELS_ROWS
+        );
         let e = csv("rows.csv", MAX_LABELS_ROWS + 1, 1).unwrap_err();
         assert!(e.0.contains("more than 100000 rows"), "{e}");
         let e = csv("big.csv", 1000, 17 << 10).unwrap_err();

@@ -462,7 +462,11 @@ fn check_zip_layout<R: Read + io::Seek>(zip: &mut zip::ZipArchive<R>) -> Result<
                 ArchiveError::Invalid(ArchiveKind::Zip, "an entry's size overflows".into())
             })?
             .max(start + 1);
-        ranges.push((start, end, String::from_utf8_lossy(entry.name_raw()).into_owned()));
+        ranges.push((
+            start,
+            end,
+            String::from_utf8_lossy(entry.name_raw()).into_owned(),
+        ));
     }
     ranges.sort_by_key(|r| r.0);
     for pair in ranges.windows(2) {
@@ -608,8 +612,7 @@ mod tests {
         // Also when spelt differently: both name `polyp/a.mp4`.
         for second in ["polyp/a.mp4", "./polyp//a.mp4"] {
             let archive = tar_of(&[("polyp/a.mp4", b"first"), (second, b"second")]);
-            let (_dir, got) =
-                extract_bytes(&archive, ArchiveKind::Tar, &ArchiveLimits::default());
+            let (_dir, got) = extract_bytes(&archive, ArchiveKind::Tar, &ArchiveLimits::default());
             let e = got.unwrap_err();
             assert_eq!(e.code(), "duplicate_path", "{e}");
             assert!(e.to_string().contains("polyp/a.mp4"), "{e}");
@@ -705,7 +708,11 @@ mod tests {
         };
         let honest = raw_zip(&entries[..2], false);
         let (_dir, got) = extract_bytes(&honest, ArchiveKind::Zip, &limits);
-        assert_eq!(got.unwrap().files.len(), 2, "a well-formed zip of stored files");
+        assert_eq!(
+            got.unwrap().files.len(),
+            2,
+            "a well-formed zip of stored files"
+        );
 
         let bomb = raw_zip(&entries, true);
         assert!(bomb.len() < 300 << 10);
@@ -713,7 +720,10 @@ mod tests {
         let e = got.unwrap_err();
         assert_eq!(e.code(), "overlapping_entries", "{e}");
         assert!(e.to_string().contains("polyp/v0.mp4"), "{e}");
-        assert_eq!(std::fs::read_dir(dir.path().join("out")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("out")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -732,7 +742,11 @@ mod tests {
                     x ^= x << 13;
                     x ^= x >> 17;
                     x ^= x << 5;
-                    if x % 32 == 0 { (x >> 8) as u8 } else { 0 }
+                    if x.is_multiple_of(32) {
+                        (x >> 8) as u8
+                    } else {
+                        0
+                    }
                 })
                 .collect();
             w.write_all(&block).unwrap();

@@ -108,7 +108,11 @@ async fn hostile_archives_fail_whole_with_a_stable_reason_and_leave_no_files(db:
         reason.contains("overlap") && reason.contains("(overlapping_entries)"),
         "{reason}"
     );
-    assert_eq!(bytes_on_disk(&app, &ds), 0, "the archive and its files are gone");
+    assert_eq!(
+        bytes_on_disk(&app, &ds),
+        0,
+        "the archive and its files are gone"
+    );
     assert_eq!(view["videos_total"], 0, "{view}");
 
     // One path twice in a tar.gz: the upload fails as a whole, named by the path; nothing
@@ -131,7 +135,11 @@ async fn hostile_archives_fail_whole_with_a_stable_reason_and_leave_no_files(db:
     for leak in ["duplicate key", "constraint", "violates", "/tmp/", "sqlx"] {
         assert!(!reason.contains(leak), "{reason}");
     }
-    assert_eq!(bytes_on_disk(&app, &ds), 0, "the archive and its files are gone");
+    assert_eq!(
+        bytes_on_disk(&app, &ds),
+        0,
+        "the archive and its files are gone"
+    );
 
     // The same dataset takes a clean archive afterwards.
     let archive = media::tar_gz(&[file("polyp/a.mp4", good)]);
@@ -326,7 +334,10 @@ async fn the_cache_spec_is_honoured_and_serving_decodes_as_training_read(db: PgP
     )
     .unwrap();
     // The frames serving classifies are, byte for byte, those training read.
-    assert_eq!(std::fs::read(&served).unwrap(), std::fs::read(&trained_on).unwrap());
+    assert_eq!(
+        std::fs::read(&served).unwrap(),
+        std::fs::read(&trained_on).unwrap()
+    );
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
@@ -342,14 +353,14 @@ async fn form_fields_are_small_and_one_file_comes_per_request(db: PgPool) {
             .send()
     };
 
-    // A 1 MiB text field is refused, not read into memory.
+    // A 1 MiB text field is refused, not read into memory (also one the server has no use for).
     let form = Form::new()
         .text("label", "liver")
-        .text("patient_id", "x".repeat(1 << 20))
+        .text("note", "x".repeat(1 << 20))
         .part("file", Part::bytes(video.clone()).file_name("v.mp4"));
     let problem = assert_problem(post(form).await.unwrap(), 413, "payload_too_large").await;
     assert!(
-        problem["detail"].as_str().unwrap().contains("patient_id"),
+        problem["detail"].as_str().unwrap().contains("`note`"),
         "{problem}"
     );
 
