@@ -134,8 +134,9 @@ pub enum ArchiveError {
          the archive is refused"
     )]
     Overlapping(String, String),
-    /// One path twice: which copy is meant is ambiguous, so neither is used.
-    #[error("the archive holds `{0}` more than once; each path may appear only once")]
+    /// One path twice (named, in backticks, where known): which copy is meant is ambiguous,
+    /// so neither is used.
+    #[error("the archive holds {0} more than once; each path may appear only once")]
     DuplicatePath(String),
     #[error("writing extracted files: {0}")]
     Io(#[from] io::Error),
@@ -322,7 +323,10 @@ impl Extraction<'_> {
             // The same path twice (also spelt differently, `a.mp4` and `./a.mp4`): which copy
             // is meant is ambiguous, and the tenant must learn that one was not used.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(ArchiveError::DuplicatePath(shown(rel_name)));
+                return Err(ArchiveError::DuplicatePath(format!(
+                    "`{}`",
+                    shown(rel_name)
+                )));
             }
             Err(e) => return Err(e.into()),
         };
@@ -443,9 +447,8 @@ fn extract_zip(archive: &Path, st: &mut Extraction<'_>) -> Result<(), ArchiveErr
 /// while the whole expands thousands of times. Checked before anything is written.
 fn check_zip_layout<R: Read + io::Seek>(zip: &mut zip::ZipArchive<R>) -> Result<(), ArchiveError> {
     if zip.has_duplicate_names() {
-        return Err(ArchiveError::DuplicatePath(
-            "a name of its central directory".into(),
-        ));
+        // The reader has already merged the copies, so which name is not known here.
+        return Err(ArchiveError::DuplicatePath("one path".into()));
     }
     // `[start, end)` of each entry's local header and data, with its name.
     let mut ranges: Vec<(u64, u64, String)> = Vec::with_capacity(zip.len());

@@ -82,7 +82,6 @@ impl Default for CacheSpec {
 /// The form a cache spec is stored in: with a dataset (what ingest caches at), and copied into
 /// each model trained on it (what serving decodes at), so that both read one definition.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct StoredSpec {
     short_side: u32,
     fps: f64,
