@@ -291,6 +291,11 @@ async fn register_videos(
     let done = planned.len() - queue.len();
     db::datasets::add_progress(&mut *tx, upload.dataset_id, planned.len(), done).await?;
     tx.commit().await?;
+    if upload.kind == UploadKind::Archive {
+        for p in planned.iter().filter(|p| p.verdict.is_some()) {
+            discard_source(p);
+        }
+    }
     Ok(queue)
 }
 
@@ -320,6 +325,7 @@ async fn cache_videos(
         let (ingest, limits) = (ingest.clone(), config.video_limits.clone());
         let cache_dir = dirs.cache();
         let dataset_id = upload.dataset_id;
+        let from_archive = upload.kind == UploadKind::Archive;
         tasks.spawn(async move {
             let deadline = Duration::from_secs_f64(limits.max_decode_s + 30.0);
             loop {
@@ -335,7 +341,10 @@ async fn cache_videos(
                 };
                 // Waits for one of the process's decoders.
                 let outcome = ingest.decoders.run(&job, deadline).await;
-                record_outcome(&db, dataset_id, id, &p, &job.cache, outcome).await?;
+                let accepted = record_outcome(&db, dataset_id, id, &p, &job.cache, outcome).await?;
+                if from_archive && !accepted {
+                    discard_source(&p);
+                }
             }
             anyhow::Ok(())
         });
@@ -353,9 +362,9 @@ async fn record_outcome(
     p: &layout::Planned,
     cache: &Path,
     outcome: Result<crate::media::decode::VideoInfo, crate::media::decode::Rejection>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut tx = db.begin().await?;
-    match outcome {
+    let accepted = match outcome {
         Ok(info) => {
             let (status, code, reason) = match &p.label_problem {
                 Some((c, d)) => (VideoStatus::Rejected, Some(*c), Some(d.as_str())),
@@ -365,6 +374,7 @@ async fn record_outcome(
             if status != VideoStatus::Accepted {
                 let _ = std::fs::remove_file(cache);
             }
+            status == VideoStatus::Accepted
         }
         Err(r) => {
             if let Some(cause) = &r.log {
@@ -379,11 +389,21 @@ async fn record_outcome(
                 VideoStatus::Rejected
             };
             db::videos::record_refused(&mut *tx, id, status, &r.code, &r.detail).await?;
+            false
         }
-    }
+    };
     db::datasets::video_done(&mut *tx, dataset_id).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(accepted)
+}
+
+/// An extracted file that is not an accepted video: nothing reads it again (training reads
+/// caches, and a restarted ingest extracts the stored archive anew), so it does not keep
+/// holding the disk.
+fn discard_source(p: &layout::Planned) {
+    if let Some(f) = &p.file {
+        let _ = std::fs::remove_file(&f.path);
+    }
 }
 
 fn has_video_extension(path: &str) -> bool {

@@ -198,7 +198,18 @@ async fn videos_whose_cache_would_be_huge_are_refused_before_decoding(db: PgPool
         ("rejected".into(), "cache_too_large".into())
     );
     assert_eq!(verdict("polyp/short.mp4"), ("accepted".into(), "".into()));
-    // Only the accepted video has a cache.
+    // The refused videos' extracted files are gone; only the accepted video has a cache.
+    let source = |p: &str| {
+        app.data_dir
+            .join("datasets")
+            .join(&ds)
+            .join("files")
+            .join(videos[p]["upload_id"].as_str().unwrap())
+            .join(p)
+    };
+    assert!(source("polyp/short.mp4").exists());
+    assert!(!source("polyp/strip.mp4").exists());
+    assert!(!source("polyp/long.mp4").exists());
     let caches: Vec<_> = std::fs::read_dir(app.data_dir.join("datasets").join(&ds).join("cache"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
