@@ -293,7 +293,13 @@ pub fn ingest_video(
     let expected_frames = (duration_s * cache_fps).ceil() as u64;
     let expected = expected_frames.saturating_mul(frame_bytes);
     if expected > limits.max_cache_bytes {
-        return Err(cache_too_large(expected_frames, cw, ch, limits));
+        return Err(cache_too_large(
+            expected_frames,
+            cw,
+            ch,
+            limits,
+            "by its duration",
+        ));
     }
     let mut writer = CacheWriter::create(cache_dest, ch, cw, cache_fps).map_err(cache_failed)?;
     let result = decode_into(
@@ -479,7 +485,7 @@ fn decode_into(
             // The duration may lie: the stream itself must stay within the cap too.
             let frames = writer.frames() as u64 + 1;
             if frames.saturating_mul(cw as u64 * ch as u64 * 3) > limits.max_cache_bytes {
-                return Err(cache_too_large(frames, cw, ch, limits));
+                return Err(cache_too_large(frames, cw, ch, limits, "as decoded"));
             }
             pack_rgb(&rgb, cw as usize, ch as usize, &mut packed);
             writer.push(&packed).map_err(cache_failed)?;
@@ -524,12 +530,14 @@ fn open_rejection(e: OpenError) -> Rejection {
     }
 }
 
-fn cache_too_large(frames: u64, cw: u32, ch: u32, limits: &Limits) -> Rejection {
+/// `how`: whether the size was foreseen from the probe ("by its duration", before decoding)
+/// or reached while writing ("as decoded").
+fn cache_too_large(frames: u64, cw: u32, ch: u32, limits: &Limits, how: &str) -> Rejection {
     Rejection::new(
         "cache_too_large",
         format!(
-            "its training cache ({frames} frames of {cw}×{ch}) would exceed the cap of {} MiB \
-             per video",
+            "its training cache ({frames} frames of {cw}×{ch} {how}) would exceed the cap of \
+             {} MiB per video",
             limits.max_cache_bytes >> 20
         ),
     )

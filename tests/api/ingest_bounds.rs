@@ -148,6 +148,32 @@ async fn hostile_archives_fail_whole_with_a_stable_reason_and_leave_no_files(db:
     assert_eq!(view["status"], "ready", "{view}");
 }
 
+/// `frames` of 160×120 H.264 in Matroska written to a pipe, so the file declares no duration.
+fn piped_mkv(frames: u32) -> Vec<u8> {
+    let out = std::process::Command::new("ffmpeg")
+        .args([
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=160x120:rate=15",
+        ])
+        .args([
+            "-frames:v",
+            &frames.to_string(),
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .args(["-preset", "ultrafast", "-f", "matroska", "pipe:1"])
+        .output()
+        .expect("ffmpeg on PATH");
+    assert!(out.status.success());
+    out.stdout
+}
+
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn videos_whose_cache_would_be_huge_are_refused_before_decoding(db: PgPool) {
     // 1 MiB of cache per video: 12 frames of 171×128 fit, 24 do not.
@@ -165,6 +191,8 @@ async fn videos_whose_cache_would_be_huge_are_refused_before_decoding(db: PgPool
             "polyp/long.mp4",
             media::read(&media::video(d, "l.mp4", "h264", 24, "160x120")),
         ),
+        // No duration in the container (written to a pipe): only the frames tell its size.
+        file("polyp/piped.mkv", piped_mkv(24)),
         file(
             "polyp/short.mp4",
             media::read(&media::video(d, "t.mp4", "h264", 12, "160x120")),
@@ -197,6 +225,22 @@ async fn videos_whose_cache_would_be_huge_are_refused_before_decoding(db: PgPool
         verdict("polyp/long.mp4"),
         ("rejected".into(), "cache_too_large".into())
     );
+    // Foreseen from the probe, before a frame was decoded; the piped file only as decoded.
+    let reason = |p: &str| videos[p]["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason("polyp/long.mp4").contains("by its duration"),
+        "{}",
+        reason("polyp/long.mp4")
+    );
+    assert!(
+        reason("polyp/piped.mkv").contains("as decoded"),
+        "{}",
+        reason("polyp/piped.mkv")
+    );
+    assert_eq!(
+        verdict("polyp/piped.mkv"),
+        ("rejected".into(), "cache_too_large".into())
+    );
     assert_eq!(verdict("polyp/short.mp4"), ("accepted".into(), "".into()));
     // The refused videos' extracted files are gone; only the accepted video has a cache.
     let source = |p: &str| {
@@ -227,7 +271,7 @@ async fn videos_whose_cache_would_be_huge_are_refused_before_decoding(db: PgPool
         .json()
         .await
         .unwrap();
-    assert_eq!(report["totals"]["rejected"], 2, "{report}");
+    assert_eq!(report["totals"]["rejected"], 3, "{report}");
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
