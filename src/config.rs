@@ -151,7 +151,8 @@ pub struct ServeArgs {
     /// Largest single-video upload in bytes.
     #[arg(long, env = "VIDTUNE_MAX_VIDEO_BYTES", default_value_t = 8 << 30)]
     pub max_video_bytes: u64,
-    /// Videos decoded at once during ingest (default: the number of CPU cores).
+    /// Videos decoded at once during ingest, across all uploads (default: the number of CPU
+    /// cores).
     #[arg(long, env = "VIDTUNE_INGEST_CONCURRENCY")]
     pub ingest_concurrency: Option<usize>,
     /// Longest accepted video, in seconds.
@@ -178,6 +179,21 @@ pub struct ServeArgs {
     /// Predictions per second per API key (0: unlimited).
     #[arg(long, env = "VIDTUNE_PREDICT_RATE", default_value_t = 20.0)]
     pub predict_rate: f64,
+    /// Largest training cache of one video, in bytes (refused from the probe, before decoding).
+    #[arg(long, env = "VIDTUNE_MAX_CACHE_BYTES", default_value_t = 32 << 30)]
+    pub max_cache_bytes: u64,
+    /// Largest ratio of a video frame's long side to its short side.
+    #[arg(long, env = "VIDTUNE_MAX_ASPECT_RATIO", default_value_t = 4.0)]
+    pub max_aspect_ratio: f64,
+    /// Most bytes one archive may extract to, as a multiple of its own size (at least 16 MiB).
+    #[arg(long, env = "VIDTUNE_ARCHIVE_MAX_EXPANSION", default_value_t = 20.0)]
+    pub archive_max_expansion: f64,
+    /// Most bytes one archive may extract to, whatever its size (default: 4 × the upload cap).
+    #[arg(long, env = "VIDTUNE_ARCHIVE_MAX_EXTRACTED_BYTES")]
+    pub archive_max_extracted_bytes: Option<u64>,
+    /// Most entries (files, folders, links) in one archive.
+    #[arg(long, env = "VIDTUNE_ARCHIVE_MAX_ENTRIES", default_value_t = 100_000)]
+    pub archive_max_entries: usize,
     /// Time allowed to decode one video at ingest, in seconds.
     #[arg(long, env = "VIDTUNE_DECODE_TIMEOUT_SECS", default_value_t = 600.0)]
     pub decode_timeout_secs: f64,
@@ -302,7 +318,13 @@ impl Settings {
         ingest.video_limits.max_duration_s = a.max_video_seconds;
         ingest.video_limits.max_pixels = a.max_video_pixels;
         ingest.video_limits.max_decode_s = a.decode_timeout_secs;
-        ingest.archive_limits.max_total_bytes = a.max_upload_bytes.saturating_mul(4);
+        ingest.video_limits.max_cache_bytes = a.max_cache_bytes;
+        ingest.video_limits.max_aspect_ratio = a.max_aspect_ratio;
+        ingest.archive_limits.max_total_bytes = a
+            .archive_max_extracted_bytes
+            .unwrap_or(a.max_upload_bytes.saturating_mul(4));
+        ingest.archive_limits.max_expansion = a.archive_max_expansion;
+        ingest.archive_limits.max_entries = a.archive_max_entries;
         Ok(Self {
             listen: a.listen,
             data_dir: a.data_dir.clone(),

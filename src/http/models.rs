@@ -225,7 +225,7 @@ async fn model_predict(
     let serving = Serving {
         models: &s.models,
         media: &s.media,
-        video_limits: &s.ingest.video_limits,
+        video_limits: &s.ingest.config.video_limits,
     };
     let p = serve::predict(serving, &meta, &upload, &opts, started).await?;
     let audit = AuditDetails(json!({

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 
 use crate::config::Settings;
 use crate::datadir::DataDir;
-use crate::ingest::IngestConfig;
+use crate::ingest::Ingest;
 use crate::media::worker::MediaPool;
 use crate::metrics::HttpMetrics;
 use crate::serve::{ModelCache, RateLimiter};
@@ -17,7 +17,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// The data directory's layout (`settings.data_dir`).
     pub data: DataDir,
-    pub ingest: Arc<IngestConfig>,
+    /// Ingest's settings and its decoders, shared by every upload.
+    pub ingest: Arc<Ingest>,
     /// Loaded models for predictions.
     pub models: Arc<ModelCache>,
     /// Decoders for prediction uploads.
@@ -32,7 +33,7 @@ impl AppState {
         Self {
             db,
             data: DataDir::new(&settings.data_dir),
-            ingest: Arc::new(settings.ingest.clone()),
+            ingest: Arc::new(Ingest::new(settings.ingest.clone())),
             models: Arc::new(ModelCache::new(settings.serve.clone())),
             media: Arc::new(MediaPool::new(
                 &settings.ingest.media_worker_exe,

@@ -79,6 +79,12 @@ async fn write_field(field: Field<'_>, dest: &Path, cap: u64) -> Result<Received
     write_stream(field, dest, cap).await
 }
 
+/// Largest form field other than `file`, in bytes: those are labels, ids and names, read into
+/// memory, so a large one is refused (413) rather than held.
+pub const MAX_FORM_FIELD_BYTES: usize = 64 << 10;
+/// Most form fields other than `file`.
+pub const MAX_FORM_FIELDS: usize = 32;
+
 /// A received upload: the file, its name as the client gave it, and the other form fields.
 pub struct Incoming {
     pub received: Received,
@@ -107,8 +113,9 @@ pub fn is_multipart(req: &Request) -> bool {
         })
 }
 
-/// Stream the body to `dest`: the whole raw body, or multipart field `file` (the other, small
-/// fields are collected). An empty file is refused.
+/// Stream the body to `dest`: the whole raw body, or multipart field `file` (the other fields
+/// are collected, each at most [`MAX_FORM_FIELD_BYTES`], at most [`MAX_FORM_FIELDS`] of them).
+/// An empty file and a second `file` field are refused.
 pub async fn receive<S: Send + Sync>(
     state: &S,
     req: Request,
@@ -123,11 +130,24 @@ pub async fn receive<S: Send + Sync>(
         let mut fields = Vec::new();
         while let Some(field) = form.next_field().await.map_err(multipart_error)? {
             let name = field.name().unwrap_or_default().to_owned();
-            if name == "file" && file.is_none() {
+            if name == "file" {
+                if file.is_some() {
+                    return Err(ApiError::validation(
+                        "file",
+                        "the form has more than one `file` field; send one file per request",
+                    ));
+                }
                 let file_name = field.file_name().map(str::to_owned);
                 file = Some((write_field(field, dest, cap).await?, file_name));
-            } else if fields.len() < 32 {
-                fields.push((name, field.text().await.map_err(multipart_error)?));
+            } else {
+                if fields.len() == MAX_FORM_FIELDS {
+                    return Err(ApiError::validation(
+                        name,
+                        format!("the form has more than {MAX_FORM_FIELDS} fields besides `file`"),
+                    ));
+                }
+                let value = small_field(field, &name).await?;
+                fields.push((name, value));
             }
         }
         let (received, file_name) = file.ok_or_else(|| {
@@ -152,6 +172,25 @@ pub async fn receive<S: Send + Sync>(
         ));
     }
     Ok(incoming)
+}
+
+/// A form field other than `file`, as text, read only up to [`MAX_FORM_FIELD_BYTES`].
+async fn small_field(mut field: Field<'_>, name: &str) -> Result<String, ApiError> {
+    let mut value = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        if value.len() + chunk.len() > MAX_FORM_FIELD_BYTES {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "form field `{}` exceeds the limit of {MAX_FORM_FIELD_BYTES} bytes for fields \
+                     other than `file`",
+                    name.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        value.extend_from_slice(&chunk);
+    }
+    String::from_utf8(value).map_err(|_| ApiError::validation(name, "not UTF-8 text"))
 }
 
 fn multipart_error(e: MultipartError) -> ApiError {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::split::{Split, SplitSpec};
-use super::{DatasetDirs, IngestConfig, VideoMeta};
+use super::{DatasetDirs, Ingest, VideoMeta};
 use crate::db::{self, PgPool, datasets::Dataset, uploads::UploadKind};
 use crate::media::decode::CacheSpec;
 
@@ -138,7 +138,7 @@ pub async fn create(
             description: &req.description,
             classes: req.classes.as_deref(),
             split: serde_json::to_value(req.split).expect("serialises"),
-            cache_spec: serde_json::json!({ "short_side": cache.short_side, "fps": cache.fps }),
+            cache_spec: cache.to_stored(),
         },
     )
     .await
@@ -277,7 +277,7 @@ impl Receiving {
     pub async fn accept(
         mut self,
         data_dir: PathBuf,
-        config: Arc<IngestConfig>,
+        ingest: Arc<Ingest>,
         content: UploadContent,
         bytes: u64,
         sha256: &str,
@@ -303,7 +303,7 @@ impl Receiving {
         super::spawn(
             self.db.clone(),
             data_dir,
-            config,
+            ingest,
             db::uploads::PendingUpload {
                 id: upload.id,
                 sha256: sha256.to_owned(),

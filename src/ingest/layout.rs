@@ -32,6 +32,12 @@ pub struct LayoutError(pub String);
 
 const LABELS_CSV: &str = "labels.csv";
 
+/// Largest labels.csv read, in bytes: a row per video of an archive at its entry cap fits many
+/// times over, and the parse stays within a bounded memory.
+pub const MAX_LABELS_CSV_BYTES: u64 = 16 << 20;
+/// Most rows of labels.csv: each row becomes a video row, listed file or not.
+pub const MAX_LABELS_ROWS: usize = 100_000;
+
 fn is_system_file(rel: &str) -> bool {
     let base = rel.rsplit('/').next().unwrap_or(rel);
     rel.starts_with("__MACOSX/")
@@ -287,6 +293,14 @@ struct CsvRow {
 }
 
 fn read_labels_csv(path: &std::path::Path) -> Result<Vec<CsvRow>, LayoutError> {
+    let bytes = std::fs::metadata(path)
+        .map_err(|e| LayoutError(format!("labels.csv cannot be read: {e}")))?
+        .len();
+    if bytes > MAX_LABELS_CSV_BYTES {
+        return Err(LayoutError(format!(
+            "labels.csv is {bytes} bytes; the cap is {MAX_LABELS_CSV_BYTES} bytes"
+        )));
+    }
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .flexible(false)
@@ -310,6 +324,11 @@ fn read_labels_csv(path: &std::path::Path) -> Result<Vec<CsvRow>, LayoutError> {
     let (split_col, patient_col) = (col("split"), col("patient_id"));
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
+        if i == MAX_LABELS_ROWS {
+            return Err(LayoutError(format!(
+                "labels.csv has more than {MAX_LABELS_ROWS} rows"
+            )));
+        }
         let record = record.map_err(|e| LayoutError(format!("labels.csv row {}: {e}", i + 2)))?;
         let get = |c: Option<usize>| c.and_then(|c| record.get(c)).map(str::to_owned);
         rows.push(CsvRow {
@@ -397,6 +416,30 @@ mod tests {
         assert_eq!(planned[0].label.as_deref(), Some("po\u{FFFD}lyp"));
         let unique: HashSet<_> = paths.iter().collect();
         assert_eq!(unique.len(), paths.len());
+    }
+
+    #[test]
+    fn labels_csv_size_and_rows_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = |name: &str, rows: usize, pad: usize| {
+            let path = dir.path().join(name);
+            let mut text = String::from("path,label\n");
+            for i in 0..rows {
+                text.push_str(&format!("v{i}.mp4,{}\n", "x".repeat(pad)));
+            }
+            std::fs::write(&path, text).unwrap();
+            let mut f = file(LABELS_CSV);
+            f.path = path;
+            plan(vec![f], None)
+        };
+        assert_eq!(
+            csv("ok.csv", MAX_LABELS_ROWS, 1).unwrap().len(),
+            MAX_LABELS_ROWS
+        );
+        let e = csv("rows.csv", MAX_LABELS_ROWS + 1, 1).unwrap_err();
+        assert!(e.0.contains("more than 100000 rows"), "{e}");
+        let e = csv("big.csv", 1000, 17 << 10).unwrap_err();
+        assert!(e.0.contains("the cap is 16777216 bytes"), "{e}");
     }
 
     #[test]

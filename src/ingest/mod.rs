@@ -19,7 +19,7 @@ use crate::db::videos::{NewVideo, VideoStatus};
 use crate::db::{self, PgPool};
 use crate::media::archive::{self, ArchiveLimits, ExtractedFile};
 use crate::media::decode::{CacheSpec, Limits};
-use crate::media::worker::{Job, MediaWorker};
+use crate::media::worker::{Job, MediaPool};
 
 pub mod datasets;
 pub mod layout;
@@ -52,6 +52,23 @@ impl IngestConfig {
     }
 }
 
+/// Ingest as the server runs it: its settings and its decoders, one set for the process.
+pub struct Ingest {
+    pub config: IngestConfig,
+    /// Every upload's videos decode here: at most `config.concurrency` at once (and as many
+    /// `media-worker` children), however many uploads are being ingested.
+    decoders: MediaPool,
+}
+
+impl Ingest {
+    pub fn new(config: IngestConfig) -> Self {
+        Self {
+            decoders: MediaPool::new(&config.media_worker_exe, config.concurrency),
+            config,
+        }
+    }
+}
+
 pub use crate::datadir::DatasetDirs;
 
 /// Metadata stored with a single-video upload.
@@ -68,10 +85,10 @@ const INTERNAL_FAILURE: &str =
     "an internal error stopped ingest; the server log has the details under this upload id";
 
 /// Start ingesting an upload in the background.
-pub fn spawn(db: PgPool, data_dir: PathBuf, config: Arc<IngestConfig>, upload: PendingUpload) {
+pub fn spawn(db: PgPool, data_dir: PathBuf, ingest: Arc<Ingest>, upload: PendingUpload) {
     tokio::spawn(async move {
         let dataset_id = upload.dataset_id;
-        if let Err(e) = run(&db, &data_dir, &config, &upload).await {
+        if let Err(e) = run(&db, &data_dir, &ingest, &upload).await {
             // The cause (database text, server paths) is for the log; the tenant reads a stable
             // reason that the upload id ties to this log line.
             tracing::error!(error.cause_chain = ?e, %dataset_id, upload_id = %upload.id, "ingest failed");
@@ -81,11 +98,7 @@ pub fn spawn(db: PgPool, data_dir: PathBuf, config: Arc<IngestConfig>, upload: P
 }
 
 /// Resume uploads a previous process did not finish.
-pub async fn resume(
-    db: &PgPool,
-    data_dir: &Path,
-    config: &Arc<IngestConfig>,
-) -> anyhow::Result<()> {
+pub async fn resume(db: &PgPool, data_dir: &Path, ingest: &Arc<Ingest>) -> anyhow::Result<()> {
     let reset = db::datasets::reset_interrupted_receiving(db).await?;
     if reset > 0 {
         tracing::warn!(
@@ -98,7 +111,7 @@ pub async fn resume(
         // Start again from the stored bytes: forget what the interrupted run recorded.
         let removed = db::videos::delete_for_upload(db, upload.id).await?;
         db::datasets::restart_processing(db, upload.dataset_id, removed).await?;
-        spawn(db.clone(), data_dir.to_path_buf(), config.clone(), upload);
+        spawn(db.clone(), data_dir.to_path_buf(), ingest.clone(), upload);
     }
     Ok(())
 }
@@ -106,7 +119,7 @@ pub async fn resume(
 async fn run(
     db: &PgPool,
     data_dir: &Path,
-    config: &IngestConfig,
+    ingest: &Arc<Ingest>,
     upload: &PendingUpload,
 ) -> anyhow::Result<()> {
     let target = db::datasets::ingest_target(db, upload.dataset_id)
@@ -116,7 +129,7 @@ async fn run(
     std::fs::create_dir_all(dirs.cache())?;
     // 1. Files and their labels.
     let planned = if upload.kind == UploadKind::Archive {
-        match plan_archive(config, upload, &target, &dirs).await? {
+        match plan_archive(&ingest.config, upload, &target, &dirs).await? {
             Ok(planned) => planned,
             Err(reason) => return finish_failed(db, upload, &reason).await,
         }
@@ -125,7 +138,7 @@ async fn run(
     };
     // 2. Rows. 3. Validation and the training cache.
     let queue = register_videos(db, upload, planned).await?;
-    cache_videos(db, config, upload, &target, &dirs, queue).await?;
+    cache_videos(db, ingest, upload, &target, &dirs, queue).await?;
     // 4. Splits, content hash, final status.
     finalize(db, upload, &target).await?;
     if upload.kind == UploadKind::Archive {
@@ -166,7 +179,8 @@ async fn plan_archive(
                 tracing::error!(error = %e, %dataset_id, %upload_id, "writing extracted files failed");
                 Ok(Err(INTERNAL_FAILURE.to_string()))
             }
-            Err(e) => Ok(Err(e.to_string())),
+            // The text names only what the archive holds; the code is the stable part.
+            Err(e) => Ok(Err(format!("{e} ({})", e.code()))),
         }
     })
     .await??;
@@ -277,20 +291,28 @@ async fn register_videos(
     let done = planned.len() - queue.len();
     db::datasets::add_progress(&mut *tx, upload.dataset_id, planned.len(), done).await?;
     tx.commit().await?;
+    if upload.kind == UploadKind::Archive {
+        for p in planned.iter().filter(|p| p.verdict.is_some()) {
+            discard_source(p);
+        }
+    }
     Ok(queue)
 }
 
-/// Phase 3: validate and cache the queued videos, several at a time, each in its own
-/// media-worker child, recording each outcome as it comes.
+/// Phase 3: validate and cache the queued videos, several at a time on the process's decoders
+/// (each a media-worker child), recording each outcome as it comes.
 async fn cache_videos(
     db: &PgPool,
-    config: &IngestConfig,
+    ingest: &Arc<Ingest>,
     upload: &PendingUpload,
     target: &IngestTarget,
     dirs: &DatasetDirs,
     queue: VecDeque<(Uuid, layout::Planned)>,
 ) -> anyhow::Result<()> {
-    let spec: CacheSpec = serde_json::from_value(target.cache_spec.clone()).unwrap_or_default();
+    // The dataset's spec or nothing: a default here would cache at another size than the one
+    // its models record and serving decodes at.
+    let spec = CacheSpec::from_stored(&target.cache_spec).context("the dataset's cache spec")?;
+    let config = &ingest.config;
     let workers = config.concurrency.clamp(1, queue.len().max(1));
     let spec = CacheSpec {
         threads: if workers > 1 { 1 } else { 0 },
@@ -300,11 +322,11 @@ async fn cache_videos(
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let (queue, db, spec) = (queue.clone(), db.clone(), spec.clone());
-        let (exe, limits) = (config.media_worker_exe.clone(), config.video_limits.clone());
+        let (ingest, limits) = (ingest.clone(), config.video_limits.clone());
         let cache_dir = dirs.cache();
         let dataset_id = upload.dataset_id;
+        let from_archive = upload.kind == UploadKind::Archive;
         tasks.spawn(async move {
-            let mut worker = MediaWorker::new(&exe);
             let deadline = Duration::from_secs_f64(limits.max_decode_s + 30.0);
             loop {
                 let Some((id, p)) = queue.lock().expect("queue lock").pop_front() else {
@@ -317,8 +339,12 @@ async fn cache_videos(
                     spec: spec.clone(),
                     limits: limits.clone(),
                 };
-                let outcome = worker.run(&job, deadline).await;
-                record_outcome(&db, dataset_id, id, &p, &job.cache, outcome).await?;
+                // Waits for one of the process's decoders.
+                let outcome = ingest.decoders.run(&job, deadline).await;
+                let accepted = record_outcome(&db, dataset_id, id, &p, &job.cache, outcome).await?;
+                if from_archive && !accepted {
+                    discard_source(&p);
+                }
             }
             anyhow::Ok(())
         });
@@ -336,9 +362,9 @@ async fn record_outcome(
     p: &layout::Planned,
     cache: &Path,
     outcome: Result<crate::media::decode::VideoInfo, crate::media::decode::Rejection>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut tx = db.begin().await?;
-    match outcome {
+    let accepted = match outcome {
         Ok(info) => {
             let (status, code, reason) = match &p.label_problem {
                 Some((c, d)) => (VideoStatus::Rejected, Some(*c), Some(d.as_str())),
@@ -348,6 +374,7 @@ async fn record_outcome(
             if status != VideoStatus::Accepted {
                 let _ = std::fs::remove_file(cache);
             }
+            status == VideoStatus::Accepted
         }
         Err(r) => {
             if let Some(cause) = &r.log {
@@ -362,11 +389,21 @@ async fn record_outcome(
                 VideoStatus::Rejected
             };
             db::videos::record_refused(&mut *tx, id, status, &r.code, &r.detail).await?;
+            false
         }
-    }
+    };
     db::datasets::video_done(&mut *tx, dataset_id).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(accepted)
+}
+
+/// An extracted file that is not an accepted video: nothing reads it again (training reads
+/// caches, and a restarted ingest extracts the stored archive anew), so it does not keep
+/// holding the disk.
+fn discard_source(p: &layout::Planned) {
+    if let Some(f) = &p.file {
+        let _ = std::fs::remove_file(&f.path);
+    }
 }
 
 fn has_video_extension(path: &str) -> bool {

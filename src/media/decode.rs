@@ -23,6 +23,22 @@ pub struct Limits {
     pub max_frames: u64,
     /// Wall-clock budget for decoding one file.
     pub max_decode_s: f64,
+    /// Largest training cache of one video, in bytes: refused from the probe when the
+    /// duration announces more, and stopped while writing when the stream holds more.
+    #[serde(default = "default_max_cache_bytes")]
+    pub max_cache_bytes: u64,
+    /// Largest ratio of a frame's long side to its short side: the cache keeps the aspect, so
+    /// a 4096×64 stream would be cached at 8192×128.
+    #[serde(default = "default_max_aspect_ratio")]
+    pub max_aspect_ratio: f64,
+}
+
+fn default_max_cache_bytes() -> u64 {
+    32 << 30
+}
+
+fn default_max_aspect_ratio() -> f64 {
+    4.0
 }
 
 impl Default for Limits {
@@ -32,6 +48,10 @@ impl Default for Limits {
             max_duration_s: 4.0 * 3600.0,
             max_frames: 500_000,
             max_decode_s: 600.0,
+            // Four hours of 16:9 video at the default 128 px and 15 fps is about 19 GB.
+            max_cache_bytes: default_max_cache_bytes(),
+            // 32:9 (side-by-side stereo endoscopy) is 3.6:1.
+            max_aspect_ratio: default_max_aspect_ratio(),
         }
     }
 }
@@ -43,7 +63,8 @@ pub struct CacheSpec {
     pub short_side: u32,
     /// Frames per second kept (sources with a lower rate keep every frame).
     pub fps: f64,
-    /// FFmpeg decoder threads (0: FFmpeg's automatic count).
+    /// FFmpeg decoder threads (0: FFmpeg's automatic count). Not stored with a dataset.
+    #[serde(default)]
     pub threads: usize,
 }
 
@@ -55,6 +76,37 @@ impl Default for CacheSpec {
             fps: 15.0,
             threads: 0,
         }
+    }
+}
+
+/// The form a cache spec is stored in: with a dataset (what ingest caches at), and copied into
+/// each model trained on it (what serving decodes at), so that both read one definition.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSpec {
+    short_side: u32,
+    fps: f64,
+}
+
+impl CacheSpec {
+    /// The stored form, `{"short_side": …, "fps": …}`.
+    pub fn to_stored(&self) -> serde_json::Value {
+        serde_json::to_value(StoredSpec {
+            short_side: self.short_side,
+            fps: self.fps,
+        })
+        .expect("serialises")
+    }
+
+    /// Read the stored form. An unreadable spec is an error, never the default: training and
+    /// serving must see the frames at the size the dataset declared.
+    pub fn from_stored(v: &serde_json::Value) -> anyhow::Result<Self> {
+        let s: StoredSpec = serde_json::from_value(v.clone())
+            .map_err(|e| anyhow::anyhow!("unreadable cache spec {v}: {e}"))?;
+        Ok(Self {
+            short_side: s.short_side,
+            fps: s.fps,
+            threads: 0,
+        })
     }
 }
 
@@ -219,12 +271,36 @@ pub fn ingest_video(
         ));
     }
 
+    let aspect = width.max(height) as f64 / width.min(height) as f64;
+    if aspect > limits.max_aspect_ratio {
+        return Err(Rejection::new(
+            "aspect_ratio",
+            format!(
+                "frames of {width}×{height} are {aspect:.1} times wider than high (or the \
+                 reverse); the cap is {}:1",
+                limits.max_aspect_ratio
+            ),
+        ));
+    }
     let (cw, ch) = cache_size(width, height, spec.short_side);
     let cache_fps = if rate > 0.0 {
         rate.min(spec.fps)
     } else {
         spec.fps
     };
+    // The cache's size is known from the probe: refuse before decoding a single frame.
+    let frame_bytes = cw as u64 * ch as u64 * 3;
+    let expected_frames = (duration_s * cache_fps).ceil() as u64;
+    let expected = expected_frames.saturating_mul(frame_bytes);
+    if expected > limits.max_cache_bytes {
+        return Err(cache_too_large(
+            expected_frames,
+            cw,
+            ch,
+            limits,
+            "by its duration",
+        ));
+    }
     let mut writer = CacheWriter::create(cache_dest, ch, cw, cache_fps).map_err(cache_failed)?;
     let result = decode_into(
         &mut ictx,
@@ -406,6 +482,11 @@ fn decode_into(
             let (_, _, _, ctx) = scaler.as_mut().expect("scaler set above");
             ctx.run(&frame, &mut rgb)
                 .map_err(|e| Rejection::new("corrupt", format!("converting a frame: {e}")))?;
+            // The duration may lie: the stream itself must stay within the cap too.
+            let frames = writer.frames() as u64 + 1;
+            if frames.saturating_mul(cw as u64 * ch as u64 * 3) > limits.max_cache_bytes {
+                return Err(cache_too_large(frames, cw, ch, limits, "as decoded"));
+            }
             pack_rgb(&rgb, cw as usize, ch as usize, &mut packed);
             writer.push(&packed).map_err(cache_failed)?;
         }
@@ -447,6 +528,19 @@ fn open_rejection(e: OpenError) -> Rejection {
             )
         }
     }
+}
+
+/// `how`: whether the size was foreseen from the probe ("by its duration", before decoding)
+/// or reached while writing ("as decoded").
+fn cache_too_large(frames: u64, cw: u32, ch: u32, limits: &Limits, how: &str) -> Rejection {
+    Rejection::new(
+        "cache_too_large",
+        format!(
+            "its training cache ({frames} frames of {cw}×{ch} {how}) would exceed the cap of \
+             {} MiB per video",
+            limits.max_cache_bytes >> 20
+        ),
+    )
 }
 
 /// The cache could not be written: the server's fault, and its error names server paths.

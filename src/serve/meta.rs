@@ -30,13 +30,6 @@ pub struct ModelMeta {
     pub weights: PathBuf,
 }
 
-/// The `decode` column: how the training data was decoded.
-#[derive(Deserialize)]
-struct DecodeSpec {
-    short_side: u32,
-    fps: f64,
-}
-
 /// The one hyperparameter serving repeats. A missing or malformed value means 1, as for
 /// records written before it was stored.
 #[derive(Deserialize, Default)]
@@ -70,7 +63,6 @@ pub async fn model_meta(
 }
 
 fn from_record(m: &db::models::Model, base: Base, data: &DataDir) -> anyhow::Result<ModelMeta> {
-    let d: DecodeSpec = serde_json::from_value(m.decode.clone()).context("decode spec")?;
     let sampling: Sampling = serde_json::from_value(m.hyperparameters.clone()).unwrap_or_default();
     Ok(ModelMeta {
         id: m.id,
@@ -78,11 +70,8 @@ fn from_record(m: &db::models::Model, base: Base, data: &DataDir) -> anyhow::Res
         classes: m.classes.clone(),
         head: serde_json::from_value(m.head.clone()).context("head spec")?,
         preprocessing: serde_json::from_value(m.preprocessing.clone()).context("preprocessing")?,
-        decode: CacheSpec {
-            short_side: d.short_side,
-            fps: d.fps,
-            threads: 0,
-        },
+        // The dataset's cache spec when the model was made: decode as training read.
+        decode: CacheSpec::from_stored(&m.decode).context("decode spec")?,
         eval_clips: m.eval_clips.max(1) as u32,
         frame_stride: sampling.frame_stride.unwrap_or(1).max(1) as u32,
         weights: data.resolve(&m.path).join("model.safetensors"),

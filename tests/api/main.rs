@@ -10,6 +10,7 @@ mod auth;
 mod base_models;
 mod datasets;
 mod health;
+mod ingest_bounds;
 mod jobs;
 mod openapi;
 mod problems;
