@@ -33,7 +33,10 @@ impl AppState {
         Self {
             db,
             data: DataDir::new(&settings.data_dir),
-            ingest: Arc::new(Ingest::new(settings.ingest.clone())),
+            ingest: Arc::new(Ingest::new(
+                settings.ingest.clone(),
+                settings.tenant_quota_bytes,
+            )),
             models: Arc::new(ModelCache::new(settings.serve.clone())),
             media: Arc::new(MediaPool::new(
                 &settings.ingest.media_worker_exe,

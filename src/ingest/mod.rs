@@ -18,8 +18,9 @@ use crate::db::uploads::{PendingUpload, UploadKind, UploadStatus};
 use crate::db::videos::{NewVideo, VideoStatus};
 use crate::db::{self, PgPool};
 use crate::media::archive::{self, ArchiveLimits, ExtractedFile};
-use crate::media::decode::{CacheSpec, Limits};
+use crate::media::decode::{CacheSpec, Limits, Rejection};
 use crate::media::worker::{Job, MediaPool};
+use crate::quota;
 
 pub mod datasets;
 pub mod layout;
@@ -58,13 +59,57 @@ pub struct Ingest {
     /// Every upload's videos decode here: at most `config.concurrency` at once (and as many
     /// `media-worker` children), however many uploads are being ingested.
     decoders: MediaPool,
+    /// Storage quota of a tenant without its own: a video is cached only while it fits.
+    tenant_quota_bytes: u64,
 }
 
 impl Ingest {
-    pub fn new(config: IngestConfig) -> Self {
+    pub fn new(config: IngestConfig, tenant_quota_bytes: u64) -> Self {
         Self {
             decoders: MediaPool::new(&config.media_worker_exe, config.concurrency),
             config,
+            tenant_quota_bytes,
+        }
+    }
+}
+
+/// What is left of a tenant's storage quota while one upload's videos are cached: each video's
+/// cache may take at most that (checked from the probe, before decoding, like the per-video
+/// cap), and an accepted one takes its bytes off. Videos decoded at once each see what was left
+/// when they began.
+struct QuotaRoom(std::sync::atomic::AtomicU64);
+
+impl QuotaRoom {
+    /// `limits` for the next video: the cache cap lowered to what remains.
+    fn limits(&self, limits: &Limits) -> Limits {
+        let room = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        Limits {
+            max_cache_bytes: limits.max_cache_bytes.min(room),
+            ..limits.clone()
+        }
+    }
+
+    fn take(&self, bytes: u64) {
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |r| Some(r.saturating_sub(bytes)),
+        );
+    }
+
+    /// A cache refused for its size when the quota, not the per-video cap, was the bound.
+    fn explain(&self, job: &Limits, configured: &Limits, r: Rejection) -> Rejection {
+        if r.code == "cache_too_large" && job.max_cache_bytes < configured.max_cache_bytes {
+            Rejection::new(
+                "quota_exceeded",
+                format!(
+                    "the video's cache would not fit in what remains of the tenant's storage \
+                     quota ({} bytes); delete datasets or models, or ask an operator for more",
+                    job.max_cache_bytes
+                ),
+            )
+        } else {
+            r
         }
     }
 }
@@ -319,9 +364,14 @@ async fn cache_videos(
         ..spec
     };
     let queue = Arc::new(Mutex::new(queue));
+    let room = quota::usage(db, ingest.tenant_quota_bytes, upload.tenant_id)
+        .await
+        .context("the tenant's storage quota")?
+        .remaining_bytes;
+    let room = Arc::new(QuotaRoom(room.into()));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (queue, db, spec) = (queue.clone(), db.clone(), spec.clone());
+        let (queue, db, spec, room) = (queue.clone(), db.clone(), spec.clone(), room.clone());
         let (ingest, limits) = (ingest.clone(), config.video_limits.clone());
         let cache_dir = dirs.cache();
         let dataset_id = upload.dataset_id;
@@ -337,10 +387,16 @@ async fn cache_videos(
                     src: file.path.clone(),
                     cache: cache_dir.join(format!("{id}.vtc")),
                     spec: spec.clone(),
-                    limits: limits.clone(),
+                    limits: room.limits(&limits),
                 };
                 // Waits for one of the process's decoders.
-                let outcome = ingest.decoders.run(&job, deadline).await;
+                let outcome = match ingest.decoders.run(&job, deadline).await {
+                    Ok(info) => {
+                        room.take(info.cache_bytes());
+                        Ok(info)
+                    }
+                    Err(r) => Err(room.explain(&job.limits, &limits, r)),
+                };
                 let accepted = record_outcome(&db, dataset_id, id, &p, &job.cache, outcome).await?;
                 if from_archive && !accepted {
                     discard_source(&p);

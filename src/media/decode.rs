@@ -127,6 +127,16 @@ pub struct VideoInfo {
     pub cache_fps: f64,
 }
 
+impl VideoInfo {
+    /// Bytes of the frames in its training cache (raw RGB).
+    pub fn cache_bytes(&self) -> u64 {
+        u64::from(self.cache_frames)
+            * u64::from(self.cache_width)
+            * u64::from(self.cache_height)
+            * 3
+    }
+}
+
 /// Why a file was not accepted. `code` is stable; `detail` is for people and is shown to the
 /// tenant, so it never names a server path or carries internals; those go in `log`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -367,6 +367,7 @@ async fn the_cache_spec_is_honoured_and_serving_decodes_as_training_read(db: PgP
             vidtune_version: "0",
             libtorch_version: "0",
             path: &format!("models/{model}"),
+            bytes: 0,
         },
     )
     .await

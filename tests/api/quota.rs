@@ -52,11 +52,11 @@ async fn a_tenant_stores_at_most_its_quota(db: PgPool) {
         .unwrap();
     assert_problem(r, 403, "forbidden").await;
     assert_problem(set_quota(json!(-1)).await, 422, "validation_failed").await;
-    let r = set_quota(json!(200_000)).await;
+    let r = set_quota(json!(20_000_000)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<Value>().await.unwrap()["storage_quota_bytes"],
-        200_000
+        20_000_000
     );
 
     // An upload larger than what remains stops at the quota, and leaves nothing behind.
@@ -66,12 +66,12 @@ async fn a_tenant_stores_at_most_its_quota(db: PgPool) {
     let r = app
         .request(Method::POST, &format!("/v1/datasets/{ds}/uploads"), &key)
         .header("content-type", "application/zip")
-        .body(vec![0u8; 300_000])
+        .body(vec![0u8; 21_000_000])
         .send()
         .await
         .unwrap();
     let p = assert_problem(r, 403, "quota_exceeded").await;
-    assert!(p["detail"].as_str().unwrap().contains("200000"), "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("20000000"), "{p}");
     let incoming = app.data_dir.join("datasets").join(&ds).join("incoming");
     let left = std::fs::read_dir(&incoming).map_or(0, |d| d.count());
     assert_eq!(left, 0, "a refused upload left files in {incoming:?}");
@@ -88,7 +88,7 @@ async fn a_tenant_stores_at_most_its_quota(db: PgPool) {
     let v = app.wait_ingested(&key, &ds).await;
     assert_eq!(v["status"], "ready", "{v}");
     let u = usage(key.clone()).await;
-    assert_eq!(u["quota_bytes"], 200_000, "{u}");
+    assert_eq!(u["quota_bytes"], 20_000_000, "{u}");
     assert_eq!(u["quota_is_default"], false, "{u}");
     assert_eq!(u["by_kind"]["uploads"], zip.len() as u64, "{u}");
     let caches = u["by_kind"]["caches"].as_u64().unwrap();
@@ -118,6 +118,34 @@ async fn a_tenant_stores_at_most_its_quota(db: PgPool) {
     assert_eq!(
         r.json::<Value>().await.unwrap()["used_bytes"],
         u["used_bytes"]
+    );
+
+    // Room for the upload but not for its caches: ingest refuses each video before decoding.
+    let used = u["used_bytes"].as_u64().unwrap();
+    assert_eq!(
+        set_quota(json!(used + zip.len() as u64 + 1000))
+            .await
+            .status(),
+        200
+    );
+    let ds3 = app
+        .dataset(&key, json!({"name": "echo-3", "cache": {"short_side": 64}}))
+        .await;
+    app.upload_raw(&key, &ds3, "application/zip", zip.clone())
+        .await;
+    app.wait_ingested(&key, &ds3).await;
+    let videos = app.videos(&key, &ds3).await;
+    assert_eq!(videos.len(), 2);
+    for v in videos.values() {
+        assert_eq!(v["status"], "rejected", "{v}");
+        assert_eq!(v["reason_code"], "quota_exceeded", "{v}");
+    }
+    let u = usage(key.clone()).await;
+    assert_eq!(u["by_kind"]["caches"], caches, "{u}");
+    assert!(
+        std::fs::read_dir(app.data_dir.join("datasets").join(&ds3).join("cache"))
+            .map_or(0, |d| d.count())
+            == 0
     );
 
     // Used up: uploads and jobs are refused before anything is read or queued.
