@@ -14,6 +14,7 @@ mod jobs;
 mod openapi;
 mod problems;
 mod quota;
+mod retention;
 mod roles;
 mod sandbox;
 mod serving;
