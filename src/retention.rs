@@ -337,12 +337,10 @@ pub async fn missing_files(db: &PgPool, data: &DataDir) -> anyhow::Result<Vec<St
         let mut videos_missing: std::collections::BTreeMap<Uuid, usize> = Default::default();
         for r in records {
             match (r.kind.as_str(), r.owner, r.path) {
-                ("video", Some(dataset), _) => {
-                    if !data.dataset(dataset).cache_file(r.id).exists() {
-                        *videos_missing.entry(dataset).or_default() += 1;
-                    }
+                ("video", Some(dataset), _) if !data.dataset(dataset).cache_file(r.id).exists() => {
+                    *videos_missing.entry(dataset).or_default() += 1;
                 }
-                ("dataset", ..) => {}
+                ("video" | "dataset", ..) => {}
                 (kind, _, Some(path)) if !data.resolve(&path).exists() => {
                     lines.push(format!("{kind} {}: {path} is missing", r.id));
                 }

@@ -158,6 +158,7 @@ async fn deleting_a_dataset_a_finished_job_used_leaves_no_file_and_keeps_lineage
     assert_eq!(m["dataset_hash"], before["content_hash"]);
     assert_eq!(m["dataset_lineage"], *lineage);
     assert_eq!(m["hyperparameters"]["epochs"], 1);
+    crate::openapi::assert_matches_schema("Deletion", &deletion);
 
     // The model still serves.
     let dir = tempfile::tempdir().unwrap();
