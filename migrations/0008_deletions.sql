@@ -29,3 +29,19 @@ create index deletions_tenant on deletions (tenant_id, requested_at desc);
 alter table jobs drop constraint jobs_dataset_id_fkey;
 alter table jobs add column dataset_lineage jsonb;
 alter table models add column dataset_lineage jsonb;
+
+-- What the foreign key guaranteed on insert still holds: a job is created only on a dataset that
+-- exists. The share lock waits for a deletion in progress (which holds the dataset's row lock)
+-- and then finds the row gone.
+create or replace function jobs_dataset_exists() returns trigger as $$
+begin
+    perform 1 from datasets where id = new.dataset_id for key share;
+    if not found then
+        raise exception 'dataset % does not exist', new.dataset_id
+            using errcode = 'foreign_key_violation';
+    end if;
+    return new;
+end;
+$$ language plpgsql;
+create trigger jobs_dataset_exists before insert on jobs
+    for each row execute function jobs_dataset_exists();

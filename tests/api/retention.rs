@@ -133,6 +133,20 @@ async fn deleting_a_dataset_a_finished_job_used_leaves_no_file_and_keeps_lineage
     )
     .await;
 
+    // No new job can be made on it, through the API or behind it.
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"dataset_id": ds, "base_model": "r3d_18", "hyperparameters": {"epochs": 1}}),
+        )
+        .await;
+    assert_problem(resp, 422, "validation_failed").await;
+    let tenant = app.tenant_id("hospital").await;
+    let orphan_job = sqlx::query("insert into jobs (id, tenant_id, dataset_id, base_model, hyperparameters, epochs) values ($1, $2::uuid, $3::uuid, 'r3d_18', '{}', 1)")
+        .bind(Uuid::new_v4()).bind(&tenant).bind(&ds).execute(&app.db).await;
+    assert!(orphan_job.is_err(), "a job on a deleted dataset was stored");
+
     // Lineage: the job and the model still say what they were trained on.
     let job: Value = app
         .get(&format!("/v1/jobs/{job_id}"), &key)
