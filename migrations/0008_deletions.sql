@@ -45,3 +45,12 @@ end;
 $$ language plpgsql;
 create trigger jobs_dataset_exists before insert on jobs
     for each row execute function jobs_dataset_exists();
+
+-- This database's identity. The data directory holds a copy (`.vidtune-installation`); files no
+-- record refers to are removed at start-up only when the two match, so a server started against
+-- the wrong database (a fresh or a staging one) never takes a data directory's files for orphans.
+create table installation (
+    id          uuid primary key,
+    created_at  timestamptz not null default now()
+);
+insert into installation (id) values (gen_random_uuid());

@@ -94,6 +94,11 @@ impl DataDir {
         Path::new("backbones").join(format!("{backbone_id}.pt"))
     }
 
+    /// The identity of the database this data directory belongs to (written at the first start).
+    pub fn installation_marker(&self) -> PathBuf {
+        self.root.join(".vidtune-installation")
+    }
+
     /// Prediction uploads while they are decoded.
     pub fn predict_scratch(&self) -> PathBuf {
         self.root.join("tmp").join("predict")

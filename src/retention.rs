@@ -11,8 +11,9 @@
 //! queued or running job needs is refused (`*_in_use`) rather than pulled from under it.
 //!
 //! At start-up files no record refers to (left by a crash between writing and recording) are
-//! removed once older than a grace period, and `vidtune doctor` reports records whose files are
-//! missing.
+//! removed once older than a grace period, provided the data directory is marked as this
+//! database's (a server pointed at the wrong database must not take everything for orphans);
+//! `vidtune doctor` reports records whose files are missing.
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -314,11 +315,33 @@ pub async fn remove_orphans(
 }
 
 /// What the server does with the data directory when it starts: finish pending deletions, then
-/// remove orphans older than `grace`.
+/// remove orphans older than `grace` — only when the data directory's installation marker names
+/// this database (the first start writes it and removes nothing).
 pub async fn at_start(db: &PgPool, data: &DataDir, grace: Duration) -> anyhow::Result<()> {
     let resumed = resume(db, data).await?;
     if resumed > 0 {
         tracing::info!(deletions = resumed, "finished deletions left pending");
+    }
+    // Orphans only where the data directory demonstrably belongs to this database.
+    let id = db::deletions::installation_id(db).await?.to_string();
+    let marker = data.installation_marker();
+    match std::fs::read_to_string(&marker) {
+        Ok(found) if found.trim() == id => {}
+        Ok(found) => {
+            tracing::warn!(data_dir = %data.root().display(), database = %id,
+                data_dir_database = %found.trim(),
+                "the data directory belongs to another database; no file is taken for an orphan");
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let part = marker.with_extension("part");
+            std::fs::write(&part, &id).context("writing the installation marker")?;
+            datadir::durable_rename(&part, &marker).context("writing the installation marker")?;
+            tracing::info!(database = %id,
+                "data directory bound to this database; files without a record are removed from the next start");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("reading the installation marker"),
     }
     let removed = remove_orphans(db, data, grace).await?;
     if !removed.is_empty() {

@@ -352,3 +352,10 @@ pub async fn recorded(db: impl PgExecutor<'_>) -> sqlx::Result<Vec<Recorded>> {
     .fetch_all(db)
     .await
 }
+
+/// This database's identity (one row, made by the migration).
+pub async fn installation_id(db: impl PgExecutor<'_>) -> sqlx::Result<Uuid> {
+    sqlx::query_scalar("select id from installation order by created_at limit 1")
+        .fetch_one(db)
+        .await
+}

@@ -365,8 +365,17 @@ async fn start_up_finishes_pending_deletions_and_removes_orphans(db: PgPool) {
         "tmp/predict/scratch".into(),
     ];
     let kept_file: PathBuf = format!("datasets/{kept}/cache/v.vtc").into();
+    let installation: Uuid = sqlx::query_scalar("select id from installation")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     let app = spawn_app_with(db, |s| {
         s.orphan_grace = Duration::ZERO;
+        std::fs::write(
+            s.data_dir.join(".vidtune-installation"),
+            installation.to_string(),
+        )
+        .unwrap();
         for p in planted.iter().chain([&kept_file]) {
             let p = s.data_dir.join(p);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -399,6 +408,47 @@ async fn start_up_finishes_pending_deletions_and_removes_orphans(db: PgPool) {
     assert!(
         app.data_dir.join(&kept_file).exists(),
         "a recorded dataset's files stay"
+    );
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn no_file_is_taken_for_an_orphan_unless_the_data_directory_is_this_databases(db: PgPool) {
+    // A server started against the wrong database (fresh, or another site's) sees no record
+    // of anything: it must not remove the data directory's files.
+    let installation: Uuid = sqlx::query_scalar("select id from installation")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    let file = format!("datasets/{}/cache/v.vtc", Uuid::new_v4());
+    let plant = |s: &mut vidtune::config::Settings, marker: Option<&str>| {
+        s.orphan_grace = Duration::ZERO;
+        let p = s.data_dir.join(&file);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"bytes").unwrap();
+        if let Some(m) = marker {
+            std::fs::write(s.data_dir.join(".vidtune-installation"), m).unwrap();
+        }
+    };
+    let unmarked = spawn_app_with(db.clone(), |s| plant(s, None)).await;
+    let other = Uuid::new_v4().to_string();
+    let foreign = spawn_app_with(db, |s| plant(s, Some(&other))).await;
+    // The first start binds an unmarked data directory to this database and removes nothing.
+    let marker = unmarked.data_dir.join(".vidtune-installation");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "no marker written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        installation.to_string()
+    );
+    assert!(unmarked.data_dir.join(&file).exists());
+    assert!(foreign.data_dir.join(&file).exists());
+    assert_eq!(
+        std::fs::read_to_string(foreign.data_dir.join(".vidtune-installation")).unwrap(),
+        other
     );
 }
 
