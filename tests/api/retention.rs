@@ -133,6 +133,17 @@ async fn deleting_a_dataset_a_finished_job_used_leaves_no_file_and_keeps_lineage
     )
     .await;
 
+    // Its uploads, cache and the jobs' checkpoints no longer count against the tenant's
+    // storage; the model does.
+    let usage: Value = app.get("/v1/usage", &key).await.json().await.unwrap();
+    let kinds = &usage["by_kind"];
+    assert_eq!(
+        (&kinds["uploads"], &kinds["caches"], &kinds["checkpoints"]),
+        (&json!(0), &json!(0), &json!(0)),
+        "{usage}"
+    );
+    assert!(kinds["models"].as_i64().unwrap() > 0, "{usage}");
+
     // No new job can be made on it, through the API or behind it.
     let resp = app
         .post_json(
