@@ -64,6 +64,17 @@ impl Application {
                 tracing::warn!(error.cause_chain = ?e, "could not resume unfinished uploads");
             }
         });
+        // Deletions a previous process left pending, then files no record refers to.
+        let (db, data, grace) = (
+            state.db.clone(),
+            state.data.clone(),
+            state.settings.orphan_grace,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = crate::retention::at_start(&db, &data, grace).await {
+                tracing::warn!(error.cause_chain = ?e, "could not tidy the data directory");
+            }
+        });
         let (router, operations) = http::router(state.clone(), &state.settings);
         let metrics = metrics_listener.map(|l| (l, http::metrics_router(state.clone())));
         Ok(Self {

@@ -135,7 +135,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("migrations applied ({} known)", db::MIGRATOR.iter().count());
         }
         Command::Keys { command } => return keys(command).await,
-        Command::Doctor(args) => print!("{}", doctor::report(args.database_url.as_deref()).await),
+        Command::Doctor(args) => print!(
+            "{}",
+            doctor::report(args.database_url.as_deref(), &args.data_dir).await
+        ),
         Command::Weights { command } => weights(command).await?,
         Command::Datasets { command } => client::commands::datasets(command).await?,
         Command::Jobs { command } => return client::commands::jobs(command).await,

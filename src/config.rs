@@ -214,6 +214,10 @@ pub struct ServeArgs {
     /// checkpoints, models and backbones together; operators set a tenant's own quota).
     #[arg(long, env = "VIDTUNE_TENANT_QUOTA_BYTES", default_value_t = 1 << 40)]
     pub tenant_quota_bytes: u64,
+    /// At start-up, files under the data directory that no record refers to are removed once
+    /// they are this old (younger ones may be a write about to be recorded by another host).
+    #[arg(long, env = "VIDTUNE_ORPHAN_GRACE_SECS", default_value_t = 3600)]
+    pub orphan_grace_secs: u64,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -265,6 +269,9 @@ pub struct DoctorArgs {
     /// PostgreSQL URL to check (optional).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Data directory whose files the database records are checked against.
+    #[arg(long, env = "VIDTUNE_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
 }
 
 /// What the HTTP application needs, independent of how it was configured.
@@ -287,6 +294,8 @@ pub struct Settings {
     pub inspect_timeout: Duration,
     /// Storage quota of a tenant without one of its own.
     pub tenant_quota_bytes: u64,
+    /// Age after which a file no record refers to is removed at start-up.
+    pub orphan_grace: Duration,
 }
 
 impl Settings {
@@ -306,6 +315,7 @@ impl Settings {
             tenant_backbones: false,
             inspect_timeout: Duration::from_secs(120),
             tenant_quota_bytes: 1 << 40,
+            orphan_grace: Duration::from_secs(3600),
         }
     }
 
@@ -345,6 +355,7 @@ impl Settings {
             tenant_backbones: a.tenant_backbones,
             inspect_timeout: Duration::from_secs(a.sandbox_inspect_secs),
             tenant_quota_bytes: a.tenant_quota_bytes,
+            orphan_grace: Duration::from_secs(a.orphan_grace_secs),
         })
     }
 }

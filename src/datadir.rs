@@ -8,13 +8,18 @@
 //! datasets/<dataset>/incoming/<upload>      received archive bodies until extracted
 //! datasets/<dataset>/files/<upload>/…       extracted source videos (`video` for a single one)
 //! datasets/<dataset>/cache/<video>.vtc      the training cache
-//! jobs/<job>/checkpoints/epoch-NNNN/        checkpoints (weights, optimizer, loop state)
+//! jobs/<job>/checkpoints/attempt-N/epoch-NNNN/  checkpoints of attempt N (weights, optimizer,
+//!                                           loop state); an attempt never writes another's
 //! models/<model>/                           exported models (model.safetensors, model.json, exports)
 //! weights/<arch>/<sha256>.safetensors       imported pretrained weights
 //! weights/incoming/                         weights being received or downloaded
 //! backbones/<id>.pt                         registered TorchScript backbones
 //! tmp/predict/                              prediction uploads while they are decoded
 //! ```
+//!
+//! Durability: a file or folder becomes visible under its final name only through
+//! [`durable_rename`] (contents flushed, renamed, directory entry flushed), and the database row
+//! that refers to it is committed after that; [`remove_durably`] is its inverse.
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -52,12 +57,19 @@ impl DataDir {
         DatasetDirs::new(&self.root, dataset_id)
     }
 
-    /// A job's checkpoints, one folder per epoch.
+    /// A job's folder: its checkpoints (one folder per attempt, then per epoch).
+    pub fn job_relative(job_id: Uuid) -> PathBuf {
+        Path::new("jobs").join(job_id.to_string())
+    }
+
+    /// A job's checkpoints, one folder per attempt.
     pub fn checkpoints(&self, job_id: Uuid) -> PathBuf {
-        self.root
-            .join("jobs")
-            .join(job_id.to_string())
-            .join("checkpoints")
+        self.resolve(Self::job_relative(job_id)).join("checkpoints")
+    }
+
+    /// A dataset's folder, relative (sources, incoming bodies, training cache).
+    pub fn dataset_relative(dataset_id: Uuid) -> PathBuf {
+        Path::new("datasets").join(dataset_id.to_string())
     }
 
     /// A model's folder, relative (as its record holds it).
@@ -80,6 +92,11 @@ impl DataDir {
     /// A registered TorchScript backbone, relative (as its record holds it).
     pub fn backbone_relative(backbone_id: Uuid) -> PathBuf {
         Path::new("backbones").join(format!("{backbone_id}.pt"))
+    }
+
+    /// The identity of the database this data directory belongs to (written at the first start).
+    pub fn installation_marker(&self) -> PathBuf {
+        self.root.join(".vidtune-installation")
     }
 
     /// Prediction uploads while they are decoded.
@@ -145,6 +162,62 @@ pub fn dir_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Flush a file's contents, or a folder's files (recursively) and entries, to stable storage.
+pub fn sync_tree(path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_symlink() {
+                sync_tree(&entry.path())?;
+            }
+        }
+        sync_dir(path)
+    } else {
+        std::fs::File::open(path)?.sync_all()
+    }
+}
+
+/// Flush a directory's entries (names created, renamed or removed in it).
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Flush a file or folder already at its final name, and the directory entry naming it.
+pub fn sync_in_place(path: &Path) -> std::io::Result<()> {
+    sync_tree(path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Move a complete file or folder `from` to `to` so that after a crash `to` is either absent or
+/// whole: flush the contents, rename, flush the directory that now names it. Callers commit
+/// the database row that refers to `to` only after this returns. `to` must not be an existing
+/// non-empty folder.
+pub fn durable_rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    sync_tree(from)?;
+    std::fs::rename(from, to)?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
+/// Remove a file or folder (absent already is fine) and flush the removal from its directory,
+/// so that removed data does not come back after a crash.
+pub fn remove_durably(path: &Path) -> std::io::Result<()> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+    };
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    match path.parent().map(sync_dir) {
+        Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Deletes a file that is not (yet) wanted unless disarmed: a partly received upload, a
 /// scratch copy. Also runs when the request that owns it is dropped mid-way.
 pub struct PartialFile {
@@ -190,5 +263,29 @@ mod tests {
         );
         // Outside the data directory a path stays as it is.
         assert_eq!(d.relative(Path::new("/elsewhere/x")), "/elsewhere/x");
+    }
+
+    #[test]
+    fn durable_rename_moves_whole_folders_and_remove_durably_forgets_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let part = tmp.path().join("epoch-0001.part-1");
+        std::fs::create_dir_all(part.join("sub")).unwrap();
+        std::fs::write(part.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(part.join("sub").join("state.json"), b"{}").unwrap();
+        let dest = tmp.path().join("epoch-0001");
+        durable_rename(&part, &dest).unwrap();
+        assert!(!part.exists());
+        assert_eq!(
+            std::fs::read(dest.join("model.safetensors")).unwrap(),
+            b"weights"
+        );
+        remove_durably(&dest).unwrap();
+        assert!(!dest.exists());
+        // Removing what is already gone is not an error (a resumed deletion).
+        remove_durably(&dest).unwrap();
+        let file = tmp.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        remove_durably(&file).unwrap();
+        assert!(!file.exists());
     }
 }

@@ -2,8 +2,9 @@
 use std::ffi::CStr;
 use std::fmt::Write as _;
 
-/// The facts, one per line: libtorch, CUDA, FFmpeg, the sandbox for custom backbones, database.
-pub async fn report(database_url: Option<&str>) -> String {
+/// The facts, one per line: libtorch, CUDA, FFmpeg, the sandbox for custom backbones, database,
+/// and the records whose files are missing from `data_dir`.
+pub async fn report(database_url: Option<&str>, data_dir: &std::path::Path) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "vidtune       {}", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(out, "libtorch      {}", env!("VIDTUNE_LIBTORCH_VERSION"));
@@ -54,21 +55,47 @@ pub async fn report(database_url: Option<&str>) -> String {
         Err(e) => format!("unknown ({e})"),
     };
     let _ = writeln!(out, "sandbox       {sandbox}");
+    let mut pool = None;
     let db = match database_url {
         None => "not configured (set DATABASE_URL)".to_string(),
         Some(url) => match crate::db::connect(url, 1).await {
-            Ok(pool) => format!(
-                "reachable, PostgreSQL {}, {} of {} migrations applied",
-                crate::db::server_version(&pool)
-                    .await
-                    .unwrap_or_else(|e| format!("? ({e})")),
-                crate::db::migrations_applied(&pool).await.unwrap_or(0),
-                crate::db::MIGRATOR.iter().count()
-            ),
+            Ok(p) => {
+                let line = format!(
+                    "reachable, PostgreSQL {}, {} of {} migrations applied",
+                    crate::db::server_version(&p)
+                        .await
+                        .unwrap_or_else(|e| format!("? ({e})")),
+                    crate::db::migrations_applied(&p).await.unwrap_or(0),
+                    crate::db::MIGRATOR.iter().count()
+                );
+                pool = Some(p);
+                line
+            }
             Err(e) => format!("unreachable: {e:#}"),
         },
     };
     let _ = writeln!(out, "database      {db}");
+    if let Some(pool) = pool {
+        let data = crate::datadir::DataDir::new(data_dir);
+        match crate::retention::missing_files(&pool, &data).await {
+            Ok(missing) if missing.is_empty() => {
+                let _ = writeln!(out, "data files    every record's files are present");
+            }
+            Ok(missing) => {
+                let _ = writeln!(
+                    out,
+                    "data files    MISSING for {} record(s):",
+                    missing.len()
+                );
+                for line in missing {
+                    let _ = writeln!(out, "  {line}");
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "data files    not checked: {e:#}");
+            }
+        }
+    }
     out
 }
 

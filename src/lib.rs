@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod plots;
 pub mod quota;
 pub mod registry;
+pub mod retention;
 pub mod sandbox;
 pub mod serve;
 pub mod synth;

@@ -61,7 +61,7 @@ pub async fn import_weights(
         let part = dest.with_extension("part");
         let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         Tensor::write_safetensors(&named, &part).context("writing weights")?;
-        std::fs::rename(&part, &dest).context("installing weights")?;
+        crate::datadir::durable_rename(&part, &dest).context("installing weights")?;
         Ok((sha256, rel, tensors.len()))
     })
     .await
@@ -218,7 +218,14 @@ pub async fn register_backbone(
             message: "frames 1–256 and crop 16–1024".into(),
         });
     }
-    let inspected = inspect_torchscript(&data.resolve(b.module), &prep, inspect_timeout).await?;
+    let module = data.resolve(b.module);
+    let inspected = inspect_torchscript(&module, &prep, inspect_timeout).await?;
+    // The module was received (and flushed) at its final name: flush that name before the
+    // record refers to it.
+    tokio::task::spawn_blocking(move || crate::datadir::sync_in_place(&module))
+        .await
+        .context("flushing the module")?
+        .context("flushing the module")?;
     let row = db::base_models::NewCustomBackbone {
         id: b.id,
         tenant_id: b.tenant_id,

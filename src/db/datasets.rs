@@ -126,27 +126,6 @@ pub async fn list(db: impl PgExecutor<'_>, tenant_id: Uuid) -> sqlx::Result<Vec<
     .await
 }
 
-/// Delete a dataset unless data is being received or ingested. `Ok(None)`: no such dataset;
-/// `Ok(Some(false))`: busy.
-pub async fn delete(
-    db: impl PgExecutor<'_>,
-    tenant_id: Uuid,
-    id: Uuid,
-) -> sqlx::Result<Option<bool>> {
-    let row: Option<(bool,)> = sqlx::query_as(
-        "with target as (select id, status, receiving from datasets where tenant_id = $1 and id = $2),
-              gone as (delete from datasets d using target t
-                       where d.id = t.id and t.status <> 'processing' and not t.receiving
-                       returning d.id)
-         select exists (select 1 from gone) from target",
-    )
-    .bind(tenant_id)
-    .bind(id)
-    .fetch_optional(db)
-    .await?;
-    Ok(row.map(|r| r.0))
-}
-
 /// Mark the dataset as receiving an upload. `Ok(None)`: no such dataset; `Ok(Some(false))`:
 /// another upload or an ingest is in progress.
 pub async fn begin_receiving(

@@ -65,6 +65,8 @@ pub struct Job {
     #[serde(skip)]
     pub tenant_id: Uuid,
     pub dataset_id: Uuid,
+    /// What the dataset was, copied in when it was deleted; `null` while it exists.
+    pub dataset_lineage: Option<serde_json::Value>,
     pub base_model: String,
     pub hyperparameters: serde_json::Value,
     pub state: JobState,
@@ -94,7 +96,8 @@ pub struct Job {
     pub checkpoint: Option<String>,
 }
 
-const JOB_COLUMNS: &str = "id, tenant_id, dataset_id, base_model, hyperparameters, state,
+const JOB_COLUMNS: &str =
+    "id, tenant_id, dataset_id, dataset_lineage, base_model, hyperparameters, state,
     cancel_requested, priority, attempt, max_attempts, worker_id, device, epoch, epochs, step,
     progress, eta_s, error_kind, error, model_id, created_at, started_at, finished_at,
     request_hash, checkpoint";

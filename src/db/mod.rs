@@ -9,6 +9,7 @@ pub mod audit;
 pub mod base_models;
 pub mod batch_predictions;
 pub mod datasets;
+pub mod deletions;
 pub mod jobs;
 pub mod models;
 pub mod tenants;

@@ -1,8 +1,8 @@
 //! Trained models: the record a successful job leaves behind, with its lineage.
 use serde::Serialize;
 use serde_json::Value;
+use sqlx::PgExecutor;
 use sqlx::types::Json;
-use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -15,6 +15,9 @@ pub struct Model {
     pub job_id: Uuid,
     pub dataset_id: Uuid,
     pub dataset_hash: Option<String>,
+    /// What the dataset was (name, content hash, accepted videos per split, classes), copied
+    /// in when the dataset was deleted; `null` while it exists.
+    pub dataset_lineage: Option<Value>,
     pub base_model: String,
     pub base_weights_sha256: Option<String>,
     pub hyperparameters: Value,
@@ -34,7 +37,8 @@ pub struct Model {
     pub created_at: OffsetDateTime,
 }
 
-const COLUMNS: &str = "id, job_id, dataset_id, dataset_hash, base_model, base_weights_sha256,
+const COLUMNS: &str =
+    "id, job_id, dataset_id, dataset_hash, dataset_lineage, base_model, base_weights_sha256,
     hyperparameters, classes, preprocessing, decode, head, eval_clips, val_metrics, test_metrics,
     vidtune_version, libtorch_version, path, created_at";
 
@@ -61,21 +65,6 @@ pub async fn list(db: impl PgExecutor<'_>, tenant_id: Uuid) -> sqlx::Result<Vec<
     .bind(tenant_id)
     .fetch_all(db)
     .await
-}
-
-/// Delete a model's record. Its job stays, with its metric history, and forgets the model in
-/// the same transaction, so no job ever points at a missing model.
-pub async fn delete(db: &PgPool, id: Uuid) -> sqlx::Result<()> {
-    let mut tx = db.begin().await?;
-    sqlx::query("update jobs set model_id = null where model_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("delete from models where id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
 }
 
 /// A trained model as its job records it (the files are already in place under `path`).

@@ -56,6 +56,13 @@ pub fn routes(r: Routes) -> Routes {
             tenant_usage_view,
         )
         .op(
+            Method::DELETE,
+            "/v1/tenants/{tenant_id}",
+            "tenant_delete",
+            Operator,
+            tenant_delete,
+        )
+        .op(
             Method::GET,
             "/v1/tenants/{tenant_id}/keys",
             "tenant_key_list",
@@ -231,6 +238,19 @@ async fn tenant_usage_view(
     Ok(Json(
         quota::usage(&s.db, s.settings.tenant_quota_bytes, tenant.id).await?,
     ))
+}
+
+/// Delete a tenant with its keys, datasets, jobs, models and backbones (202; the files go in the
+/// background, the audit trail stays). Refused while it has queued or running work
+/// (`tenant_in_use`), and for the caller's own tenant.
+async fn tenant_delete(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<impl IntoResponse> {
+    let by = super::deletions::requester(&caller);
+    let d = crate::retention::delete_tenant(&s.db, &s.data, caller.tenant_id, id, &by).await?;
+    Ok(super::deletions::accepted(d))
 }
 
 /// The keys of a tenant the caller administers (operators: any tenant).

@@ -33,6 +33,13 @@ pub fn routes(r: Routes) -> Routes {
         Access::Tenant,
         base_model_create,
     )
+    .op(
+        Method::DELETE,
+        "/v1/base-models/{base_model_id}",
+        "base_model_delete",
+        Access::Tenant,
+        base_model_delete,
+    )
     .streaming_op(
         Method::POST,
         "/v1/base-models/{arch}/weights",
@@ -157,4 +164,17 @@ async fn base_model_create(
     let b = registry::register_backbone(&s.db, &s.data, &new, s.settings.inspect_timeout).await?;
     partial.keep();
     Ok((StatusCode::CREATED, AuditResource(b.id), Json(b)))
+}
+
+/// Delete one of the tenant's TorchScript backbones: its record now, its module file in the
+/// background (202). Refused (`base_model_in_use`) while a model or an unfinished job uses it:
+/// a model needs its backbone to serve.
+async fn base_model_delete(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<impl IntoResponse> {
+    let by = super::deletions::requester(&caller);
+    let d = crate::retention::delete_backbone(&s.db, &s.data, caller.tenant_id, id, &by).await?;
+    Ok(super::deletions::accepted(d))
 }

@@ -16,6 +16,7 @@ use crate::db::datasets::{Dataset, DatasetStatus};
 use crate::db::videos::{Video, VideoStatus};
 use crate::ingest::datasets::{NewDataset, VideoFields};
 use crate::ingest::{self, DatasetError, Receiving, Report, UploadContent, VideoMeta};
+use crate::retention;
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -83,9 +84,6 @@ impl From<DatasetError> for ApiError {
             DatasetError::Invalid { field, detail } => ApiError::validation(field, detail),
             DatasetError::NotFound => ApiError::not_found("dataset"),
             DatasetError::NameTaken => ApiError::conflict("a dataset with this name already exists"),
-            DatasetError::Busy => ApiError::conflict(
-                "the dataset is receiving or processing an upload; delete it once that finishes",
-            ),
             DatasetError::UploadInProgress => ApiError::conflict(
                 "another upload to this dataset is being received or processed; retry when it is ready",
             )
@@ -134,13 +132,17 @@ async fn dataset_view(
     Ok(Json(fetch(&s, &caller, id).await?))
 }
 
+/// Delete the dataset: its rows now, its sources, caches and the checkpoints of jobs trained on
+/// it in the background (202). Jobs and models keep its lineage; a queued or running job on it
+/// refuses the deletion (`dataset_in_use`).
 async fn dataset_delete(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-) -> ApiResult<StatusCode> {
-    ingest::datasets::delete(&s.db, &s.settings.data_dir, caller.tenant_id, id).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> ApiResult<impl IntoResponse> {
+    let by = super::deletions::requester(&caller);
+    let d = retention::delete_dataset(&s.db, &s.data, caller.tenant_id, id, &by).await?;
+    Ok(super::deletions::accepted(d))
 }
 
 fn content_type(headers: &HeaderMap) -> String {

@@ -26,6 +26,7 @@ pub mod auth;
 pub mod base_models;
 pub mod batch_predictions;
 pub mod datasets;
+pub mod deletions;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -180,6 +181,7 @@ pub fn router(state: AppState, settings: &Settings) -> (Router, Vec<Operation>) 
     let routes = datasets::routes(base_models::routes(routes));
     let routes = jobs::routes(routes);
     let routes = batch_predictions::routes(models::routes(routes));
+    let routes = deletions::routes(routes);
     let Routes { router, ops, .. } = routes;
 
     let app = Router::new()

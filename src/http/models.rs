@@ -73,17 +73,17 @@ async fn model_view(
     Ok(Json(fetch(&s, &caller, id).await?))
 }
 
-/// Delete the model's record and files (its job keeps its metric history).
+/// Delete the model: its record now (its job keeps its metric history), its files (weights,
+/// metadata, exports) in the background (202).
 async fn model_delete(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-) -> ApiResult<StatusCode> {
-    let m = fetch(&s, &caller, id).await?;
-    db::models::delete(&s.db, id).await?;
+) -> ApiResult<impl IntoResponse> {
+    let by = super::deletions::requester(&caller);
+    let d = crate::retention::delete_model(&s.db, &s.data, caller.tenant_id, id, &by).await?;
     s.models.evict(id);
-    let _ = tokio::fs::remove_dir_all(s.data.resolve(&m.path)).await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(super::deletions::accepted(d))
 }
 
 #[derive(Deserialize)]

@@ -1,6 +1,6 @@
-//! What the API asks of datasets beyond reading rows: create one from a checked request, delete
-//! one with its files, and receive uploads one at a time, handing each to ingest once its bytes
-//! are safely on disk.
+//! What the API asks of datasets beyond reading rows: create one from a checked request and
+//! receive uploads one at a time, handing each to ingest once its bytes are safely on disk.
+//! Deletion is [`crate::retention`]'s.
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::split::{Split, SplitSpec};
-use super::{DatasetDirs, Ingest, VideoMeta};
+use super::{Ingest, VideoMeta};
 use crate::db::{self, PgPool, datasets::Dataset, uploads::UploadKind};
 use crate::media::decode::CacheSpec;
 
@@ -23,9 +23,6 @@ pub enum DatasetError {
     NotFound,
     #[error("a dataset with this name already exists")]
     NameTaken,
-    /// Deleting while an upload is received or ingested would pull files from under ingest.
-    #[error("the dataset is receiving or processing an upload")]
-    Busy,
     /// One upload per dataset at a time: progress and the content hash are per dataset.
     #[error("another upload to this dataset is being received or processed")]
     UploadInProgress,
@@ -154,29 +151,6 @@ pub async fn create(
         .ok_or(DatasetError::NotFound)
 }
 
-/// Delete a dataset's row (its videos and uploads go with it) and then its files.
-pub async fn delete(
-    db: &PgPool,
-    data_dir: &std::path::Path,
-    tenant_id: Uuid,
-    id: Uuid,
-) -> Result<(), DatasetError> {
-    match db::datasets::delete(db, tenant_id, id).await? {
-        None => Err(DatasetError::NotFound),
-        Some(false) => Err(DatasetError::Busy),
-        Some(true) => {
-            let root = DatasetDirs::new(data_dir, id).root;
-            let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&root))
-                .await
-                .map_err(anyhow::Error::from)?;
-            match removed {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::from(e))?,
-                _ => Ok(()),
-            }
-        }
-    }
-}
-
 /// The query parameters or form fields that come with a single video.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -232,9 +206,9 @@ impl VideoMeta {
 
 /// What an upload brought.
 pub enum UploadContent {
-    /// An archive, stored at [`DatasetDirs::archive_body`].
+    /// An archive, stored at [`super::DatasetDirs::archive_body`].
     Archive,
-    /// One video, stored at [`DatasetDirs::video_body`].
+    /// One video, stored at [`super::DatasetDirs::video_body`].
     Video(VideoMeta),
 }
 

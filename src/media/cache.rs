@@ -132,13 +132,13 @@ impl CacheWriter {
         self.header.fps
     }
 
-    /// Write the final header and move the file into place.
+    /// Write the final header and move the file durably into place.
     pub fn finish(self) -> anyhow::Result<CacheHeader> {
         let mut file = self.file.into_inner().map_err(|e| e.into_error())?;
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&self.header.encode())?;
-        file.sync_data()?;
-        std::fs::rename(&self.part, &self.dest)
+        drop(file);
+        crate::datadir::durable_rename(&self.part, &self.dest)
             .with_context(|| format!("moving cache into {}", self.dest.display()))?;
         Ok(self.header)
     }

@@ -65,8 +65,8 @@ pub async fn export_safetensors(dir: &Path) -> anyhow::Result<PathBuf> {
             let mut b = tar::Builder::new(std::fs::File::create(&part)?);
             b.append_path_with_name(d.join("model.safetensors"), "model.safetensors")?;
             b.append_path_with_name(d.join("model.json"), "model.json")?;
-            b.into_inner()?.sync_all()?;
-            std::fs::rename(part, d.join("export.tar"))?;
+            drop(b.into_inner()?);
+            crate::datadir::durable_rename(&part, &d.join("export.tar"))?;
             Ok(())
         })
         .await??;
@@ -95,6 +95,6 @@ fn trace(meta: &ModelMeta, out: &Path) -> anyhow::Result<()> {
     let example = Tensor::zeros([1, 3, p.frames, p.crop, p.crop], (Kind::Float, Device::Cpu));
     let part = out.with_extension("part");
     export::write_torchscript(&vs, &model, &example, &part)?;
-    std::fs::rename(part, out)?;
+    crate::datadir::durable_rename(&part, out)?;
     Ok(())
 }

@@ -1,5 +1,11 @@
 //! Checkpoints of an attempt: the weights, the optimizer's state and the loop's state after an
-//! epoch, written under a part name and renamed into place, so a checkpoint is whole or absent.
+//! epoch, written under a part name and durably renamed into place, so a checkpoint is whole or
+//! absent, also after a crash.
+//!
+//! Each attempt writes only under its own `attempt-N/` folder, so a stale attempt that has not
+//! yet noticed it was fenced out can never replace the files a newer attempt resumed from.
+//! Another attempt's files are removed only by [`prune`], which the loop calls after its own
+//! checkpoint was recorded (the fenced database write that proves it still holds the job).
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -23,13 +29,44 @@ pub struct LoopState {
     pub es_bad: u32,
 }
 
-/// The directory of epoch `epoch`'s checkpoint under `root`.
-pub fn epoch_dir(root: &Path, epoch: u32) -> PathBuf {
-    root.join(format!("epoch-{epoch:04}"))
+/// The folder of attempt `attempt`'s checkpoints under a job's checkpoint `root`.
+pub fn attempt_dir(root: &Path, attempt: i32) -> PathBuf {
+    root.join(format!("attempt-{attempt}"))
 }
 
-/// Save the state after `state.epochs_done` epochs under `root`; returns its directory.
-/// `attempt` names the part directory, so two attempts never write into one.
+/// The directory of epoch `epoch`'s checkpoint in an attempt's folder.
+pub fn epoch_dir(attempt_dir: &Path, epoch: u32) -> PathBuf {
+    attempt_dir.join(format!("epoch-{epoch:04}"))
+}
+
+/// The attempts that have a folder under `root`, with their folders.
+fn attempts(root: &Path) -> Vec<(i32, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(i32, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix("attempt-")?.parse::<i32>().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The newest checkpoint of epoch `epoch` of any attempt under `root`.
+pub fn find(root: &Path, epoch: u32) -> Option<PathBuf> {
+    attempts(root)
+        .into_iter()
+        .rev()
+        .map(|(_, dir)| epoch_dir(&dir, epoch))
+        .find(|d| d.is_dir())
+}
+
+/// Save the state after `state.epochs_done` epochs under `root`, in attempt `attempt`'s own
+/// folder; returns its directory.
 pub fn save(
     root: &Path,
     attempt: i32,
@@ -37,9 +74,8 @@ pub fn save(
     opt: &Optimizer,
     state: &LoopState,
 ) -> anyhow::Result<PathBuf> {
-    let dir = epoch_dir(root, state.epochs_done);
-    let name = dir.file_name().expect("epoch dir has a name").to_owned();
-    let part = root.join(format!("{}.part-{attempt}", name.to_string_lossy()));
+    let dir = epoch_dir(&attempt_dir(root, attempt), state.epochs_done);
+    let part = dir.with_extension("part");
     let _ = std::fs::remove_dir_all(&part);
     std::fs::create_dir_all(&part)?;
     vs.save(part.join("model.safetensors"))
@@ -53,8 +89,9 @@ pub fn save(
         Tensor::write_safetensors(&named, part.join("optimizer.safetensors"))?;
     }
     std::fs::write(part.join("state.json"), serde_json::to_vec_pretty(state)?)?;
+    // Only this attempt writes in its folder: what is there is its own unrecorded leftover.
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&part, &dir)?;
+    crate::datadir::durable_rename(&part, &dir).context("moving the checkpoint into place")?;
     Ok(dir)
 }
 
@@ -70,9 +107,24 @@ pub fn load(dir: &Path, vs: &mut VarStore, opt: &mut Optimizer) -> anyhow::Resul
     Ok(state)
 }
 
-/// Keep the newest `keep` checkpoints and the best one.
-pub fn prune(root: &Path, keep: usize, best: Option<u32>) {
-    let Ok(entries) = std::fs::read_dir(root) else {
+/// Keep attempt `attempt`'s newest `keep` checkpoints and the best one; of earlier attempts keep
+/// only the best epoch. Call only after this attempt's newest checkpoint was recorded (the
+/// fenced write): newer attempts' folders are never touched.
+pub fn prune(root: &Path, attempt: i32, keep: usize, best: Option<u32>) {
+    for (n, dir) in attempts(root) {
+        if n < attempt {
+            prune_attempt(&dir, 0, best);
+            if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_none()) {
+                let _ = std::fs::remove_dir(&dir);
+            }
+        } else if n == attempt {
+            prune_attempt(&dir, keep, best);
+        }
+    }
+}
+
+fn prune_attempt(dir: &Path, keep: usize, best: Option<u32>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     let mut epochs: Vec<(u32, PathBuf)> = entries
@@ -87,7 +139,53 @@ pub fn prune(root: &Path, keep: usize, best: Option<u32>) {
     let cut = epochs.len().saturating_sub(keep);
     for (n, path) in &epochs[..cut] {
         if Some(*n) != best {
-            let _ = std::fs::remove_dir_all(path);
+            let _ = crate::datadir::remove_durably(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(root: &Path, attempt: i32, epoch: u32) -> PathBuf {
+        let d = epoch_dir(&attempt_dir(root, attempt), epoch);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("state.json"), format!("{attempt}/{epoch}")).unwrap();
+        d
+    }
+
+    #[test]
+    fn attempts_keep_their_own_folders_and_pruning_never_touches_a_newer_attempt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        // Attempt 1 saved epochs 1-3 (best 2); attempt 2 resumed after epoch 3 and saved 4.
+        for e in 1..=3 {
+            fake(root, 1, e);
+        }
+        fake(root, 2, 4);
+        // A stale attempt 1 pruning (it cannot know it was fenced out) leaves attempt 2 alone.
+        prune(root, 1, 1, Some(2));
+        assert!(epoch_dir(&attempt_dir(root, 2), 4).is_dir());
+        // Attempt 2, having recorded epoch 4, keeps its newest and the best of attempt 1.
+        fake(root, 2, 5);
+        prune(root, 2, 1, Some(2));
+        let left: Vec<_> = walk(root);
+        assert_eq!(left, ["attempt-1/epoch-0002", "attempt-2/epoch-0005"]);
+        assert_eq!(find(root, 2), Some(epoch_dir(&attempt_dir(root, 1), 2)));
+        assert_eq!(find(root, 5), Some(epoch_dir(&attempt_dir(root, 2), 5)));
+        assert_eq!(find(root, 3), None);
+    }
+
+    fn walk(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for (_, a) in attempts(root) {
+            for e in std::fs::read_dir(&a).unwrap() {
+                let p = e.unwrap().path();
+                out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+        out.sort();
+        out
     }
 }

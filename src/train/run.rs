@@ -494,10 +494,15 @@ impl<'a> Attempt<'a> {
             state,
         )?;
         if !self.log.checkpoint(&self.ctx.data_dir.relative(&dir))? {
+            // Never recorded, and in this attempt's own folder: nobody resumes from it.
+            let _ = crate::datadir::remove_durably(&dir);
             return Ok(AfterEpoch::FencedOut);
         }
+        // The checkpoint was recorded under this attempt's fence: only now may older attempts'
+        // files go.
         checkpoint::prune(
             &self.ckpt_root,
+            self.job.attempt,
             hp.keep_checkpoints as usize,
             state.best_epoch,
         );
@@ -523,8 +528,8 @@ impl<'a> Attempt<'a> {
     fn finish(mut self) -> Result<Outcome, TrainError> {
         let hp = &self.job.hp;
         let best = self.state.best_epoch.unwrap_or(self.state.epochs_done);
-        let best_dir = checkpoint::epoch_dir(&self.ckpt_root, best);
-        if best != self.state.epochs_done && best_dir.exists() {
+        let best_dir = checkpoint::find(&self.ckpt_root, best);
+        if let Some(best_dir) = best_dir.filter(|_| best != self.state.epochs_done) {
             self.vs
                 .load(best_dir.join("model.safetensors"))
                 .context("loading the best checkpoint")?;
@@ -554,8 +559,12 @@ impl<'a> Attempt<'a> {
             self.prep.clone(),
             hp.eval_clips as i64,
         );
+        // Written aside, durably moved into place, and only then recorded.
         let dir = self.ctx.data_dir.resolve(&rel);
-        export::write_safetensors(&self.vs, &meta, &dir)?;
+        let part = dir.with_extension("part");
+        let _ = std::fs::remove_dir_all(&part);
+        export::write_safetensors(&self.vs, &meta, &part)?;
+        crate::datadir::durable_rename(&part, &dir).context("moving the model into place")?;
         let committed = self.log.finish(&TrainedModel {
             id,
             path: &rel,
@@ -568,7 +577,7 @@ impl<'a> Attempt<'a> {
             bytes: crate::datadir::dir_bytes(&dir),
         })?;
         if !committed {
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = crate::datadir::remove_durably(&dir);
             return Ok(Outcome::FencedOut);
         }
         Ok(Outcome::Succeeded(id))
@@ -806,7 +815,7 @@ mod tests {
         assert_eq!(log.epochs.iter().map(|e| e.0).collect::<Vec<_>>(), [1, 2]);
         // 4 training clips in batches of 2: 2 steps an epoch, each logged.
         assert_eq!(log.steps, [(1, 0), (2, 0), (3, 1), (4, 1)]);
-        let ckpt = |e: u32| format!("jobs/{id}/checkpoints/epoch-{e:04}");
+        let ckpt = |e: u32| format!("jobs/{id}/checkpoints/attempt-1/epoch-{e:04}");
         assert_eq!(log.checkpoints, [ckpt(1), ckpt(2)]);
         assert!(data.path().join(ckpt(1)).join("state.json").exists());
         // What the checkpoints and the model take on disk is reported for the storage quota.
@@ -840,6 +849,11 @@ mod tests {
             "resumed from the checkpoint after epoch 1"
         );
         assert_eq!(resumed.epochs.len(), 1);
+        // The second attempt wrote in its own folder, never over the first attempt's files.
+        assert_eq!(
+            resumed.checkpoints,
+            [format!("jobs/{id}/checkpoints/attempt-2/epoch-0002")]
+        );
         let (a, b) = (&log.epochs[1], &resumed.epochs[0]);
         assert_eq!(b.0, 2);
         let close = |x: f64, y: f64| (x - y).abs() < 1e-5;
@@ -873,5 +887,7 @@ mod tests {
         assert_eq!(log.checkpoints.len(), 1);
         assert!(log.models.is_empty());
         assert!(!data.path().join("models").exists());
+        // The checkpoint it could not record is not left behind.
+        assert!(!data.path().join(&log.checkpoints[0]).exists());
     }
 }

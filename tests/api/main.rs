@@ -15,6 +15,7 @@ mod jobs;
 mod openapi;
 mod problems;
 mod quota;
+mod retention;
 mod roles;
 mod sandbox;
 mod serving;

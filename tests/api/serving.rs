@@ -260,7 +260,7 @@ async fn a_trained_model_predicts_held_out_videos_with_timelines(db: PgPool) {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 204);
+    assert_eq!(resp.status(), 202);
     assert_problem(
         app.get(&format!("/v1/models/{model}"), &key).await,
         404,
