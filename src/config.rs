@@ -178,6 +178,14 @@ pub struct ServeArgs {
     /// Predictions per second per API key (0: unlimited).
     #[arg(long, env = "VIDTUNE_PREDICT_RATE", default_value_t = 20.0)]
     pub predict_rate: f64,
+    /// Pixels one prediction may feed its model, in millions: whole-video clips plus timeline
+    /// windows, times frames × crop height × width (100: 500 clips of 16×112², or a timeline of
+    /// 8,000 windows of 4×56²). Beyond it the answer is 422 `prediction_budget_exceeded`.
+    #[arg(long, env = "VIDTUNE_PREDICT_MAX_MPIXELS", default_value_t = 100)]
+    pub predict_max_mpixels: u64,
+    /// Event streams (`job_events`) one API key may hold open at once; one more is 429.
+    #[arg(long, env = "VIDTUNE_MAX_STREAMS_PER_KEY", default_value_t = 4)]
+    pub max_streams_per_key: usize,
     /// Time allowed to decode one video at ingest, in seconds.
     #[arg(long, env = "VIDTUNE_DECODE_TIMEOUT_SECS", default_value_t = 600.0)]
     pub decode_timeout_secs: f64,
@@ -265,6 +273,8 @@ pub struct Settings {
     /// Time a custom backbone gets to load and run once when it is registered, and when a job
     /// asks it for another clip size.
     pub inspect_timeout: Duration,
+    /// Event streams one API key may hold open at once.
+    pub max_streams_per_key: usize,
 }
 
 impl Settings {
@@ -283,6 +293,7 @@ impl Settings {
             metrics_listen: None,
             tenant_backbones: false,
             inspect_timeout: Duration::from_secs(120),
+            max_streams_per_key: 4,
         }
     }
 
@@ -311,10 +322,12 @@ impl Settings {
                 deadline: Duration::from_secs(a.predict_deadline_secs),
                 memory_budget: a.model_memory_mib << 20,
                 rate_per_s: a.predict_rate,
+                max_input_pixels: a.predict_max_mpixels.saturating_mul(1_000_000),
             },
             metrics_listen: a.metrics_listen,
             tenant_backbones: a.tenant_backbones,
             inspect_timeout: Duration::from_secs(a.sandbox_inspect_secs),
+            max_streams_per_key: a.max_streams_per_key.max(1),
         })
     }
 }

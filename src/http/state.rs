@@ -1,11 +1,14 @@
 //! The state every handler shares: the pool, settings, the serving and decoding pools.
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::datadir::DataDir;
 use crate::ingest::IngestConfig;
+use crate::jobs::events::EventHub;
 use crate::media::worker::MediaPool;
 use crate::metrics::HttpMetrics;
 use crate::serve::{ModelCache, RateLimiter};
@@ -24,6 +27,10 @@ pub struct AppState {
     pub media: Arc<MediaPool>,
     pub limiter: Arc<RateLimiter>,
     pub http_metrics: Arc<HttpMetrics>,
+    /// The one LISTEN connection's fan-out to job event streams.
+    pub events: Arc<EventHub>,
+    /// Event streams open per API key.
+    pub streams: Arc<StreamSlots>,
 }
 
 impl AppState {
@@ -40,7 +47,51 @@ impl AppState {
             )),
             limiter: Arc::default(),
             http_metrics: Arc::default(),
+            events: Arc::default(),
+            streams: Arc::default(),
             settings: Arc::new(settings),
+        }
+    }
+}
+
+/// Open event streams per API key, so that one key cannot hold every stream (or, before
+/// streams shared one LISTEN connection, every pooled connection) of the server.
+#[derive(Default)]
+pub struct StreamSlots {
+    open: Mutex<HashMap<Uuid, usize>>,
+}
+
+impl StreamSlots {
+    /// A slot for one more stream of `key`, or `None` when it has `max` open already. The slot
+    /// is given back when dropped (the stream ends or its client goes away).
+    pub fn take(self: &Arc<Self>, key: Uuid, max: usize) -> Option<StreamSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One open stream of a key (see [`StreamSlots::take`]).
+pub struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    key: Uuid,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
         }
     }
 }

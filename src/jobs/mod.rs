@@ -22,6 +22,7 @@ use crate::device::DeviceRequest;
 use crate::registry::{self, BaseModel, ImportError};
 use crate::train::hyper::Hyperparameters;
 
+pub mod events;
 pub mod plots;
 
 pub use plots::{PlotRequest, plot};
