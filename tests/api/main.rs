@@ -16,4 +16,5 @@ mod problems;
 mod roles;
 mod sandbox;
 mod serving;
+mod streams;
 mod walkthrough;

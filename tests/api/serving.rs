@@ -270,7 +270,7 @@ async fn a_trained_model_predicts_held_out_videos_with_timelines(db: PgPool) {
 }
 
 /// A model record with random r3d_18 weights, written straight to the database and disk.
-async fn untrained_model(app: &crate::helpers::TestApp, key: &str) -> String {
+pub(crate) async fn untrained_model(app: &crate::helpers::TestApp, key: &str) -> String {
     let ds = app.dataset(key, json!({"name": "for-model"})).await;
     let tenant: uuid::Uuid =
         sqlx::query_scalar("select tenant_id from datasets where id = $1::uuid")
