@@ -225,7 +225,13 @@ async fn job_events(
         )
         .with_retry_after(5)
     })?;
-    let rows = jobs::events::stream(s.db.clone(), s.events.subscribe(), caller.tenant_id, id, after);
+    let rows = jobs::events::stream(
+        s.db.clone(),
+        s.events.subscribe(),
+        caller.tenant_id,
+        id,
+        after,
+    );
     let events = rows.map(move |r| {
         // The slot is given back when the stream is dropped.
         let _held = &slot;

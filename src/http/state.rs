@@ -11,7 +11,7 @@ use crate::ingest::IngestConfig;
 use crate::jobs::events::EventHub;
 use crate::media::worker::MediaPool;
 use crate::metrics::HttpMetrics;
-use crate::serve::{ModelCache, RateLimiter};
+use crate::serve::{BatchRunner, ModelCache, RateLimiter};
 
 /// State shared by every handler. Cheap to clone.
 #[derive(Clone)]
@@ -27,6 +27,8 @@ pub struct AppState {
     pub media: Arc<MediaPool>,
     pub limiter: Arc<RateLimiter>,
     pub http_metrics: Arc<HttpMetrics>,
+    /// Runs batch predictions, this process's and those of processes that died.
+    pub batches: Arc<BatchRunner>,
     /// The one LISTEN connection's fan-out to job event streams.
     pub events: Arc<EventHub>,
     /// Event streams open per API key.
@@ -36,11 +38,14 @@ pub struct AppState {
 impl AppState {
     /// The state for `settings`: empty model cache, a decoder pool of the ingest concurrency.
     pub fn new(settings: Settings, db: PgPool) -> Self {
+        let data = DataDir::new(&settings.data_dir);
+        let models = Arc::new(ModelCache::new(settings.serve.clone()));
         Self {
+            batches: Arc::new(BatchRunner::new(db.clone(), data.clone(), models.clone())),
             db,
-            data: DataDir::new(&settings.data_dir),
+            data,
             ingest: Arc::new(settings.ingest.clone()),
-            models: Arc::new(ModelCache::new(settings.serve.clone())),
+            models,
             media: Arc::new(MediaPool::new(
                 &settings.ingest.media_worker_exe,
                 settings.ingest.concurrency,

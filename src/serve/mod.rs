@@ -18,7 +18,7 @@ mod export;
 mod meta;
 mod predict;
 
-pub use batch::{BatchVideo, run_batch};
+pub use batch::{BatchRunner, batch_videos};
 pub use export::{ExportError, ExportFormat, export_safetensors, export_torchscript};
 pub use meta::{MetaError, ModelMeta, load_classifier, model_meta};
 pub use predict::{

@@ -8,6 +8,7 @@ mod models;
 mod audit;
 mod auth;
 mod base_models;
+mod batches;
 mod datasets;
 mod health;
 mod jobs;

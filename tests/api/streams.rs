@@ -64,16 +64,17 @@ async fn event_streams_are_capped_per_key_and_never_starve_other_tenants(db: PgP
             open.push(resp);
         }
     }
-    assert_eq!((open.len(), refused), (4, 4), "the default cap is 4 per key");
+    assert_eq!(
+        (open.len(), refused),
+        (4, 4),
+        "the default cap is 4 per key"
+    );
 
     // Another tenant, and the same key's other requests, are answered at once.
     for key in [&other, &watcher] {
-        let resp = tokio::time::timeout(
-            Duration::from_secs(15),
-            app.get("/v1/datasets", key),
-        )
-        .await
-        .expect("dataset_list answered while streams are open");
+        let resp = tokio::time::timeout(Duration::from_secs(15), app.get("/v1/datasets", key))
+            .await
+            .expect("dataset_list answered while streams are open");
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     }
     // Idle streams hold no pooled connection: the pool has room for more than its size in
@@ -81,7 +82,9 @@ async fn event_streams_are_capped_per_key_and_never_starve_other_tenants(db: PgP
     let mut lists = Vec::new();
     for _ in 0..10 {
         let req = app.request(Method::GET, "/v1/datasets", &other);
-        lists.push(tokio::spawn(async move { req.send().await.unwrap().status() }));
+        lists.push(tokio::spawn(
+            async move { req.send().await.unwrap().status() },
+        ));
     }
     for l in lists {
         let status = tokio::time::timeout(Duration::from_secs(15), l)
@@ -120,7 +123,10 @@ async fn event_streams_are_capped_per_key_and_never_starve_other_tenants(db: PgP
     let again = app.get(&path, &watcher).await;
     assert_eq!(again.status(), 200, "slots are given back when streams end");
     let text = again.text().await.unwrap();
-    assert!(text.contains("hello") && text.contains("canceled"), "{text}");
+    assert!(
+        text.contains("hello") && text.contains("canceled"),
+        "{text}"
+    );
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
@@ -146,7 +152,9 @@ async fn a_prediction_beyond_the_compute_budget_is_refused_with_a_problem(db: Pg
     let resp = predict("").await.unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     // A timeline of 0.1 s windows is about 20 windows and the clip: 2.1 million pixels.
-    let resp = predict("?timeline=true&window=0.1s&stride=0.1s").await.unwrap();
+    let resp = predict("?timeline=true&window=0.1s&stride=0.1s")
+        .await
+        .unwrap();
     let body = assert_problem(resp, 422, "prediction_budget_exceeded").await;
     let detail = body["detail"].as_str().unwrap();
     assert!(
@@ -157,5 +165,8 @@ async fn a_prediction_beyond_the_compute_budget_is_refused_with_a_problem(db: Pg
     let resp = predict("?timeline=true&window=1s&stride=1s").await.unwrap();
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     let p: serde_json::Value = resp.json().await.unwrap();
-    assert!((2..=3).contains(&p["timeline"].as_array().unwrap().len()), "{p}");
+    assert!(
+        (2..=3).contains(&p["timeline"].as_array().unwrap().len()),
+        "{p}"
+    );
 }
