@@ -170,3 +170,67 @@ async fn a_prediction_beyond_the_compute_budget_is_refused_with_a_problem(db: Pg
         "{p}"
     );
 }
+
+/// The largest resident set this process has had, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_long_timeline_holds_one_batch_of_clips_in_memory(db: PgPool) {
+    // No budget here: this is about the memory a prediction within its budget takes.
+    let app = spawn_app_with(db, |s| s.serve.max_input_pixels = u64::MAX).await;
+    let key = app.key_for("long", false).await;
+    let mut prep = vidtune::backbone::Arch::R3d18.preprocessing();
+    (prep.frames, prep.resize, prep.crop) = (4, [64, 85], 56);
+    let model = crate::serving::untrained_model_with(&app, &key, prep).await;
+    let dir = tempfile::tempdir().unwrap();
+    let predict = |video: Vec<u8>| {
+        app.request(
+            Method::POST,
+            &format!("/v1/models/{model}/predict?timeline=true&window=0.1s&stride=0.1s"),
+            &key,
+        )
+        .header("content-type", "video/mp4")
+        .body(video)
+        .send()
+    };
+    // Warm up: the model loaded, one short timeline run.
+    let short = std::fs::read(crate::media::video(
+        dir.path(),
+        "s.mp4",
+        "h264",
+        30,
+        "64x64",
+    ))
+    .unwrap();
+    assert_eq!(predict(short).await.unwrap().status(), 200);
+    let before = peak_rss();
+    // 200 s at 15 fps: 2,000 windows of 4×56² clips, 300 MB of float input were it read at once.
+    let long = std::fs::read(crate::media::video(
+        dir.path(),
+        "l.mp4",
+        "h264",
+        3000,
+        "64x64",
+    ))
+    .unwrap();
+    let resp = predict(long).await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let p: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        p["timeline"].as_array().unwrap().len() >= 1990,
+        "{}",
+        p["timeline"].as_array().unwrap().len()
+    );
+    let grown = peak_rss().saturating_sub(before);
+    eprintln!("a 2,000-window timeline grew the peak resident set by {} MB", grown >> 20);
+    assert!(
+        grown < 120 << 20,
+        "the peak resident set grew by {} MB",
+        grown >> 20
+    );
+}
