@@ -347,9 +347,9 @@ pub fn input_pixels(clips: usize, spec: &ClipSpec) -> u64 {
 }
 
 /// Class probabilities, one row per clip of `plans`, read from the decoded video `cache`. The
-/// clips are read, preprocessed and run through the model a model-sized chunk at a time, so a
-/// long timeline holds one chunk of input in memory (not the whole video's), and other requests
-/// can be batched in between.
+/// clips are read, preprocessed and run through the model a model-sized chunk at a time (the
+/// next chunk read while the model runs this one), so a long timeline holds two chunks of input
+/// in memory, not the whole video's, and other requests can be batched in between.
 async fn infer_plans(
     models: &ModelCache,
     handle: &ModelHandle,
@@ -358,13 +358,28 @@ async fn infer_plans(
     spec: ClipSpec,
 ) -> Result<Vec<Vec<f32>>, PredictError> {
     let cfg = models.config();
-    let chunk = cfg.max_batch_clips.max(1) as usize;
     let prep = &handle.meta.preprocessing;
+    let read = |part: Option<&[Plan]>| {
+        let job = part.map(|p| (cache.to_owned(), p.to_vec(), spec.clone(), prep.clone()));
+        async move {
+            match job {
+                Some((cache, plans, spec, prep)) => {
+                    read_clips(cache, plans, spec, prep).await.map(Some)
+                }
+                None => Ok(None),
+            }
+        }
+    };
+    let mut chunks = plans.chunks(cfg.max_batch_clips.max(1) as usize);
     let mut rows = Vec::with_capacity(plans.len());
-    for part in plans.chunks(chunk) {
-        let input = read_clips(cache.to_owned(), part.to_vec(), spec.clone(), prep.clone()).await?;
-        let probs = handle.infer(input, cfg.deadline, &models.stats).await?;
-        rows.extend(Vec::<Vec<f32>>::try_from(&probs).map_err(anyhow::Error::from)?);
+    let mut input = read(chunks.next()).await?;
+    while let Some(current) = input {
+        let (probs, next) = tokio::join!(
+            handle.infer(current, cfg.deadline, &models.stats),
+            read(chunks.next())
+        );
+        rows.extend(Vec::<Vec<f32>>::try_from(&probs?).map_err(anyhow::Error::from)?);
+        input = next?;
     }
     Ok(rows)
 }
