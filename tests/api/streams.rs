@@ -94,6 +94,23 @@ async fn event_streams_are_capped_per_key_and_never_starve_other_tenants(db: PgP
         assert_eq!(status, 200);
     }
 
+    // A client that goes away gives its slot back.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = app.get(&path, &watcher).await;
+        if resp.status() == 200 {
+            open.push(resp);
+            break;
+        }
+        assert_eq!(resp.status(), 429);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot of a closed stream is given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Events still reach every open stream, woken by the one shared LISTEN connection.
     vidtune::db::jobs::event_unfenced(&app.db, job, 0, "warning", "warn", "hello", json!({}))
         .await
