@@ -53,6 +53,11 @@ impl Application {
             None => None,
         };
         let state = AppState::new(settings, db);
+        // One LISTEN connection for every job event stream of this process.
+        let (events, db) = (state.events.clone(), state.db.clone());
+        tokio::spawn(async move { events.run(db).await });
+        // Batch predictions a previous process left running are taken over.
+        tokio::spawn(state.batches.clone().rescue());
         // Uploads a previous process left unfinished; the server answers meanwhile.
         let (db, data_dir, ingest) = (
             state.db.clone(),

@@ -194,6 +194,14 @@ pub struct ServeArgs {
     /// Most entries (files, folders, links) in one archive.
     #[arg(long, env = "VIDTUNE_ARCHIVE_MAX_ENTRIES", default_value_t = 100_000)]
     pub archive_max_entries: usize,
+    /// Pixels one prediction may feed its model, in millions: whole-video clips plus timeline
+    /// windows, times frames × crop height × width (100: 500 clips of 16×112², or a timeline of
+    /// 8,000 windows of 4×56²). Beyond it the answer is 422 `prediction_budget_exceeded`.
+    #[arg(long, env = "VIDTUNE_PREDICT_MAX_MPIXELS", default_value_t = 100)]
+    pub predict_max_mpixels: u64,
+    /// Event streams (`job_events`) one API key may hold open at once; one more is 429.
+    #[arg(long, env = "VIDTUNE_MAX_STREAMS_PER_KEY", default_value_t = 4)]
+    pub max_streams_per_key: usize,
     /// Time allowed to decode one video at ingest, in seconds.
     #[arg(long, env = "VIDTUNE_DECODE_TIMEOUT_SECS", default_value_t = 600.0)]
     pub decode_timeout_secs: f64,
@@ -296,6 +304,8 @@ pub struct Settings {
     pub tenant_quota_bytes: u64,
     /// Age after which a file no record refers to is removed at start-up.
     pub orphan_grace: Duration,
+    /// Event streams one API key may hold open at once.
+    pub max_streams_per_key: usize,
 }
 
 impl Settings {
@@ -316,6 +326,7 @@ impl Settings {
             inspect_timeout: Duration::from_secs(120),
             tenant_quota_bytes: 1 << 40,
             orphan_grace: Duration::from_secs(3600),
+            max_streams_per_key: 4,
         }
     }
 
@@ -350,12 +361,14 @@ impl Settings {
                 deadline: Duration::from_secs(a.predict_deadline_secs),
                 memory_budget: a.model_memory_mib << 20,
                 rate_per_s: a.predict_rate,
+                max_input_pixels: a.predict_max_mpixels.saturating_mul(1_000_000),
             },
             metrics_listen: a.metrics_listen,
             tenant_backbones: a.tenant_backbones,
             inspect_timeout: Duration::from_secs(a.sandbox_inspect_secs),
             tenant_quota_bytes: a.tenant_quota_bytes,
             orphan_grace: Duration::from_secs(a.orphan_grace_secs),
+            max_streams_per_key: a.max_streams_per_key.max(1),
         })
     }
 }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::types::Json;
+use std::time::Duration;
+
 use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -17,6 +19,7 @@ pub enum BatchState {
     Running,
     Succeeded,
     Failed,
+    Canceled,
 }
 
 /// A batch prediction as the API shows it.
@@ -50,11 +53,24 @@ pub struct NewBatch<'a> {
     pub total: i32,
 }
 
-pub async fn insert(db: impl PgExecutor<'_>, b: &NewBatch<'_>) -> sqlx::Result<()> {
-    sqlx::query(
-        "insert into batch_predictions (id, tenant_id, model_id, dataset_id, split, clips, total)
-         values ($1, $2, $3, $4, $5, $6, $7)",
-    )
+const COLUMNS: &str = "id, model_id, dataset_id, split, clips, state, error, total, done, \
+                       created_at, finished_at";
+
+/// Store a new batch, leased for `lease` to `owner` (the process that will run it); returns it
+/// as the API shows it.
+pub async fn insert(
+    db: impl PgExecutor<'_>,
+    b: &NewBatch<'_>,
+    owner: Uuid,
+    lease: Duration,
+) -> sqlx::Result<Batch> {
+    sqlx::query_as(&format!(
+        "insert into batch_predictions
+             (id, tenant_id, model_id, dataset_id, split, clips, total, lease_owner,
+              lease_expires_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
+         returning {COLUMNS}"
+    ))
     .bind(b.id)
     .bind(b.tenant_id)
     .bind(b.model_id)
@@ -62,9 +78,100 @@ pub async fn insert(db: impl PgExecutor<'_>, b: &NewBatch<'_>) -> sqlx::Result<(
     .bind(b.split)
     .bind(b.clips)
     .bind(b.total)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .fetch_one(db)
+    .await
+}
+
+/// What a process needs to run (or resume) a batch it holds the lease of.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub model_id: Uuid,
+    pub dataset_id: Uuid,
+    pub split: Option<String>,
+    pub clips: i32,
+}
+
+/// Take over up to `limit` running batches whose lease ran out (their process died), or that
+/// never had one, leasing them to `owner` for `lease`. Several servers may claim at once: each
+/// batch goes to one (`skip locked`).
+pub async fn claim_abandoned(
+    db: impl PgExecutor<'_>,
+    owner: Uuid,
+    lease: Duration,
+    limit: i64,
+) -> sqlx::Result<Vec<Claimed>> {
+    sqlx::query_as(
+        "update batch_predictions
+            set lease_owner = $1, lease_expires_at = now() + make_interval(secs => $2)
+          where id in (select id from batch_predictions
+                        where state = 'running'
+                          and (lease_expires_at is null or lease_expires_at < now())
+                        order by created_at
+                        limit $3
+                        for update skip locked)
+          returning id, tenant_id, model_id, dataset_id, split, clips",
+    )
+    .bind(owner)
+    .bind(lease.as_secs_f64())
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Extend `owner`'s lease on a running batch; `false` when the batch is no longer its to run
+/// (canceled, finished, or taken over after the lease ran out).
+pub async fn renew(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    owner: Uuid,
+    lease: Duration,
+) -> sqlx::Result<bool> {
+    Ok(sqlx::query(
+        "update batch_predictions set lease_expires_at = now() + make_interval(secs => $3)
+          where id = $1 and lease_owner = $2 and state = 'running'",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(lease.as_secs_f64())
     .execute(db)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// The videos of a batch that have a result already (a resumed batch skips them).
+pub async fn done_videos(db: impl PgExecutor<'_>, batch_id: Uuid) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar("select video_id from batch_prediction_results where batch_id = $1")
+        .bind(batch_id)
+        .fetch_all(db)
+        .await
+}
+
+/// Cancel a tenant's running batch (its runner stops before the next video); a finished one is
+/// returned unchanged. `None` for an unknown id or another tenant's.
+pub async fn cancel(
+    db: impl PgExecutor<'_>,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<Batch>> {
+    sqlx::query_as(&format!(
+        "with c as (
+             update batch_predictions set state = 'canceled', finished_at = now()
+              where tenant_id = $1 and id = $2 and state = 'running'
+          returning {COLUMNS})
+         select {COLUMNS} from c
+         union all
+         select {COLUMNS} from batch_predictions
+          where tenant_id = $1 and id = $2 and not exists (select 1 from c)"
+    ))
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 /// A tenant's batch prediction; `None` also for another tenant's id.
@@ -73,28 +180,31 @@ pub async fn get(
     tenant_id: Uuid,
     id: Uuid,
 ) -> sqlx::Result<Option<Batch>> {
-    sqlx::query_as(
-        "select id, model_id, dataset_id, split, clips, state, error, total, done, created_at,
-                finished_at
-         from batch_predictions where tenant_id = $1 and id = $2",
-    )
+    sqlx::query_as(&format!(
+        "select {COLUMNS} from batch_predictions where tenant_id = $1 and id = $2"
+    ))
     .bind(tenant_id)
     .bind(id)
     .fetch_optional(db)
     .await
 }
 
-/// Record how a batch prediction ended.
+/// Record how a batch prediction ended, if it is still `owner`'s running batch (a canceled
+/// batch stays canceled; a process that lost its lease changes nothing).
 pub async fn finish(
     db: impl PgExecutor<'_>,
     id: Uuid,
+    owner: Uuid,
     state: BatchState,
     error: Option<&str>,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "update batch_predictions set state = $2, error = $3, finished_at = now() where id = $1",
+        "update batch_predictions set state = $3, error = $4, finished_at = now(),
+                lease_expires_at = null
+          where id = $1 and lease_owner = $2 and state = 'running'",
     )
     .bind(id)
+    .bind(owner)
     .bind(state)
     .bind(error)
     .execute(db)
@@ -127,13 +237,17 @@ pub struct NewResult<'a> {
 }
 
 /// Store one video's result and count it done in one transaction, so the progress a client
-/// polls never runs ahead of the results it can read.
+/// polls never runs ahead of the results it can read. Idempotent: a video predicted again (a
+/// resumed batch) keeps its first result and is counted once; nothing is stored once the batch
+/// is no longer running (canceled).
 pub async fn record_result(db: &PgPool, batch_id: Uuid, r: &NewResult<'_>) -> sqlx::Result<()> {
     let mut tx = db.begin().await?;
     sqlx::query(
         "insert into batch_prediction_results
              (batch_id, video_id, path, truth, predicted, probability, probabilities)
-         values ($1, $2, $3, $4, $5, $6, $7) on conflict do nothing",
+         select $1, $2, $3, $4, $5, $6, $7
+          where exists (select 1 from batch_predictions where id = $1 and state = 'running')
+         on conflict do nothing",
     )
     .bind(batch_id)
     .bind(r.video_id)
@@ -144,10 +258,14 @@ pub async fn record_result(db: &PgPool, batch_id: Uuid, r: &NewResult<'_>) -> sq
     .bind(Json(r.probabilities))
     .execute(&mut *tx)
     .await?;
-    sqlx::query("update batch_predictions set done = done + 1 where id = $1")
-        .bind(batch_id)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "update batch_predictions
+            set done = (select count(*) from batch_prediction_results where batch_id = $1)
+          where id = $1",
+    )
+    .bind(batch_id)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await
 }
 

@@ -594,10 +594,25 @@ pub async fn listen_queue(db: &PgPool) -> Option<sqlx::postgres::PgListener> {
     listen(db, "vidtune_jobs").await
 }
 
-/// A connection woken when any job writes an event (`vidtune_job_events`), for event streams.
-/// `None` when it cannot be opened: callers then poll.
-pub async fn listen_events(db: &PgPool) -> Option<sqlx::postgres::PgListener> {
-    listen(db, "vidtune_job_events").await
+/// The connection woken when any job writes an event (`vidtune_job_events`). A process opens
+/// one and fans it out to every event stream (see `jobs::events`): one connection held by a
+/// LISTEN, however many clients watch.
+pub struct EventListener(sqlx::postgres::PgListener);
+
+impl EventListener {
+    pub async fn connect(db: &PgPool) -> sqlx::Result<Self> {
+        let mut l = sqlx::postgres::PgListener::connect_with(db).await?;
+        l.listen("vidtune_job_events").await?;
+        Ok(Self(l))
+    }
+
+    /// The next job that wrote an event; `None` for a notification that names no job. An error
+    /// means the connection was lost (notifications may have been missed meanwhile); the next
+    /// call reconnects.
+    pub async fn recv(&mut self) -> sqlx::Result<Option<Uuid>> {
+        let n = self.0.recv().await?;
+        Ok(n.payload().parse().ok())
+    }
 }
 
 async fn listen(db: &PgPool, channel: &str) -> Option<sqlx::postgres::PgListener> {

@@ -4,17 +4,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
 use super::extract::{Json, Path, Query, csv_response};
 use super::{Access, ApiError, ApiResult, AuditResource, Caller, Format, Routes};
 use crate::db;
-use crate::db::batch_predictions::{Batch, BatchResult, BatchState, NewBatch};
+use crate::db::batch_predictions::{Batch, BatchResult, NewBatch};
 use crate::db::datasets::DatasetStatus;
-use crate::db::videos::{Split, VideoStatus};
-use crate::serve::{self, BatchVideo, ModelMeta};
+use crate::db::videos::Split;
+use crate::serve::{self, ModelMeta};
 
 pub fn routes(r: Routes) -> Routes {
     use Access::Tenant;
@@ -31,6 +30,13 @@ pub fn routes(r: Routes) -> Routes {
         "batch_prediction_view",
         Tenant,
         batch_prediction_view,
+    )
+    .op(
+        Method::POST,
+        "/v1/batch-predictions/{batch_id}/cancel",
+        "batch_prediction_cancel",
+        Tenant,
+        batch_prediction_cancel,
     )
 }
 
@@ -67,40 +73,24 @@ async fn batch_prediction_create(
         return Err(ApiError::validation("clips", "between 1 and 32"));
     }
     let videos = dataset_videos(&s, &caller, body.dataset_id, split, &meta).await?;
-    let id = Uuid::new_v4();
     let new = NewBatch {
-        id,
+        id: Uuid::new_v4(),
         tenant_id: caller.tenant_id,
         model_id,
         dataset_id: body.dataset_id,
-        split: body.split.as_deref(),
+        split: split.map(Split::as_str),
         clips: clips as i32,
         total: videos.len() as i32,
     };
-    db::batch_predictions::insert(&s.db, &new).await?;
-
-    let handle = s.models.get(meta).await.map_err(ApiError::internal)?;
-    let dirs = s.data.dataset(body.dataset_id);
-    let videos = videos
-        .into_iter()
-        .map(|video| BatchVideo {
-            cache: dirs.cache_file(video.id),
-            video,
-        })
-        .collect();
-    tokio::spawn(serve::run_batch(
-        s.db.clone(),
-        s.models.clone(),
-        handle,
-        id,
-        videos,
-        clips,
-    ));
+    let batch = s.batches.start(&new).await?;
     Ok((
         StatusCode::ACCEPTED,
-        [(header::LOCATION, format!("/v1/batch-predictions/{id}"))],
-        AuditResource(id),
-        Json(json!({ "id": id, "state": BatchState::Running, "total": 0 })),
+        [(
+            header::LOCATION,
+            format!("/v1/batch-predictions/{}", batch.id),
+        )],
+        AuditResource(batch.id),
+        Json(batch),
     )
         .into_response())
 }
@@ -139,11 +129,7 @@ async fn dataset_videos(
             ),
         ));
     }
-    Ok(db::datasets::dataset_videos(&s.db, dataset_id)
-        .await?
-        .into_iter()
-        .filter(|v| v.status == VideoStatus::Accepted && (split.is_none() || v.split == split))
-        .collect())
+    Ok(serve::batch_videos(&s.db, dataset_id, split).await?)
 }
 
 #[derive(Deserialize)]
@@ -188,6 +174,19 @@ async fn batch_prediction_view(
     };
     // Through a JSON value: its keys are sorted, the order this answer has always had.
     Ok(Json(serde_json::to_value(view).map_err(|e| ApiError::internal(e.into()))?).into_response())
+}
+
+/// Stop a running batch before its next video (the results so far stay); a finished one is
+/// returned as it is.
+async fn batch_prediction_cancel(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<Batch>> {
+    db::batch_predictions::cancel(&s.db, caller.tenant_id, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("batch prediction"))
 }
 
 fn to_csv(results: &[BatchResult]) -> anyhow::Result<Vec<u8>> {

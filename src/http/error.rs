@@ -52,6 +52,8 @@ error_codes! {
     UnsupportedMediaType => ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, "Unsupported content type"),
     QuotaExceeded => ("quota_exceeded", FORBIDDEN, "The tenant's storage quota is used up"),
     RateLimited => ("rate_limited", TOO_MANY_REQUESTS, "Too many requests"),
+    TooManyStreams => ("too_many_streams", TOO_MANY_REQUESTS, "Too many open event streams"),
+    PredictionBudgetExceeded => ("prediction_budget_exceeded", UNPROCESSABLE_ENTITY, "The prediction needs more computation than one request may use"),
     Internal => ("internal", INTERNAL_SERVER_ERROR, "Internal error"),
     DatabaseUnavailable => ("database_unavailable", SERVICE_UNAVAILABLE, "The database is unreachable"),
     Overloaded => ("overloaded", SERVICE_UNAVAILABLE, "The service is overloaded"),
@@ -227,6 +229,20 @@ impl From<crate::serve::PredictError> for ApiError {
             )
             .with_retry_after(5),
             PredictError::Rejected(r) => Self::video_rejected(r),
+            PredictError::BudgetExceeded {
+                clips,
+                needed,
+                budget,
+            } => Self::new(
+                ErrorCode::PredictionBudgetExceeded,
+                format!(
+                    "this prediction would feed the model {clips} clips, {:.1} million pixels; \
+                     one request may use {:.1} million (fewer clips, a longer timeline stride or \
+                     window, or a shorter video fit)",
+                    needed as f64 / 1e6,
+                    budget as f64 / 1e6
+                ),
+            ),
             PredictError::Internal(e) => Self::internal(e),
         }
     }

@@ -1,19 +1,20 @@
 //! Fine-tuning jobs: create (idempotent), list, view, cancel, metric history (JSON or CSV),
 //! live events (Server-Sent Events), logs, and plots (SVG).
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
 use super::extract::{Json, Path, Query, csv_response};
-use super::{Access, ApiError, ApiResult, AppState, AuditResource, Caller, Format, Items, Routes};
+use super::{
+    Access, ApiError, ApiResult, AppState, AuditResource, Caller, ErrorCode, Format, Items, Routes,
+};
 use crate::db::{
     self,
     jobs::{Job, JobState},
@@ -201,7 +202,8 @@ struct EventsQuery {
 }
 
 /// State changes, epoch metrics, warnings as Server-Sent Events (`event:` = kind, `id:` =
-/// event id; reconnect with `Last-Event-ID`). The stream ends after the job's final state.
+/// event id; reconnect with `Last-Event-ID`). The stream ends after the job's final state. A key
+/// may hold `max_streams_per_key` streams open at once; one more is answered 429.
 async fn job_events(
     State(s): State<AppState>,
     caller: Caller,
@@ -210,42 +212,36 @@ async fn job_events(
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     fetch(&s, &caller, id).await?;
-    let mut after = headers
+    let after = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .or(q.after)
         .unwrap_or(0);
-    let db = s.db.clone();
-    let tenant = caller.tenant_id;
-    let stream = async_stream::stream! {
-        let mut listener = db::jobs::listen_events(&db).await;
-        loop {
-            let rows = db::jobs::events_after(&db, id, after).await.unwrap_or_default();
-            for r in &rows {
-                after = r.id;
-                yield Ok(Event::default().id(r.id.to_string()).event(r.kind.clone()).data(serde_json::to_string(r).unwrap_or_default()));
-            }
-            if rows.is_empty() {
-                let done = db::jobs::get(&db, tenant, id).await.ok().flatten()
-                    .is_none_or(|j| j.state.is_final());
-                if done {
-                    break;
-                }
-                let wait = async {
-                    match listener.as_mut() {
-                        Some(l) => { let _ = l.recv().await; }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                tokio::select! {
-                    () = wait => {},
-                    () = tokio::time::sleep(Duration::from_secs(2)) => {},
-                }
-            }
-        }
-    };
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    let max = s.settings.max_streams_per_key;
+    let slot = s.streams.take(caller.key_id, max).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::TooManyStreams,
+            format!("this API key already has {max} event streams open; close one first"),
+        )
+        .with_retry_after(5)
+    })?;
+    let rows = jobs::events::stream(
+        s.db.clone(),
+        s.events.subscribe(),
+        caller.tenant_id,
+        id,
+        after,
+    );
+    let events = rows.map(move |r| {
+        // The slot is given back when the stream is dropped.
+        let _held = &slot;
+        Ok(Event::default()
+            .id(r.id.to_string())
+            .event(r.kind.clone())
+            .data(serde_json::to_string(&r).unwrap_or_default()))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
 
 /// The job's events as plain text, one line each.

@@ -23,6 +23,7 @@ use crate::quota;
 use crate::registry::{self, BaseModel, ImportError};
 use crate::train::hyper::Hyperparameters;
 
+pub mod events;
 pub mod plots;
 
 pub use plots::{PlotRequest, plot};

@@ -18,7 +18,7 @@ mod export;
 mod meta;
 mod predict;
 
-pub use batch::{BatchVideo, run_batch};
+pub use batch::{BatchRunner, batch_videos};
 pub use export::{ExportError, ExportFormat, export_safetensors, export_torchscript};
 pub use meta::{MetaError, ModelMeta, load_classifier, model_meta};
 pub use predict::{
@@ -41,6 +41,9 @@ pub struct ServeConfig {
     pub memory_budget: u64,
     /// Predictions per second per API key (burst: twice that); 0 disables the limit.
     pub rate_per_s: f64,
+    /// Pixels one prediction may feed its model (clips and timeline windows × frames × crop
+    /// height × width); beyond it the prediction is refused before any clip is read.
+    pub max_input_pixels: u64,
 }
 
 impl Default for ServeConfig {
@@ -52,6 +55,7 @@ impl Default for ServeConfig {
             deadline: Duration::from_secs(60),
             memory_budget: 4 << 30,
             rate_per_s: 20.0,
+            max_input_pixels: 100_000_000,
         }
     }
 }

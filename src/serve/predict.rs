@@ -118,6 +118,14 @@ pub enum PredictError {
     /// [`Rejection::is_server_fault`]).
     #[error("the video was rejected: {}", .0.code)]
     Rejected(Rejection),
+    /// The clips asked for would feed the model more than one request may (see
+    /// [`input_pixels`]).
+    #[error("the prediction needs {needed} input pixels ({clips} clips); the budget is {budget}")]
+    BudgetExceeded {
+        clips: usize,
+        needed: u64,
+        budget: u64,
+    },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -160,7 +168,6 @@ pub async fn predict(
         .map_err(PredictError::Rejected)?;
     let t_decode = started.elapsed() - t_upload;
 
-    let handle = serving.models.get(meta.clone()).await?;
     let spec = clip_spec(meta);
     let (total, fps) = (info.cache_frames, info.cache_fps);
     let hw = (info.cache_height as i64, info.cache_width as i64);
@@ -172,10 +179,20 @@ pub async fn predict(
         windows = bounds;
         plans.extend(window_plans);
     }
-    let input = read_clips(cache, plans, spec, meta.preprocessing.clone()).await?;
+    // Refused before the model is loaded or a clip read: the work is known from the plan.
+    let needed = input_pixels(plans.len(), &spec);
+    let budget = serving.models.config().max_input_pixels;
+    if needed > budget {
+        return Err(PredictError::BudgetExceeded {
+            clips: plans.len(),
+            needed,
+            budget,
+        });
+    }
+    let handle = serving.models.get(meta.clone()).await?;
 
     let t_infer_start = started.elapsed();
-    let rows = infer_chunked(serving.models, &handle, input).await?;
+    let rows = infer_plans(serving.models, &handle, &cache, plans, spec).await?;
     let t_infer = started.elapsed() - t_infer_start;
 
     let (whole, per_window) = rows.split_at(opts.clips as usize);
@@ -238,8 +255,7 @@ pub async fn classify(
     let meta = &handle.meta;
     let spec = clip_spec(meta);
     let plans = plan_clips(frames, hw, &spec, clips);
-    let input = read_clips(cache.to_owned(), plans, spec, meta.preprocessing.clone()).await?;
-    let p = mean_probs(&infer_chunked(models, handle, input).await?);
+    let p = mean_probs(&infer_plans(models, handle, cache, plans, spec).await?);
     let best = best(&p);
     Ok(Classification {
         label: meta.classes[best].clone(),
@@ -321,21 +337,51 @@ async fn read_clips(
     .await?
 }
 
-/// Class probabilities, one row per clip of `input`. Many clips (a long timeline) go in
-/// model-sized pieces, so other requests can be batched in between.
-async fn infer_chunked(
+/// Pixels `clips` clips of `spec` feed a model (frames × crop²): the measure of a prediction's
+/// work and of its input's memory (12 bytes a pixel as three `f32` channels).
+pub fn input_pixels(clips: usize, spec: &ClipSpec) -> u64 {
+    let crop = spec.crop.max(1) as u64;
+    (clips as u64)
+        .saturating_mul(spec.frames.max(1) as u64)
+        .saturating_mul(crop * crop)
+}
+
+/// Class probabilities, one row per clip of `plans`, read from the decoded video `cache`. The
+/// clips are read, preprocessed and run through the model a model-sized chunk at a time (the
+/// next chunk read while the model runs this one), so a long timeline holds two chunks of input
+/// in memory, not the whole video's, and other requests can be batched in between.
+async fn infer_plans(
     models: &ModelCache,
     handle: &ModelHandle,
-    input: Tensor,
+    cache: &Path,
+    plans: Vec<Plan>,
+    spec: ClipSpec,
 ) -> Result<Vec<Vec<f32>>, PredictError> {
     let cfg = models.config();
-    let chunks = input.split(cfg.max_batch_clips.max(1), 0);
-    let mut parts = Vec::new();
-    for chunk in chunks {
-        parts.push(handle.infer(chunk, cfg.deadline, &models.stats).await?);
+    let prep = &handle.meta.preprocessing;
+    let read = |part: Option<&[Plan]>| {
+        let job = part.map(|p| (cache.to_owned(), p.to_vec(), spec.clone(), prep.clone()));
+        async move {
+            match job {
+                Some((cache, plans, spec, prep)) => {
+                    read_clips(cache, plans, spec, prep).await.map(Some)
+                }
+                None => Ok(None),
+            }
+        }
+    };
+    let mut chunks = plans.chunks(cfg.max_batch_clips.max(1) as usize);
+    let mut rows = Vec::with_capacity(plans.len());
+    let mut input = read(chunks.next()).await?;
+    while let Some(current) = input {
+        let (probs, next) = tokio::join!(
+            handle.infer(current, cfg.deadline, &models.stats),
+            read(chunks.next())
+        );
+        rows.extend(Vec::<Vec<f32>>::try_from(&probs?).map_err(anyhow::Error::from)?);
+        input = next?;
     }
-    let probs = Tensor::cat(&parts, 0);
-    Ok(Vec::<Vec<f32>>::try_from(&probs).map_err(anyhow::Error::from)?)
+    Ok(rows)
 }
 
 /// Average class probabilities of `[N, classes]` rows.

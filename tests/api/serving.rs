@@ -270,7 +270,19 @@ async fn a_trained_model_predicts_held_out_videos_with_timelines(db: PgPool) {
 }
 
 /// A model record with random r3d_18 weights, written straight to the database and disk.
-async fn untrained_model(app: &crate::helpers::TestApp, key: &str) -> String {
+pub(crate) async fn untrained_model(app: &crate::helpers::TestApp, key: &str) -> String {
+    // Full-size clips, so each prediction computes for a while.
+    let mut prep = vidtune::backbone::Arch::R3d18.preprocessing();
+    prep.frames = 8;
+    untrained_model_with(app, key, prep).await
+}
+
+/// [`untrained_model`] with its clips cut as `prep` says.
+pub(crate) async fn untrained_model_with(
+    app: &crate::helpers::TestApp,
+    key: &str,
+    prep: vidtune::backbone::Preprocessing,
+) -> String {
     let ds = app.dataset(key, json!({"name": "for-model"})).await;
     let tenant: uuid::Uuid =
         sqlx::query_scalar("select tenant_id from datasets where id = $1::uuid")
@@ -294,9 +306,6 @@ async fn untrained_model(app: &crate::helpers::TestApp, key: &str) -> String {
     )
     .unwrap();
     vs.save(dir.join("model.safetensors")).unwrap();
-    // Full-size clips, so each prediction computes for a while.
-    let mut prep = vidtune::backbone::Arch::R3d18.preprocessing();
-    prep.frames = 8;
     sqlx::query(
         "insert into models (id, tenant_id, job_id, dataset_id, base_model, hyperparameters, classes, preprocessing, decode, head, eval_clips, val_metrics, vidtune_version, libtorch_version, path)
          values ($1, $2, $3, $4::uuid, 'r3d_18', '{\"frame_stride\": 2}', '{a,b}', $5, '{\"short_side\": 64, \"fps\": 15}', '{\"type\": \"linear\", \"dropout\": 0}', 1, '{}', '0', '0', $6)",
