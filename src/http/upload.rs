@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::error::{ApiError, ErrorCode};
+use super::extract::check_text;
 
 /// A body written to disk.
 #[derive(Debug, Clone)]
@@ -127,7 +128,10 @@ pub async fn receive<S: Send + Sync>(
                 let file_name = field.file_name().map(str::to_owned);
                 file = Some((write_field(field, dest, cap).await?, file_name));
             } else if fields.len() < 32 {
-                fields.push((name, field.text().await.map_err(multipart_error)?));
+                let text = field.text().await.map_err(multipart_error)?;
+                check_text(&name, &name)?;
+                check_text(&name, &text)?;
+                fields.push((name, text));
             }
         }
         let (received, file_name) = file.ok_or_else(|| {

@@ -10,6 +10,7 @@ mod auth;
 mod base_models;
 mod datasets;
 mod health;
+mod hygiene;
 mod jobs;
 mod openapi;
 mod problems;

@@ -1,0 +1,170 @@
+//! What a client may put in text fields, and defaults that never contradict each other.
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::helpers::{TestApp, assert_problem, spawn_app};
+
+async fn ready_dataset(app: &TestApp, key: &str) -> String {
+    let ds = app.dataset(key, json!({"name": "ready"})).await;
+    sqlx::query("update datasets set status = 'ready' where id = $1::uuid")
+        .bind(&ds)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    ds
+}
+
+async fn refused_naming(resp: reqwest::Response, field: &str) {
+    let problem = assert_problem(resp, 422, "validation_failed").await;
+    assert_eq!(problem["field"], field, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("control characters"),
+        "{problem}"
+    );
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn control_characters_in_client_text_are_refused_naming_the_field(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", true).await;
+
+    // JSON bodies: a dataset's name, a job's base model, a key's name, a nested field.
+    let resp = app
+        .post_json("/v1/datasets", &key, json!({"name": "echo\u{0}"}))
+        .await;
+    refused_naming(resp, "name").await;
+    let resp = app
+        .post_json(
+            "/v1/datasets",
+            &key,
+            json!({"name": "echo", "classes": ["a", "b\u{1b}[31m"]}),
+        )
+        .await;
+    refused_naming(resp, "classes[1]").await;
+
+    let ds = ready_dataset(&app, &key).await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"dataset_id": ds, "base_model": "r3d_18\u{0}"}),
+        )
+        .await;
+    refused_naming(resp, "base_model").await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"dataset_id": ds, "base_model": "r3d_18", "hyperparameters": {"device": "cpu\u{0}"}}),
+        )
+        .await;
+    refused_naming(resp, "hyperparameters.device").await;
+
+    let tenant = app.tenant_id("clinic").await;
+    let resp = app
+        .post_json(
+            &format!("/v1/tenants/{tenant}/keys"),
+            &key,
+            json!({"name": "ci\u{0}bot"}),
+        )
+        .await;
+    refused_naming(resp, "name").await;
+
+    // A query parameter and a header carrying data.
+    let resp = app.get("/v1/jobs?state=queued%00", &key).await;
+    refused_naming(resp, "state").await;
+    let resp = app
+        .request(reqwest::Method::POST, "/v1/jobs", &key)
+        .header("idempotency-key", "order\t17")
+        .json(&json!({"dataset_id": ds, "base_model": "r3d_18"}))
+        .send()
+        .await
+        .unwrap();
+    let problem = assert_problem(resp, 422, "validation_failed").await;
+    assert_eq!(problem["field"], "Idempotency-Key", "{problem}");
+
+    // Nothing was stored, and tab, line feed and carriage return remain ordinary text.
+    let names: Vec<String> = sqlx::query_scalar("select name from datasets")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(names, ["ready"]);
+    let resp = app
+        .post_json(
+            "/v1/datasets",
+            &key,
+            json!({"name": "two lines", "description": "line one\r\n\tline two"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn integers_written_with_a_zero_fraction_are_integers(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", false).await;
+    let resp = app
+        .post_json(
+            "/v1/datasets",
+            &key,
+            json!({"name": "seeded", "split": {"seed": 3.0}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    let ds: Value = resp.json().await.unwrap();
+    assert_eq!(ds["split"]["seed"], 3);
+    let resp = app
+        .post_json(
+            "/v1/datasets",
+            &key,
+            json!({"name": "seeded", "split": {"seed": 3.5}}),
+        )
+        .await;
+    let problem = assert_problem(resp, 422, "validation_failed").await;
+    assert_eq!(problem["field"], "split.seed", "{problem}");
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_one_epoch_job_takes_a_warmup_that_fits_it(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", false).await;
+    let ds = ready_dataset(&app, &key).await;
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"dataset_id": ds, "base_model": "r3d_18", "hyperparameters": {"epochs": 1}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["hyperparameters"]["warmup_epochs"], 0, "{job}");
+    assert_eq!(job["hyperparameters"]["epochs"], 1, "{job}");
+
+    // The default is stated in what is stored: one warm-up epoch for longer jobs.
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"dataset_id": ds, "base_model": "r3d_18", "hyperparameters": {"epochs": 3}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["hyperparameters"]["warmup_epochs"], 1, "{job}");
+
+    // A contradiction the client wrote is still refused, naming the field.
+    let resp = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"dataset_id": ds, "base_model": "r3d_18",
+                   "hyperparameters": {"epochs": 1, "warmup_epochs": 1}}),
+        )
+        .await;
+    let problem = assert_problem(resp, 422, "validation_failed").await;
+    assert_eq!(problem["field"], "hyperparameters.warmup_epochs", "{problem}");
+}
