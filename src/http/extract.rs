@@ -76,6 +76,95 @@ fn integral_floats_as_integers(value: &mut Value) {
     }
 }
 
+/// A JSON value read as serde_json reads one, except that an object (a struct) must be written
+/// as an object: serde would also take an array of its fields in order, which no document allows.
+struct Strict(Value);
+
+impl<'de> serde::de::IntoDeserializer<'de, serde_json::Error> for Strict {
+    type Deserializer = Self;
+    fn into_deserializer(self) -> Self {
+        self
+    }
+}
+
+impl<'de> serde::Deserializer<'de> for Strict {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, Self::Error> {
+        use serde::de::value::{MapDeserializer, SeqDeserializer};
+        match self.0 {
+            Value::Array(items) => {
+                let mut seq = SeqDeserializer::new(items.into_iter().map(Strict));
+                let out = v.visit_seq(&mut seq)?;
+                seq.end()?;
+                Ok(out)
+            }
+            Value::Object(map) => {
+                let mut map = MapDeserializer::new(map.into_iter().map(|(k, x)| (k, Strict(x))));
+                let out = v.visit_map(&mut map)?;
+                map.end()?;
+                Ok(out)
+            }
+            scalar => scalar.deserialize_any(v),
+        }
+    }
+
+    fn deserialize_option<V: serde::de::Visitor<'de>>(
+        self,
+        v: V,
+    ) -> Result<V::Value, Self::Error> {
+        match self.0 {
+            Value::Null => v.visit_none(),
+            _ => v.visit_some(self),
+        }
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, Self::Error> {
+        if let Value::Array(_) = self.0 {
+            return Err(serde::de::Error::invalid_type(
+                serde::de::Unexpected::Seq,
+                &"an object",
+            ));
+        }
+        self.deserialize_any(v)
+    }
+
+    fn deserialize_enum<V: serde::de::Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, Self::Error> {
+        match self.0 {
+            Value::Object(map) => {
+                let map = serde::de::value::MapDeserializer::new(
+                    map.into_iter().map(|(k, x)| (k, Strict(x))),
+                );
+                v.visit_enum(serde::de::value::MapAccessDeserializer::new(map))
+            }
+            other => other.deserialize_enum(name, variants, v),
+        }
+    }
+
+    fn deserialize_newtype_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        v: V,
+    ) -> Result<V::Value, Self::Error> {
+        v.visit_newtype_struct(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct seq tuple tuple_struct map identifier ignored_any
+    }
+}
+
 /// `axum::Json`, rejecting with `validation_failed` / `bad_request` / `unsupported_media_type`;
 /// strings holding control characters are refused with 422 naming the field.
 #[derive(Debug)]
@@ -93,7 +182,7 @@ where
         let axum::Json(mut value) = axum::Json::<Value>::from_request(req, state).await?;
         check_json(&value, &mut String::new())?;
         integral_floats_as_integers(&mut value);
-        serde_path_to_error::deserialize(value)
+        serde_path_to_error::deserialize(Strict(value))
             .map(Json)
             .map_err(|e| {
                 let path = e.path().to_string();

@@ -168,3 +168,24 @@ async fn a_one_epoch_job_takes_a_warmup_that_fits_it(db: PgPool) {
     let problem = assert_problem(resp, 422, "validation_failed").await;
     assert_eq!(problem["field"], "hyperparameters.warmup_epochs", "{problem}");
 }
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn an_object_written_as_an_array_is_refused(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", false).await;
+    for (body, field) in [
+        (json!({"name": "c", "cache": [null, null]}), "cache"),
+        (json!({"name": "s", "split": []}), "split"),
+    ] {
+        let resp = app.post_json("/v1/datasets", &key, body.clone()).await;
+        let problem = assert_problem(resp, 422, "validation_failed").await;
+        assert_eq!(problem["field"], field, "{body}: {problem}");
+    }
+    let resp = app.post_json("/v1/datasets", &key, json!(["positional"])).await;
+    assert_problem(resp, 422, "validation_failed").await;
+    let n: i64 = sqlx::query_scalar("select count(*) from datasets")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
