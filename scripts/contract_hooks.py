@@ -22,6 +22,7 @@ REFUSALS_THE_SCHEMA_CANNOT_STATE = {
         ("checksum_mismatch", None),
     },
     "video_create": {
+        ("validation_failed", "label"),  # a raw body needs the `label` query parameter
         ("validation_failed", "file"),  # an empty file
         ("checksum_mismatch", None),
         ("invalid_video", None),

@@ -34,7 +34,7 @@ pub fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
 /// named by its path (`hyperparameters.device`, `classes[2]`).
 fn check_json(value: &Value, at: &mut String) -> Result<(), ApiError> {
     let len = at.len();
-    let result = match value {
+    match value {
         Value::String(s) => check_text(field_name(at), s),
         Value::Array(items) => items.iter().enumerate().try_for_each(|(i, v)| {
             at.push_str(&format!("[{i}]"));
@@ -43,17 +43,18 @@ fn check_json(value: &Value, at: &mut String) -> Result<(), ApiError> {
             r
         }),
         Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            // A key is named by the object that holds it: the key itself may not be printable.
+            check_text(field_name(at), k)?;
             if !at.is_empty() {
                 at.push('.');
             }
             at.push_str(k);
-            let r = check_text(field_name(at), k).and_then(|()| check_json(v, at));
+            let r = check_json(v, at);
             at.truncate(len);
             r
         }),
         Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
-    };
-    result
+    }
 }
 
 fn field_name(at: &str) -> &str {
@@ -109,10 +110,7 @@ impl<'de> serde::Deserializer<'de> for Strict {
         }
     }
 
-    fn deserialize_option<V: serde::de::Visitor<'de>>(
-        self,
-        v: V,
-    ) -> Result<V::Value, Self::Error> {
+    fn deserialize_option<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, Self::Error> {
         match self.0 {
             Value::Null => v.visit_none(),
             _ => v.visit_some(self),
@@ -186,7 +184,8 @@ where
             .map(Json)
             .map_err(|e| {
                 let path = e.path().to_string();
-                let detail = format!("Failed to deserialize the JSON body into the target type: {e}");
+                let detail =
+                    format!("Failed to deserialize the JSON body into the target type: {e}");
                 if path == "." {
                     ApiError::new(ErrorCode::ValidationFailed, detail)
                 } else {
@@ -219,7 +218,8 @@ where
             check_text(&name, &name)?;
             check_text(&name, &value)?;
         }
-        let axum::extract::Query(q) = axum::extract::Query::from_request_parts(parts, state).await?;
+        let axum::extract::Query(q) =
+            axum::extract::Query::from_request_parts(parts, state).await?;
         Ok(Query(q))
     }
 }
@@ -236,7 +236,9 @@ pub fn header_text<'h>(
     };
     v.to_str()
         .ok()
-        .filter(|t| !t.is_empty() && t.len() <= max_len && t.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        .filter(|t| {
+            !t.is_empty() && t.len() <= max_len && t.bytes().all(|b| (0x20..0x7f).contains(&b))
+        })
         .map(Some)
         .ok_or_else(|| {
             ApiError::validation(

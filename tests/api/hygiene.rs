@@ -166,7 +166,10 @@ async fn a_one_epoch_job_takes_a_warmup_that_fits_it(db: PgPool) {
         )
         .await;
     let problem = assert_problem(resp, 422, "validation_failed").await;
-    assert_eq!(problem["field"], "hyperparameters.warmup_epochs", "{problem}");
+    assert_eq!(
+        problem["field"], "hyperparameters.warmup_epochs",
+        "{problem}"
+    );
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
@@ -181,7 +184,9 @@ async fn an_object_written_as_an_array_is_refused(db: PgPool) {
         let problem = assert_problem(resp, 422, "validation_failed").await;
         assert_eq!(problem["field"], field, "{body}: {problem}");
     }
-    let resp = app.post_json("/v1/datasets", &key, json!(["positional"])).await;
+    let resp = app
+        .post_json("/v1/datasets", &key, json!(["positional"]))
+        .await;
     assert_problem(resp, 422, "validation_failed").await;
     let n: i64 = sqlx::query_scalar("select count(*) from datasets")
         .fetch_one(&app.db)
