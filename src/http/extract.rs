@@ -30,7 +30,22 @@ pub fn check_text(field: &str, text: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Every string in a JSON document, object keys included, checked by [`check_text`]; the field is
+/// Refuse a name a client gives (an object key, a query parameter or a form field's name) that
+/// holds any control character, tab and line breaks included: 422 naming `field`.
+pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
+    match name.chars().find(|c| c.is_control()) {
+        None => Ok(()),
+        Some(c) => Err(ApiError::validation(
+            field,
+            format!(
+                "control characters are not accepted in names (found U+{:04X})",
+                u32::from(c)
+            ),
+        )),
+    }
+}
+
+/// Every string in a JSON document checked by [`check_text`], and every key by [`check_name`]; the field is
 /// named by its path (`hyperparameters.device`, `classes[2]`).
 fn check_json(value: &Value, at: &mut String) -> Result<(), ApiError> {
     let len = at.len();
@@ -44,7 +59,7 @@ fn check_json(value: &Value, at: &mut String) -> Result<(), ApiError> {
         }),
         Value::Object(map) => map.iter().try_for_each(|(k, v)| {
             // A key is named by the object that holds it: the key itself may not be printable.
-            check_text(field_name(at), k)?;
+            check_name(field_name(at), k)?;
             if !at.is_empty() {
                 at.push('.');
             }
@@ -215,7 +230,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let query = parts.uri.query().unwrap_or_default();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            check_text(&name, &name)?;
+            check_name("query", &name)?;
             check_text(&name, &value)?;
         }
         let axum::extract::Query(q) =

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::error::{ApiError, ErrorCode};
-use super::extract::check_text;
+use super::extract::{check_name, check_text};
 
 /// A body written to disk.
 #[derive(Debug, Clone)]
@@ -129,7 +129,7 @@ pub async fn receive<S: Send + Sync>(
                 file = Some((write_field(field, dest, cap).await?, file_name));
             } else if fields.len() < 32 {
                 let text = field.text().await.map_err(multipart_error)?;
-                check_text(&name, &name)?;
+                check_name("form", &name)?;
                 check_text(&name, &text)?;
                 fields.push((name, text));
             }
