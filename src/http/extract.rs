@@ -45,8 +45,8 @@ pub fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Every string in a JSON document checked by [`check_text`], and every key by [`check_name`]; the field is
-/// named by its path (`hyperparameters.device`, `classes[2]`).
+/// Every string in a JSON document checked by [`check_text`], and every key by [`check_name`];
+/// the field is named by its path (`hyperparameters.device`, `classes[2]`).
 fn check_json(value: &Value, at: &mut String) -> Result<(), ApiError> {
     let len = at.len();
     match value {

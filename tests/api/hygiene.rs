@@ -194,3 +194,44 @@ async fn an_object_written_as_an_array_is_refused(db: PgPool) {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn form_fields_and_query_parameters_with_nul_are_refused_before_anything_is_stored(
+    db: PgPool,
+) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", false).await;
+    let ds = app.dataset(&key, json!({"name": "us"})).await;
+    let path = format!("/v1/datasets/{ds}/videos");
+    let form = reqwest::multipart::Form::new()
+        .text("label", "liver")
+        .text("patient_id", "p\u{0}17")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"not a video".to_vec()).file_name("a.mp4"),
+        );
+    let resp = app
+        .request(reqwest::Method::POST, &path, &key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    refused_naming(resp, "patient_id").await;
+    let resp = app
+        .request(
+            reqwest::Method::POST,
+            &format!("{path}?label=kidney&filename=k%00.mp4"),
+            &key,
+        )
+        .header("content-type", "video/mp4")
+        .body(b"not a video".to_vec())
+        .send()
+        .await
+        .unwrap();
+    refused_naming(resp, "filename").await;
+    let n: i64 = sqlx::query_scalar("select count(*) from videos")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+}
