@@ -5,6 +5,8 @@ export VIDTUNE_ROOT
 TORCH_VERSION=2.11.0
 TORCHVISION_VERSION=0.26.0
 SAFETENSORS_VERSION=0.8.0
+# The contract check (scripts/contract) generates requests from openapi.yaml with schemathesis.
+SCHEMATHESIS_VERSION=4.32.5
 # A dedicated venv outside the checkout, so every clone on the machine shares one 4.7 GB install.
 export VIDTUNE_TORCH_VENV="${VIDTUNE_TORCH_VENV:-$HOME/.cache/vidtune/torch-$TORCH_VERSION}"
 

@@ -199,7 +199,7 @@ pub async fn register_backbone(
     inspect_timeout: Duration,
 ) -> Result<CustomBackbone, ImportError> {
     let name = b.name.trim();
-    if name.is_empty() || name.len() > 100 || Arch::parse(name).is_some() {
+    if name.is_empty() || b.name.chars().count() > 100 || Arch::parse(name).is_some() {
         return Err(ImportError::Field {
             field: "name",
             message: "1 to 100 characters, not the name of a built-in architecture".into(),

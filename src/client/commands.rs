@@ -703,7 +703,6 @@ pub fn demo_hyperparameters(epochs: u32) -> Value {
         "lr": 0.0005,
         "weight_decay": 0.01,
         "schedule": "cosine",
-        "warmup_epochs": 1,
         "frames": 16,
         "frame_stride": 1,
         "crop": 36,

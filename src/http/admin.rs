@@ -300,7 +300,7 @@ async fn key_create(
             "`operator` keys are made only on the host with `vidtune keys create --operator`",
         ));
     }
-    if body.name.len() > 100 {
+    if body.name.chars().count() > 100 {
         return Err(ApiError::validation("name", "at most 100 characters"));
     }
     let role = if body.admin {

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::extract::{Json, Path, Query, csv_response};
+use super::extract::{Json, Path, Query, csv_response, header_text};
 use super::{
     Access, ApiError, ApiResult, AppState, AuditResource, Caller, ErrorCode, Format, Items, Routes,
 };
@@ -75,17 +75,7 @@ async fn job_create(
     headers: HeaderMap,
     Json(body): Json<JobRequest>,
 ) -> ApiResult<Response> {
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .filter(|k| !k.is_empty() && k.len() <= 200)
-                .ok_or_else(|| {
-                    ApiError::bad_request("Idempotency-Key must be 1 to 200 visible characters")
-                })?,
-        ),
-    };
+    let key = header_text(&headers, "Idempotency-Key", 200)?;
     let backbones = Backbones {
         data: &s.data,
         inspect_timeout: s.settings.inspect_timeout,

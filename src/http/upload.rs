@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::error::{ApiError, ErrorCode};
+use super::extract::{check_name, check_text};
 
 /// A body written to disk.
 #[derive(Debug, Clone)]
@@ -146,7 +147,9 @@ pub async fn receive<S: Send + Sync>(
                         format!("the form has more than {MAX_FORM_FIELDS} fields besides `file`"),
                     ));
                 }
+                check_name("form", &name)?;
                 let value = small_field(field, &name).await?;
+                check_text(&name, &value)?;
                 fields.push((name, value));
             }
         }

@@ -72,14 +72,14 @@ impl NewDataset {
     /// The cache spec to store, once every field is within bounds.
     fn check(&self) -> Result<CacheSpec, DatasetError> {
         let name = self.name.trim();
-        if name.is_empty() || name.len() > 200 || has_control(name) {
+        if name.is_empty() || self.name.chars().count() > 200 || has_control(&self.name) {
             return Err(invalid(
                 "name",
                 "1 to 200 characters, no control characters",
             ));
         }
         // PostgreSQL text cannot hold NUL: refuse it here rather than fail in the database.
-        if self.description.len() > 10_000 || self.description.contains('\0') {
+        if self.description.chars().count() > 10_000 || self.description.contains('\0') {
             return Err(invalid("description", "at most 10000 characters, no NUL"));
         }
         if let Some(classes) = &self.classes {
@@ -88,7 +88,7 @@ impl NewDataset {
                 || unique.len() != classes.len()
                 || classes
                     .iter()
-                    .any(|c| c.trim().is_empty() || c.len() > 100 || has_control(c))
+                    .any(|c| c.trim().is_empty() || c.chars().count() > 100 || has_control(c))
             {
                 return Err(invalid(
                     "classes",

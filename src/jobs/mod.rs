@@ -250,8 +250,9 @@ async fn backbone_fits(
 /// The hyperparameters of a request, defaults filled in and checked.
 fn hyperparameters(v: &Value) -> Result<Hyperparameters, JobError> {
     let v = if v.is_null() { json!({}) } else { v.clone() };
-    let hp: Hyperparameters = serde_json::from_value(v)
+    let mut hp: Hyperparameters = serde_json::from_value(v)
         .map_err(|e| JobError::invalid("hyperparameters", format!("{e}")))?;
+    hp.resolve_defaults();
     hp.validate()
         .map_err(|(field, msg)| JobError::invalid(format!("hyperparameters.{field}"), msg))?;
     Ok(hp)

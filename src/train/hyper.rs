@@ -90,7 +90,6 @@ defaults! {
     d_momentum: f64 = 0.9;
     d_wd: f64 = 1e-4;
     d_sched: ScheduleKind = ScheduleKind::Cosine;
-    d_warmup: u32 = 1;
     d_step_size: u32 = 10;
     d_gamma: f64 = 0.1;
     d_backbone_mult: f64 = 0.1;
@@ -124,8 +123,10 @@ pub struct Hyperparameters {
     pub weight_decay: f64,
     #[serde(default = "d_sched")]
     pub schedule: ScheduleKind,
-    #[serde(default = "d_warmup")]
-    pub warmup_epochs: u32,
+    /// Epochs of linear warm-up. Omitted: 1, or 0 for a one-epoch job (a default never
+    /// contradicts another field); [`Hyperparameters::resolve_defaults`] writes the value in.
+    #[serde(default)]
+    pub warmup_epochs: Option<u32>,
     /// For `step`: decay by `gamma` every `step_size` epochs.
     #[serde(default = "d_step_size")]
     pub step_size: u32,
@@ -183,11 +184,28 @@ pub struct Hyperparameters {
 
 impl Default for Hyperparameters {
     fn default() -> Self {
-        serde_json::from_str("{}").expect("every field has a default")
+        let mut hp: Self = serde_json::from_str("{}").expect("every field has a default");
+        hp.resolve_defaults();
+        hp
     }
 }
 
 impl Hyperparameters {
+    /// Fill in the defaults that depend on other fields, so that what is stored states every
+    /// value: `warmup_epochs` is 1 when omitted, 0 for a one-epoch job (warm-up must end before
+    /// the last epoch).
+    pub fn resolve_defaults(&mut self) {
+        if self.warmup_epochs.is_none() {
+            self.warmup_epochs = Some(if self.epochs > 1 { 1 } else { 0 });
+        }
+    }
+
+    /// Warm-up epochs (the default when not resolved yet).
+    pub fn warmup(&self) -> u32 {
+        self.warmup_epochs
+            .unwrap_or(if self.epochs > 1 { 1 } else { 0 })
+    }
+
     /// The base model's input as this job asks for it: `frames` and `crop` override the base
     /// model's, and the resize keeps its ratio to the crop (128 → 112 for the video models).
     pub fn preprocessing(&self, base: &Preprocessing) -> Preprocessing {
@@ -234,7 +252,7 @@ impl Hyperparameters {
             "in [0, 1]",
         )?;
         check(
-            self.warmup_epochs < self.epochs || self.warmup_epochs == 0,
+            self.warmup() < self.epochs || self.warmup() == 0,
             "warmup_epochs",
             "fewer than epochs",
         )?;
@@ -338,7 +356,7 @@ impl Hyperparameters {
 
     /// Learning-rate factor for `epoch` (fractional: epoch + step / steps_per_epoch).
     pub fn lr_factor(&self, epoch: f64) -> f64 {
-        let warm = self.warmup_epochs as f64;
+        let warm = self.warmup() as f64;
         if warm > 0.0 && epoch < warm {
             return (epoch + 1e-9).min(warm) / warm;
         }
@@ -369,6 +387,18 @@ mod tests {
         assert_eq!(h.validate().unwrap_err().0, "lr");
         let h: Hyperparameters = serde_json::from_str(r#"{"device": "tpu"}"#).unwrap();
         assert_eq!(h.validate().unwrap_err().0, "device");
+    }
+
+    #[test]
+    fn warmup_default_never_contradicts_epochs() {
+        let mut one: Hyperparameters = serde_json::from_str(r#"{"epochs": 1}"#).unwrap();
+        one.validate().unwrap();
+        one.resolve_defaults();
+        assert_eq!(one.warmup_epochs, Some(0));
+        assert_eq!(Hyperparameters::default().warmup_epochs, Some(1));
+        let explicit: Hyperparameters =
+            serde_json::from_str(r#"{"epochs": 1, "warmup_epochs": 1}"#).unwrap();
+        assert_eq!(explicit.validate().unwrap_err().0, "warmup_epochs");
     }
 
     #[test]

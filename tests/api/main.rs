@@ -11,6 +11,7 @@ mod base_models;
 mod batches;
 mod datasets;
 mod health;
+mod hygiene;
 mod ingest_bounds;
 mod jobs;
 mod openapi;
