@@ -102,7 +102,7 @@ pub async fn delete_dataset(
 }
 
 /// Delete a tenant's model: its record now (its job keeps its history), its files (weights,
-/// metadata, exports) in the background. The caller evicts it from the serving cache.
+/// metadata, exports) and its job's checkpoints in the background. The caller evicts it from the serving cache.
 pub async fn delete_model(
     db: &PgPool,
     data: &DataDir,
@@ -114,8 +114,10 @@ pub async fn delete_model(
     let path = db::deletions::lock_model(&mut tx, tenant_id, id)
         .await?
         .ok_or(DeleteError::NotFound("model"))?;
-    db::deletions::retire_model(&mut tx, id).await?;
-    let deletion = db::deletions::insert(&mut *tx, tenant_id, "model", id, by, &[path]).await?;
+    let jobs = db::deletions::retire_model(&mut tx, id).await?;
+    let mut paths = vec![path];
+    paths.extend(jobs.into_iter().map(|j| rel(DataDir::job_relative(j))));
+    let deletion = db::deletions::insert(&mut *tx, tenant_id, "model", id, by, &paths).await?;
     tx.commit().await?;
     spawn_removal(db.clone(), data.clone(), deletion.clone());
     Ok(deletion)

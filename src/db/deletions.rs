@@ -192,16 +192,20 @@ pub async fn lock_model(
 
 /// Delete a model's record. Its job stays, with its metric history, and forgets the model in
 /// the same transaction, so no job ever points at a missing model.
-pub async fn retire_model(tx: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("update jobs set model_id = null where model_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+pub async fn retire_model(tx: &mut PgConnection, id: Uuid) -> sqlx::Result<Vec<Uuid>> {
+    // The job that trained it keeps its history, not its checkpoints: they go with the model.
+    let jobs: Vec<Uuid> = sqlx::query_scalar(
+        "update jobs set model_id = null, checkpoint = null, checkpoint_bytes = 0
+         where model_id = $1 returning id",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
     sqlx::query("delete from models where id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?;
-    Ok(())
+    Ok(jobs)
 }
 
 /// Lock a tenant's TorchScript backbone for deletion: its module path, or why it cannot go

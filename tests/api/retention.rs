@@ -504,3 +504,52 @@ async fn doctor_reports_records_whose_files_are_missing(db: PgPool) {
     );
     assert!(!stdout.contains(&present.to_string()), "{stdout}");
 }
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_deleted_model_takes_its_jobs_checkpoints_along(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("ward", false).await;
+    let tenant = app.tenant_id("ward").await;
+    let ds = app.dataset(&key, json!({"name": "d"})).await;
+    // A finished job with checkpoints on disk and the model it made (the dataset stays).
+    let (job, model) = (Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query("insert into jobs (id, tenant_id, dataset_id, base_model, hyperparameters, state, epochs, checkpoint, checkpoint_bytes) values ($1, $2::uuid, $3::uuid, 'r3d_18', '{}', 'succeeded', 1, $4, 5)")
+        .bind(job).bind(&tenant).bind(&ds)
+        .bind(format!("jobs/{job}/checkpoints/attempt-1/epoch-0001"))
+        .execute(&app.db).await.unwrap();
+    let ckpt = app
+        .data_dir
+        .join(format!("jobs/{job}/checkpoints/attempt-1/epoch-0001"));
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("state.json"), "{}").unwrap();
+    let model_dir = app.data_dir.join(format!("models/{model}"));
+    std::fs::create_dir_all(&model_dir).unwrap();
+    std::fs::write(model_dir.join("model.safetensors"), "x").unwrap();
+    sqlx::query("insert into models (id, tenant_id, job_id, dataset_id, base_model, hyperparameters, classes, preprocessing, decode, head, eval_clips, val_metrics, vidtune_version, libtorch_version, path) values ($1, $2::uuid, $3, $4::uuid, 'r3d_18', '{}', '{a,b}', '{}', '{}', '{}', 1, '{}', '0', '0', $5)")
+        .bind(model).bind(&tenant).bind(job).bind(&ds).bind(format!("models/{model}"))
+        .execute(&app.db).await.unwrap();
+    sqlx::query("update jobs set model_id = $1 where id = $2")
+        .bind(model)
+        .bind(job)
+        .execute(&app.db)
+        .await
+        .unwrap();
+
+    let resp = delete(&app, &format!("/v1/models/{model}"), &key).await;
+    deleted(&app, resp, &key).await;
+    assert!(!model_dir.exists());
+    assert!(
+        !app.data_dir.join(format!("jobs/{job}")).exists(),
+        "left: {:?}",
+        walk(&app.data_dir.join("jobs"))
+    );
+    let usage: Value = app.get("/v1/usage", &key).await.json().await.unwrap();
+    assert_eq!(usage["by_kind"]["checkpoints"], 0, "{usage}");
+    let job: Value = app
+        .get(&format!("/v1/jobs/{job}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
