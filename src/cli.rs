@@ -80,6 +80,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             db::migrate(&pool).await?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let workers = if args.workers > 0 {
+                // The workers' own connections (queue listener, claims, heartbeats), so that
+                // training can never take the API's pool, nor the API the workers'.
+                let worker_db = db::connect(&args.db.database_url, args.workers as u32 + 2).await?;
                 let devices = local_devices(args.workers);
                 let cfg = worker::pool::PoolConfig::new(
                     std::env::current_exe()?,
@@ -87,7 +90,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     args.data_dir.clone(),
                 );
                 Some(tokio::spawn(worker::pool::run(
-                    pool.clone(),
+                    worker_db,
                     std::sync::Arc::new(cfg),
                     devices,
                     stop_rx,
