@@ -7,7 +7,8 @@ server for a fixed time, while the server's RSS, open descriptors and threads ar
 Each worker loops until the time is up and counts answers by status; an exception or an
 unexpected status is an error (the first few are kept with their bodies). Samples are taken
 every second; `before` is the median of the 5 s before the load starts (after a warm-up round of
-every kind of request), `after` the median of 5 s after the load stopped and the server went idle.
+every kind of request), `quarters` the medians of each quarter of the load, `after` the median of
+5 s after the load stopped and the server went idle.
 Only the standard library, so that it runs with any python3.
 """
 
@@ -245,9 +246,13 @@ def main():
         return max((s[k] for s in samples), default=None)
 
     fig = {}
+    q = (t_quiet - t_load) / 4
     for k in ("rss_kib", "fds", "sockets", "threads"):
         fig[k] = {"before": window(t_load - 5, t_load, k), "peak": peak(k),
-                  "after": window(t_after, t_after + 5, k)}
+                  "after": window(t_after, t_after + 5, k),
+                  # Medians of each quarter of the load: a leak climbs through them, warm-up
+                  # (pools filling, allocator arenas) levels off after the first.
+                  "quarters": [window(t_load + i * q, t_load + (i + 1) * q, k) for i in range(4)]}
     json.dump({"seconds": a.seconds, "load_seconds": round(t_quiet - t_load, 1), "samples": len(samples),
                "server": fig, "counts": dict(sorted(tally.counts.items())), "errors": tally.errors},
               open(a.out, "w"))
