@@ -49,6 +49,7 @@ pub enum DeleteError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InUse {
     Dataset,
+    Model,
     BaseModel,
     Tenant,
 }
@@ -59,6 +60,10 @@ impl std::fmt::Display for InUse {
             InUse::Dataset => {
                 "a queued or running job or batch prediction uses this dataset; cancel it (or \
                  wait for it to end) and delete again"
+            }
+            InUse::Model => {
+                "a batch prediction is running on this model; cancel it (or wait for it to \
+                 end) and delete again"
             }
             InUse::BaseModel => {
                 "models or queued or running jobs use this base model; delete those models \
@@ -111,9 +116,11 @@ pub async fn delete_model(
     by: &Requester,
 ) -> Result<Deletion, DeleteError> {
     let mut tx = db.begin().await?;
-    let path = db::deletions::lock_model(&mut tx, tenant_id, id)
-        .await?
-        .ok_or(DeleteError::NotFound("model"))?;
+    let path = match db::deletions::lock_model(&mut tx, tenant_id, id).await? {
+        (Lock::Missing, _) | (_, None) => return Err(DeleteError::NotFound("model")),
+        (Lock::InUse, _) => return Err(DeleteError::InUse(InUse::Model)),
+        (_, Some(path)) => path,
+    };
     let jobs = db::deletions::retire_model(&mut tx, id).await?;
     let mut paths = vec![path];
     paths.extend(jobs.into_iter().map(|j| rel(DataDir::job_relative(j))));

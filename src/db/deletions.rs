@@ -182,12 +182,24 @@ pub async fn lock_model(
     tx: &mut PgConnection,
     tenant_id: Uuid,
     id: Uuid,
-) -> sqlx::Result<Option<String>> {
-    sqlx::query_scalar("select path from models where tenant_id = $1 and id = $2 for update")
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
+) -> sqlx::Result<(Lock, Option<String>)> {
+    let path: Option<String> =
+        sqlx::query_scalar("select path from models where tenant_id = $1 and id = $2 for update")
+            .bind(tenant_id)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if path.is_none() {
+        return Ok((Lock::Missing, None));
+    }
+    // A running batch prediction reads the model and writes results that refer to it.
+    let in_use: bool = sqlx::query_scalar(
+        "select exists (select 1 from batch_predictions where model_id = $1 and state = 'running')",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok((if in_use { Lock::InUse } else { Lock::Free }, path))
 }
 
 /// Delete a model's record. Its job stays, with its metric history, and forgets the model in

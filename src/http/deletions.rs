@@ -30,6 +30,7 @@ impl From<DeleteError> for ApiError {
             DeleteError::InUse(what) => {
                 let code = match what {
                     InUse::Dataset => ErrorCode::DatasetInUse,
+                    InUse::Model => ErrorCode::ModelInUse,
                     InUse::BaseModel => ErrorCode::BaseModelInUse,
                     InUse::Tenant => ErrorCode::TenantInUse,
                 };

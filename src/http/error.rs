@@ -46,6 +46,7 @@ error_codes! {
     RequestTimeout => ("request_timeout", REQUEST_TIMEOUT, "The request took too long"),
     Conflict => ("conflict", CONFLICT, "The request conflicts with the current state"),
     DatasetInUse => ("dataset_in_use", CONFLICT, "A queued or running job uses the dataset"),
+    ModelInUse => ("model_in_use", CONFLICT, "A running batch prediction uses the model"),
     BaseModelInUse => ("base_model_in_use", CONFLICT, "Models or unfinished jobs use the base model"),
     TenantInUse => ("tenant_in_use", CONFLICT, "The tenant has queued or running work"),
     PayloadTooLarge => ("payload_too_large", PAYLOAD_TOO_LARGE, "The request body is too large"),

@@ -535,6 +535,20 @@ async fn a_deleted_model_takes_its_jobs_checkpoints_along(db: PgPool) {
         .await
         .unwrap();
 
+    // Not while a batch prediction runs on it (held by a live server's lease).
+    let batch = Uuid::new_v4();
+    sqlx::query("insert into batch_predictions (id, tenant_id, model_id, dataset_id, clips, lease_owner, lease_expires_at) values ($1, $2::uuid, $3, $4::uuid, 1, $1, now() + interval '1 hour')")
+        .bind(batch).bind(&tenant).bind(model).bind(&ds)
+        .execute(&app.db).await.unwrap();
+    let resp = delete(&app, &format!("/v1/models/{model}"), &key).await;
+    assert_problem(resp, 409, "model_in_use").await;
+    assert!(model_dir.exists() && ckpt.exists());
+    sqlx::query("update batch_predictions set state = 'canceled' where id = $1")
+        .bind(batch)
+        .execute(&app.db)
+        .await
+        .unwrap();
+
     let resp = delete(&app, &format!("/v1/models/{model}"), &key).await;
     deleted(&app, resp, &key).await;
     assert!(!model_dir.exists());
