@@ -100,10 +100,13 @@ pub async fn delete_dataset(
     let jobs = db::deletions::retire_dataset(&mut tx, id).await?;
     let mut paths = vec![rel(DataDir::dataset_relative(id))];
     paths.extend(jobs.into_iter().map(|j| rel(DataDir::job_relative(j))));
-    let deletion = db::deletions::insert(&mut *tx, tenant_id, "dataset", id, by, &paths).await?;
-    tx.commit().await?;
-    spawn_removal(db.clone(), data.clone(), deletion.clone());
-    Ok(deletion)
+    let record = Record {
+        tenant_id: tenant_id,
+        kind: "dataset",
+        id,
+        by,
+    };
+    commit(tx, db, data, record, &paths).await
 }
 
 /// Delete a tenant's model: its record now (its job keeps its history), its files (weights,
@@ -124,10 +127,13 @@ pub async fn delete_model(
     let jobs = db::deletions::retire_model(&mut tx, id).await?;
     let mut paths = vec![path];
     paths.extend(jobs.into_iter().map(|j| rel(DataDir::job_relative(j))));
-    let deletion = db::deletions::insert(&mut *tx, tenant_id, "model", id, by, &paths).await?;
-    tx.commit().await?;
-    spawn_removal(db.clone(), data.clone(), deletion.clone());
-    Ok(deletion)
+    let record = Record {
+        tenant_id: tenant_id,
+        kind: "model",
+        id,
+        by,
+    };
+    commit(tx, db, data, record, &paths).await
 }
 
 /// Delete a tenant's TorchScript backbone, unless a model or an unfinished job uses it.
@@ -145,11 +151,13 @@ pub async fn delete_backbone(
         _ => return Err(DeleteError::NotFound("base model")),
     };
     db::deletions::retire_backbone(&mut tx, id).await?;
-    let deletion =
-        db::deletions::insert(&mut *tx, tenant_id, "base_model", id, by, &[path]).await?;
-    tx.commit().await?;
-    spawn_removal(db.clone(), data.clone(), deletion.clone());
-    Ok(deletion)
+    let record = Record {
+        tenant_id: tenant_id,
+        kind: "base_model",
+        id,
+        by,
+    };
+    commit(tx, db, data, record, &[path]).await
 }
 
 /// Delete a tenant with its keys, datasets, jobs, models and backbones (the audit trail stays).
@@ -179,7 +187,33 @@ pub async fn delete_tenant(
         .collect();
     paths.extend(held.jobs.into_iter().map(|j| rel(DataDir::job_relative(j))));
     paths.extend(held.paths);
-    let deletion = db::deletions::insert(&mut *tx, id, "tenant", id, by, &paths).await?;
+    let record = Record {
+        tenant_id: id,
+        kind: "tenant",
+        id,
+        by,
+    };
+    commit(tx, db, data, record, &paths).await
+}
+
+/// What a deletion records besides its files: whose, of what, asked by whom.
+struct Record<'a> {
+    tenant_id: Uuid,
+    kind: &'static str,
+    id: Uuid,
+    by: &'a Requester,
+}
+
+/// Record the files to remove in the transaction that removed the rows, commit both, and
+/// start removing the files.
+async fn commit(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    db: &PgPool,
+    data: &DataDir,
+    r: Record<'_>,
+    paths: &[String],
+) -> Result<Deletion, DeleteError> {
+    let deletion = db::deletions::insert(&mut *tx, r.tenant_id, r.kind, r.id, r.by, paths).await?;
     tx.commit().await?;
     spawn_removal(db.clone(), data.clone(), deletion.clone());
     Ok(deletion)
