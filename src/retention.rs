@@ -101,7 +101,7 @@ pub async fn delete_dataset(
     let mut paths = vec![rel(DataDir::dataset_relative(id))];
     paths.extend(jobs.into_iter().map(|j| rel(DataDir::job_relative(j))));
     let record = Record {
-        tenant_id: tenant_id,
+        tenant_id,
         kind: "dataset",
         id,
         by,
@@ -128,7 +128,7 @@ pub async fn delete_model(
     let mut paths = vec![path];
     paths.extend(jobs.into_iter().map(|j| rel(DataDir::job_relative(j))));
     let record = Record {
-        tenant_id: tenant_id,
+        tenant_id,
         kind: "model",
         id,
         by,
@@ -152,7 +152,7 @@ pub async fn delete_backbone(
     };
     db::deletions::retire_backbone(&mut tx, id).await?;
     let record = Record {
-        tenant_id: tenant_id,
+        tenant_id,
         kind: "base_model",
         id,
         by,
