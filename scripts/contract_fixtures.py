@@ -116,8 +116,10 @@ def rest(api, archive, model_id, dataset_id, backbone):
     tenant = api.call("POST", "/v1/tenants", {"name": "contract-fixture"})
     out["CONTRACT_TENANT_ID"] = tenant["id"]
     out["CONTRACT_TENANT_ID_DOOMED"] = api.call("POST", "/v1/tenants", {"name": "contract-doomed"})["id"]
-    out["CONTRACT_KEY_ID"] = api.call("POST", f"/v1/tenants/{tenant['id']}/keys", {"name": "fixture"})["id"]
-    out["CONTRACT_KEY_ID_DOOMED"] = api.call("POST", f"/v1/tenants/{tenant['id']}/keys", {"name": "doomed"})["id"]
+    # Keys of the caller's own tenant: key_view shows no other tenant's key, even to an operator.
+    own = api.call("GET", "/v1/me")["tenant"]["id"]
+    out["CONTRACT_KEY_ID"] = api.call("POST", f"/v1/tenants/{own}/keys", {"name": "fixture"})["id"]
+    out["CONTRACT_KEY_ID_DOOMED"] = api.call("POST", f"/v1/tenants/{own}/keys", {"name": "doomed"})["id"]
 
     # A dataset that only dataset_delete may delete, and a deletion to look at.
     out["CONTRACT_DATASET_ID_DOOMED"] = ready_dataset(api, "contract-doomed", archive)["id"]

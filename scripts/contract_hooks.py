@@ -50,7 +50,13 @@ REFUSALS_THE_SCHEMA_CANNOT_STATE = {
     "batch_prediction_create": {
         ("validation_failed", "dataset_id"),
     },
+    "job_plot": {
+        ("validation_failed", "split"),  # split and epoch are for confusion-matrix only
+        ("validation_failed", "epoch"),  # an epoch that has not finished
+    },
     "model_predict": {
+        ("validation_failed", "window"),  # from 0.1 s to 3600 s, written as text
+        ("validation_failed", "stride"),
         ("validation_failed", "file"),  # an empty file
         ("checksum_mismatch", None),
         ("invalid_video", None),
