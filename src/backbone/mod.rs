@@ -199,8 +199,11 @@ impl Default for HeadSpec {
 }
 
 /// Which parts of the backbone train.
+///
+/// Read through [`FreezeWire`]: serde's internally tagged enums let unit variants
+/// (`head_only`, `full`) through with any other member, which a request must not do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "policy", rename_all = "snake_case", try_from = "FreezeWire")]
 pub enum Freeze {
     /// Only the head trains (a linear probe with a linear head).
     HeadOnly,
@@ -208,6 +211,40 @@ pub enum Freeze {
     LastStages { stages: usize },
     /// Everything trains.
     Full,
+}
+
+/// `{policy}` or `{policy: last_stages, stages}`, and no other member.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeWire {
+    policy: FreezePolicy,
+    /// Kept as a value so that `"stages": null` counts as present.
+    #[serde(default)]
+    stages: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FreezePolicy {
+    HeadOnly,
+    LastStages,
+    Full,
+}
+
+impl TryFrom<FreezeWire> for Freeze {
+    type Error = String;
+
+    fn try_from(w: FreezeWire) -> Result<Self, String> {
+        match (w.policy, w.stages) {
+            (FreezePolicy::HeadOnly, None) => Ok(Freeze::HeadOnly),
+            (FreezePolicy::Full, None) => Ok(Freeze::Full),
+            (FreezePolicy::LastStages, Some(v)) => serde_json::from_value(v)
+                .map(|stages| Freeze::LastStages { stages })
+                .map_err(|e| format!("stages: {e}")),
+            (FreezePolicy::LastStages, None) => Err("missing field `stages`".into()),
+            (_, Some(_)) => Err("unknown field `stages`: only `last_stages` takes it".into()),
+        }
+    }
 }
 
 impl Default for Freeze {

@@ -161,6 +161,15 @@ async fn job_requests_are_validated_field_by_field(db: PgPool) {
             json!({"dataset_id": ds, "base_model": "r3d_18", "hyperparameters": {"freeze": {"policy": "last_stages", "stages": 9}}}),
             "hyperparameters.freeze.stages",
         ),
+        // `head_only` and `full` take no other member, like every object of a request.
+        (
+            json!({"dataset_id": ds, "base_model": "r3d_18", "hyperparameters": {"freeze": {"policy": "full", "colour": 1}}}),
+            "hyperparameters",
+        ),
+        (
+            json!({"dataset_id": ds, "base_model": "r3d_18", "hyperparameters": {"freeze": {"policy": "head_only", "stages": 2}}}),
+            "hyperparameters",
+        ),
     ];
     for (body, field) in cases {
         let resp = app.post_json("/v1/jobs", &key, body.clone()).await;
