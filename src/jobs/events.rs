@@ -16,6 +16,9 @@ use crate::db::{self, jobs::EventRow};
 /// How often a waiting stream looks for rows even without a notification.
 pub const RECHECK: Duration = Duration::from_secs(2);
 
+/// How long a stream whose job has ended waits for the job's final `state` event.
+const FINAL_EVENT_WAIT: Duration = Duration::from_secs(2);
+
 /// Notifications a slow subscriber may fall behind by before it skips to "look again" (it then
 /// re-reads from its last event id, so nothing is lost).
 const BACKLOG: usize = 1024;
@@ -99,6 +102,21 @@ pub fn stream(
                 .flatten()
                 .is_none_or(|j| j.state.is_final());
             if done {
+                // A worker records the final `state` event just after the final state: wait a
+                // moment for it (and anything written since the read above) before ending.
+                let deadline = tokio::time::Instant::now() + FINAL_EVENT_WAIT;
+                loop {
+                    let rows = db::jobs::events_after(&db, id, after).await.unwrap_or_default();
+                    let ended = rows.iter().any(|r| r.kind == "state");
+                    for r in rows {
+                        after = r.id;
+                        yield r;
+                    }
+                    if ended || tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 break;
             }
             // Idle: no connection held, only a place in the hub's fan-out.
