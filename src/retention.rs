@@ -110,7 +110,8 @@ pub async fn delete_dataset(
 }
 
 /// Delete a tenant's model: its record now (its job keeps its history), its files (weights,
-/// metadata, exports) and its job's checkpoints in the background. The caller evicts it from the serving cache.
+/// metadata, exports) and its job's checkpoints in the background. The caller evicts it from
+/// the serving cache.
 pub async fn delete_model(
     db: &PgPool,
     data: &DataDir,

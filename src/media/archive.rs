@@ -756,7 +756,7 @@ mod tests {
         let e = got.unwrap_err();
         assert_eq!(e.code(), "archive_too_large", "{e}");
         assert!(e.to_string().contains("10× its own size"), "{e}");
-        let written: u64 = walk(&dir.path().join("out"));
+        let written: u64 = crate::datadir::dir_bytes(&dir.path().join("out"));
         assert!(written <= limits.total_cap(zip.len() as u64), "{written}");
         // The absolute cap applies too.
         let limits = ArchiveLimits {
@@ -765,20 +765,6 @@ mod tests {
         };
         let (_dir, got) = extract_bytes(&zip, ArchiveKind::Zip, &limits);
         assert!(matches!(got, Err(ArchiveError::TooLarge(_))), "{got:?}");
-    }
-
-    fn walk(dir: &Path) -> u64 {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                if e.file_type().unwrap().is_dir() {
-                    walk(&e.path())
-                } else {
-                    e.metadata().unwrap().len()
-                }
-            })
-            .sum()
     }
 
     #[test]

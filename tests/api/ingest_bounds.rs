@@ -51,23 +51,9 @@ fn overlapping_zip(names: &[String], data: &[u8]) -> Vec<u8> {
 
 /// Bytes under the data directory's folder of dataset `ds`, except its training cache.
 fn bytes_on_disk(app: &TestApp, ds: &str) -> u64 {
-    fn walk(dir: &std::path::Path) -> u64 {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return 0;
-        };
-        entries
-            .map(|e| {
-                let e = e.unwrap();
-                if e.file_type().unwrap().is_dir() {
-                    walk(&e.path())
-                } else {
-                    e.metadata().unwrap().len()
-                }
-            })
-            .sum()
-    }
+    use vidtune::datadir::dir_bytes;
     let root = app.data_dir.join("datasets").join(ds);
-    walk(&root) - walk(&root.join("cache"))
+    dir_bytes(&root) - dir_bytes(&root.join("cache"))
 }
 
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
