@@ -12,6 +12,8 @@
 #   wait_dataset ID [S]    until the dataset leaves receiving/processing; prints the status
 #   wait_job ID [S]        until the job ends; prints the state
 #   gen_video OUT SIZE FPS SECONDS [VF]   an H.264 test video (testsrc2)
+#   malloc_preload NAME    the LD_PRELOAD value that gives a process the allocator NAME: glibc (empty),
+#                          jemalloc or tcmalloc (Debian's libjemalloc2, libtcmalloc-minimal4)
 # Everything runs under `nice -n ${BENCH_NICE:-10}` when BENCH_NICE is not 0 (set by the drivers).
 
 BENCH_PY="$VIDTUNE_ROOT/scripts/bench/_bench.py"
@@ -71,6 +73,19 @@ bench_example() {
     cargo build $([ "$profile" = release ] && echo --release) --quiet --example "$1" >&2 || return 1
   fi
   echo "$VIDTUNE_ROOT/target/$profile/examples/$1"
+}
+
+malloc_preload() {
+  local lib
+  case "$1" in
+    glibc) return 0 ;;
+    jemalloc) lib=libjemalloc.so.2 ;;
+    tcmalloc) lib=libtcmalloc_minimal.so.4 ;;
+    *) die "unknown allocator $1 (glibc, jemalloc, tcmalloc)" ;;
+  esac
+  lib=$(ls /usr/lib/*-linux-gnu/"$lib" 2>/dev/null | head -n 1)
+  [ -n "$lib" ] || die "no $1 library (scripts/setup installs it)"
+  echo "$lib"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
