@@ -2,6 +2,8 @@
 use std::ffi::CStr;
 use std::fmt::Write as _;
 
+use crate::device::Device;
+
 /// The facts, one per line: libtorch, CUDA, FFmpeg, the sandbox for custom backbones, database,
 /// and the records whose files are missing from `data_dir`.
 pub async fn report(database_url: Option<&str>, data_dir: &std::path::Path) -> String {
@@ -9,11 +11,7 @@ pub async fn report(database_url: Option<&str>, data_dir: &std::path::Path) -> S
     let _ = writeln!(out, "vidtune       {}", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(out, "libtorch      {}", env!("VIDTUNE_LIBTORCH_VERSION"));
     let _ = writeln!(out, "cpu threads   {}", tch::get_num_threads());
-    let _ = writeln!(
-        out,
-        "cpu bf16      {}",
-        cpu_bf16(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
-    );
+    let _ = writeln!(out, "cpu bf16      {}", bf16_line(Device::Cpu));
     let cuda = tch::Cuda::is_available();
     let count = if cuda { tch::Cuda::device_count() } else { 0 };
     let _ = writeln!(
@@ -42,9 +40,10 @@ pub async fn report(database_url: Option<&str>, data_dir: &std::path::Path) -> S
             let gib = |b: i64| b as f64 / (1u64 << 30) as f64;
             let _ = writeln!(
                 out,
-                "  cuda:{d}      {:.1} GiB free of {:.1} GiB",
+                "  cuda:{d}      {:.1} GiB free of {:.1} GiB; bf16 {}",
                 gib(m.free),
-                gib(m.total)
+                gib(m.total),
+                bf16_line(Device::Cuda(d))
             );
         }
     }
@@ -112,36 +111,15 @@ fn ffmpeg_version() -> String {
     )
 }
 
-/// Whether `precision: bf16` pays on this CPU, from /proc/cpuinfo's flags: with AMX or
-/// AVX512-BF16 oneDNN runs bf16 natively (a training step about twice as fast as fp32, see
-/// BENCHMARKS.md); without them it emulates it, and bf16 is slower than fp32.
-fn cpu_bf16(cpuinfo: &str) -> &'static str {
-    let flags: Vec<&str> = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("flags"))
-        .map(|l| l.split_whitespace().collect())
-        .unwrap_or_default();
-    if flags.contains(&"amx_bf16") {
-        "native (AMX): precision bf16 trains faster than fp32"
-    } else if flags.contains(&"avx512_bf16") {
-        "native (AVX512-BF16): precision bf16 trains faster than fp32"
-    } else if cpuinfo.is_empty() {
-        "unknown"
+/// What `precision: "auto"` chooses on `device`, and why.
+fn bf16_line(device: Device) -> String {
+    let s = crate::device::bf16_support(device);
+    if s.native {
+        format!(
+            "native ({}): precision auto trains in bf16, about twice as fast as fp32",
+            s.why
+        )
     } else {
-        "emulated: keep precision fp32 on the CPU"
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cpu_bf16;
-
-    #[test]
-    fn bf16_advice_follows_the_cpu_flags() {
-        let cpu = |flags: &str| format!("processor\t: 0\nflags\t\t: fpu sse2 {flags}\n");
-        assert!(cpu_bf16(&cpu("avx512f amx_tile amx_bf16")).starts_with("native (AMX)"));
-        assert!(cpu_bf16(&cpu("avx512f avx512_bf16")).starts_with("native (AVX512-BF16)"));
-        assert!(cpu_bf16(&cpu("avx512f avx512_vnni")).starts_with("emulated"));
-        assert_eq!(cpu_bf16(""), "unknown");
+        format!("emulated ({}): precision auto trains in fp32", s.why)
     }
 }

@@ -10,6 +10,8 @@ unsafe extern "C" {
     fn vidtune_autocast_enter(cuda: c_int);
     fn vidtune_autocast_exit(cuda: c_int, was_enabled: c_int);
     fn vidtune_autocast_enabled(cuda: c_int) -> c_int;
+    fn vidtune_inference_mode_enter() -> *mut std::ffi::c_void;
+    fn vidtune_inference_mode_exit(guard: *mut std::ffi::c_void);
     fn vidtune_cuda_memory(
         device: c_int,
         allocated: *mut i64,
@@ -74,6 +76,30 @@ impl Drop for Autocast {
     fn drop(&mut self) {
         // SAFETY: pairs with the enter above on the same thread.
         unsafe { vidtune_autocast_exit(self.cuda, self.was_enabled) };
+    }
+}
+
+/// libtorch's inference mode on this thread while the guard lives (`torch.inference_mode()`):
+/// no autograd graph, no version counters. Tensors made under it must not be used for training
+/// afterwards.
+pub struct InferenceMode {
+    guard: *mut std::ffi::c_void,
+}
+
+impl InferenceMode {
+    pub fn enter() -> Self {
+        // SAFETY: allocates a c10::InferenceMode RAII guard for this thread; freed in drop on
+        // the same thread (the type is neither Send nor Sync, as it holds a raw pointer).
+        Self {
+            guard: unsafe { vidtune_inference_mode_enter() },
+        }
+    }
+}
+
+impl Drop for InferenceMode {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from enter and is freed once.
+        unsafe { vidtune_inference_mode_exit(self.guard) };
     }
 }
 

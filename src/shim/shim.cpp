@@ -122,6 +122,12 @@ int vidtune_autocast_enabled(int cuda) {
   return at::autocast::is_autocast_enabled(cuda ? at::kCUDA : at::kCPU) ? 1 : 0;
 }
 
+// c10::InferenceMode for the calling thread until the matching exit: no autograd recording,
+// no version counters or view tracking (what torch.inference_mode() gives evaluation).
+void *vidtune_inference_mode_enter() { return new c10::InferenceMode(true); }
+
+void vidtune_inference_mode_exit(void *guard) { delete static_cast<c10::InferenceMode *>(guard); }
+
 namespace {
 std::vector<at::Tensor> tensor_list(torch::Tensor **ts, int n) {
   std::vector<at::Tensor> out;

@@ -65,8 +65,91 @@ pub fn find(root: &Path, epoch: u32) -> Option<PathBuf> {
         .find(|d| d.is_dir())
 }
 
+/// A checkpoint taken in memory at the end of an epoch: copies of the weights, the optimizer's
+/// state and the loop's state, which another thread writes while training goes on (the
+/// optimizer updates the live tensors in place, so the copies are what makes that safe).
+pub struct Snapshot {
+    weights: Vec<(String, Tensor)>,
+    optimizer: Vec<(String, Tensor)>,
+    state: LoopState,
+}
+
+impl Snapshot {
+    /// Copy the state after `state.epochs_done` epochs. Variables for which `keep` is false
+    /// are left out: frozen ones, which the attempt restores from the base weights.
+    pub fn take(
+        vs: &VarStore,
+        opt: &Optimizer,
+        state: &LoopState,
+        keep: impl Fn(&str) -> bool,
+    ) -> Self {
+        let _g = tch::no_grad_guard();
+        let mut weights: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| keep(name))
+            .map(|(name, t)| (name, host_copy(&t)))
+            .collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        let optimizer = opt
+            .state_tensors()
+            .into_iter()
+            .map(|(name, t)| (name, host_copy(&t)))
+            .collect();
+        Self {
+            weights,
+            optimizer,
+            state: state.clone(),
+        }
+    }
+
+    /// Bytes of tensor data held.
+    pub fn bytes(&self) -> u64 {
+        self.weights
+            .iter()
+            .chain(&self.optimizer)
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    }
+
+    /// Write it under `root`, in attempt `attempt`'s own folder, whole or not at all; returns
+    /// its directory.
+    pub fn write(self, root: &Path, attempt: i32) -> anyhow::Result<PathBuf> {
+        let dir = epoch_dir(&attempt_dir(root, attempt), self.state.epochs_done);
+        let part = dir.with_extension("part");
+        let _ = std::fs::remove_dir_all(&part);
+        std::fs::create_dir_all(&part)?;
+        Tensor::write_safetensors(&self.weights, part.join("model.safetensors"))
+            .context("saving weights")?;
+        if self.optimizer.is_empty() {
+            let empty = Tensor::zeros([1], (Kind::Float, Device::Cpu));
+            Tensor::write_safetensors(&[("opt.none", &empty)], part.join("optimizer.safetensors"))?;
+        } else {
+            Tensor::write_safetensors(&self.optimizer, part.join("optimizer.safetensors"))?;
+        }
+        std::fs::write(
+            part.join("state.json"),
+            serde_json::to_vec_pretty(&self.state)?,
+        )?;
+        // Only this attempt writes in its folder: what is there is its own unrecorded leftover.
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::datadir::durable_rename(&part, &dir).context("moving the checkpoint into place")?;
+        Ok(dir)
+    }
+}
+
+/// A copy of `t` in host memory that shares nothing with it.
+fn host_copy(t: &Tensor) -> Tensor {
+    let t = t.detach();
+    if t.device() == Device::Cpu {
+        t.copy()
+    } else {
+        t.to_device(Device::Cpu)
+    }
+}
+
 /// Save the state after `state.epochs_done` epochs under `root`, in attempt `attempt`'s own
-/// folder; returns its directory.
+/// folder, every variable included; returns its directory.
 pub fn save(
     root: &Path,
     attempt: i32,
@@ -74,31 +157,39 @@ pub fn save(
     opt: &Optimizer,
     state: &LoopState,
 ) -> anyhow::Result<PathBuf> {
-    let dir = epoch_dir(&attempt_dir(root, attempt), state.epochs_done);
-    let part = dir.with_extension("part");
-    let _ = std::fs::remove_dir_all(&part);
-    std::fs::create_dir_all(&part)?;
-    vs.save(part.join("model.safetensors"))
-        .context("saving weights")?;
-    let opt_state = opt.state_tensors();
-    let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    if named.is_empty() {
-        let empty = Tensor::zeros([1], (Kind::Float, Device::Cpu));
-        Tensor::write_safetensors(&[("opt.none", &empty)], part.join("optimizer.safetensors"))?;
-    } else {
-        Tensor::write_safetensors(&named, part.join("optimizer.safetensors"))?;
-    }
-    std::fs::write(part.join("state.json"), serde_json::to_vec_pretty(state)?)?;
-    // Only this attempt writes in its folder: what is there is its own unrecorded leftover.
-    let _ = std::fs::remove_dir_all(&dir);
-    crate::datadir::durable_rename(&part, &dir).context("moving the checkpoint into place")?;
-    Ok(dir)
+    Snapshot::take(vs, opt, state, |_| true).write(root, attempt)
+}
+
+/// Load a checkpoint's weights into `vs`. A checkpoint may leave out variables for which
+/// `may_lack` is true (frozen ones, already holding the base weights); any other missing
+/// variable is an error.
+pub fn load_weights(
+    dir: &Path,
+    vs: &mut VarStore,
+    may_lack: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    let missing = vs
+        .load_partial(dir.join("model.safetensors"))
+        .context("loading the checkpoint's weights")?;
+    let lacking: Vec<&String> = missing.iter().filter(|n| !may_lack(n)).collect();
+    anyhow::ensure!(
+        lacking.is_empty(),
+        "the checkpoint in {} lacks {} trainable variable(s), e.g. {}",
+        dir.display(),
+        lacking.len(),
+        lacking[0]
+    );
+    Ok(())
 }
 
 /// Restore weights and optimizer from the checkpoint in `dir`; returns the loop state.
-pub fn load(dir: &Path, vs: &mut VarStore, opt: &mut Optimizer) -> anyhow::Result<LoopState> {
-    vs.load(dir.join("model.safetensors"))
-        .context("loading the checkpoint's weights")?;
+pub fn load(
+    dir: &Path,
+    vs: &mut VarStore,
+    opt: &mut Optimizer,
+    may_lack: impl Fn(&str) -> bool,
+) -> anyhow::Result<LoopState> {
+    load_weights(dir, vs, may_lack)?;
     let opt_state = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
         .context("loading optimizer state")?;
     let saved = std::fs::read(dir.join("state.json")).context("reading checkpoint state")?;

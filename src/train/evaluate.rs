@@ -38,6 +38,8 @@ pub struct Clips<'a> {
     pub prep: &'a Preprocessing,
     pub device: Device,
     pub bf16: bool,
+    /// Clips per forward pass.
+    pub batch: usize,
 }
 
 /// Evaluate with `clips` clips per video, softmax averaged per video. A TorchScript backbone
@@ -49,14 +51,18 @@ pub fn evaluate(
     classes: &[String],
     clips: u32,
 ) -> Result<Metrics, TrainError> {
-    let _guard = tch::no_grad_guard();
+    // Inference mode: no gradients and none of autograd's bookkeeping.
+    let _guard = amp::InferenceMode::enter();
     let hw = &split.hw;
     let items = Arc::new(split.items.clone());
     let plans: Vec<Plan> = (0..items.len())
         .flat_map(|i| (0..clips).map(move |c| (i, c)))
         .map(|(i, c)| data::eval_plan(i, items[i].frames, how.spec, hw[i], c, clips))
         .collect();
-    let batches: Vec<Vec<Plan>> = plans.chunks(8).map(<[Plan]>::to_vec).collect();
+    let batches: Vec<Vec<Plan>> = plans
+        .chunks(how.batch.max(1))
+        .map(<[Plan]>::to_vec)
+        .collect();
     let loader = Loader::start(items.clone(), batches.clone(), 2, 2);
     let mut probs = vec![vec![0.0f64; classes.len()]; items.len()];
     let mut loss_sum = 0.0;

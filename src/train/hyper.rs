@@ -26,8 +26,25 @@ pub enum ScheduleKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
+    /// bf16 where the device runs it natively ([`crate::device::bf16_support`]), else fp32.
+    Auto,
     Fp32,
     Bf16,
+}
+
+impl Precision {
+    /// Whether a job with this setting computes in bf16 on `device`, and why (for its log).
+    pub fn bf16_on(self, device: crate::device::Device) -> (bool, String) {
+        match self {
+            Precision::Fp32 => (false, "precision fp32 was asked for".into()),
+            Precision::Bf16 => (true, "precision bf16 was asked for".into()),
+            Precision::Auto => {
+                let s = crate::device::bf16_support(device);
+                let how = if s.native { "bf16" } else { "fp32" };
+                (s.native, format!("precision auto: {how}, {}", s.why))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +114,7 @@ defaults! {
     d_eval_clips: u32 = 5;
     d_imbalance: Imbalance = Imbalance::None;
     d_accum: u32 = 1;
-    d_precision: Precision = Precision::Fp32;
+    d_precision: Precision = Precision::Auto;
     d_device: String = "auto".into();
     d_workers: u32 = 2;
     d_keep: u32 = 2;

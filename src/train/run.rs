@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::checkpoint::{self, LoopState};
 use super::data::{self, ClipSpec, Item, Loader, Plan, RawClip};
 use super::evaluate::{Clips, classification_loss, evaluate};
-use super::hyper::{Hyperparameters, Imbalance, Precision};
+use super::hyper::{Hyperparameters, Imbalance};
 use super::optim::{Group, Optimizer};
 use super::splits::{Split, Splits};
 use super::{TrainError, alive};
@@ -174,6 +174,19 @@ struct Attempt<'a> {
     last_poll: Instant,
     /// Seconds per finished epoch of this attempt (for the ETA).
     epoch_times: Vec<f64>,
+    /// Whether the model computes in bf16 (the job's `precision` on this device).
+    bf16: bool,
+    /// Whether checkpoints leave out the frozen stages: they hold the pretrained weights, which
+    /// the attempt loads again before it resumes.
+    lean_checkpoints: bool,
+    /// The newest checkpoint, being written by another thread; recorded once it is whole.
+    pending: Option<Pending>,
+}
+
+/// A checkpoint being written in the background.
+struct Pending {
+    epoch: u32,
+    write: std::thread::JoinHandle<anyhow::Result<PathBuf>>,
 }
 
 /// What one epoch's training pass measured.
@@ -181,9 +194,15 @@ struct Trained {
     started: Instant,
     loss_sum: f64,
     correct: usize,
+    /// The running sums of loss × clips and correct clips, kept on the device (read once an
+    /// epoch, so a GPU is not made to wait for them after every step).
+    loss_acc: Tensor,
+    correct_acc: Tensor,
     seen: usize,
     /// Time spent waiting for the loader.
     wait: Duration,
+    /// Seconds of the training pass (what follows until the epoch's end is evaluation).
+    train_s: f64,
     lr: f64,
 }
 
@@ -213,6 +232,9 @@ impl<'a> Attempt<'a> {
     ) -> Result<Self, TrainError> {
         let hp = &job.hp;
         let (prep, spec) = job_clips(hp, &job.prep);
+        let device = crate::device::Device::from_tch(ctx.device)
+            .ok_or_else(|| TrainError::System(anyhow::anyhow!("unsupported device")))?;
+        let (bf16, why) = hp.precision.bf16_on(device);
         tch::manual_seed(hp.seed as i64);
         let mut vs = VarStore::new(ctx.device);
         let model = VideoClassifier::new(
@@ -227,8 +249,12 @@ impl<'a> Attempt<'a> {
         initialise(&vs, &job, log)?;
         let mut opt = optimizer(hp, &model, &vs);
         let mut state = LoopState::default();
+        // Frozen stages keep the pretrained weights: a checkpoint need not repeat them. (From
+        // a random initialisation they would depend on the device's generator.)
+        let lean_checkpoints = job.pretrained.is_some();
         if let Some(path) = &job.checkpoint {
-            state = checkpoint::load(&ctx.data_dir.resolve(path), &mut vs, &mut opt)?;
+            let frozen = |name: &str| lean_checkpoints && model.is_frozen(name);
+            state = checkpoint::load(&ctx.data_dir.resolve(path), &mut vs, &mut opt, frozen)?;
             log.event(
                 "resumed",
                 "info",
@@ -242,6 +268,16 @@ impl<'a> Attempt<'a> {
         let class_weights = (hp.class_imbalance == Imbalance::WeightedLoss)
             .then(|| class_weights(&job.splits).to_device(ctx.device));
         let ckpt_root = ctx.data_dir.checkpoints(job.id);
+        let startup_s = ctx.started.elapsed().as_secs_f64();
+        log.event(
+            "started",
+            "info",
+            &format!(
+                "training on {device} in {} ({why}); ready after {startup_s:.2} s",
+                if bf16 { "bf16" } else { "fp32" }
+            ),
+            json!({"device": device.to_string(), "precision": if bf16 { "bf16" } else { "fp32" }, "precision_reason": why, "startup_s": startup_s}),
+        )?;
         Ok(Self {
             ctx,
             log,
@@ -257,6 +293,9 @@ impl<'a> Attempt<'a> {
             ckpt_root,
             last_poll: Instant::now(),
             epoch_times: Vec::new(),
+            bf16,
+            lean_checkpoints,
+            pending: None,
         })
     }
 
@@ -267,10 +306,14 @@ impl<'a> Attempt<'a> {
         let plans = self.epoch_plans(epoch);
         let threads = self.job.hp.loader_threads as usize;
         let loader = Loader::start(self.train_items.clone(), plans.clone(), threads, 2);
+        let device = self.ctx.device;
         let mut t = Trained {
             started,
             loss_sum: 0.0,
             correct: 0,
+            loss_acc: Tensor::zeros([], (Kind::Double, device)),
+            train_s: 0.0,
+            correct_acc: Tensor::zeros([], (Kind::Int64, device)),
             seen: 0,
             wait: Duration::ZERO,
             lr: 0.0,
@@ -287,6 +330,9 @@ impl<'a> Attempt<'a> {
             waiting = Instant::now();
         }
         self.state.optimizer_step = self.opt.step;
+        t.loss_sum = t.loss_acc.double_value(&[]);
+        t.correct = t.correct_acc.int64_value(&[]) as usize;
+        t.train_s = started.elapsed().as_secs_f64();
         Ok(ControlFlow::Continue(t))
     }
 
@@ -354,8 +400,7 @@ impl<'a> Attempt<'a> {
         let backbone_failed =
             |e: anyhow::Error| user(format!("the TorchScript backbone failed: {e:#}"));
         let (logits, loss) = {
-            let bf16 = hp.precision == Precision::Bf16;
-            let _amp = bf16.then(|| backbone::amp::Autocast::enter(device));
+            let _amp = self.bf16.then(|| backbone::amp::Autocast::enter(device));
             let logits = self
                 .model
                 .try_forward_t(&x, true)
@@ -376,14 +421,14 @@ impl<'a> Attempt<'a> {
             self.opt.zero_grad();
         }
         alive();
-        let loss_v = loss.double_value(&[]);
-        t.loss_sum += loss_v * labels.len() as f64;
-        t.correct += i64::try_from(logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64))
-            .unwrap_or(0) as usize;
-        t.seen += labels.len();
+        let n = labels.len();
+        t.loss_acc = &t.loss_acc + loss.detach().to_kind(Kind::Double) * n as f64;
+        t.correct_acc = &t.correct_acc + logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
+        t.seen += n;
         self.state.step += 1;
         if self.state.step % hp.log_every_steps as i64 == 0 {
-            self.log.step(self.state.step, epoch, loss_v, t.lr)?;
+            self.log
+                .step(self.state.step, epoch, loss.double_value(&[]), t.lr)?;
         }
         Ok(())
     }
@@ -397,11 +442,14 @@ impl<'a> Attempt<'a> {
         batches: usize,
         started: Instant,
     ) -> Result<ControlFlow<Outcome>, TrainError> {
-        let hp = &self.job.hp;
         if self.last_poll.elapsed() < Duration::from_secs(1) && b + 1 != batches {
             return Ok(ControlFlow::Continue(()));
         }
         self.last_poll = Instant::now();
+        if !self.settle_checkpoint(false)? {
+            return Ok(ControlFlow::Break(Outcome::FencedOut));
+        }
+        let hp = &self.job.hp;
         let share = (b + 1) as f64 / batches as f64;
         let done = epoch as f64 + share;
         let per_epoch = self
@@ -434,22 +482,29 @@ impl<'a> Attempt<'a> {
             spec: &self.spec,
             prep: &self.prep,
             device: self.ctx.device,
-            bf16: self.job.hp.precision == Precision::Bf16,
+            bf16: self.bf16,
+            batch: eval_batch(self.job.hp.batch_size),
         };
         evaluate(&self.model, split, &how, &self.job.splits.classes, clips)
     }
 
-    /// Record the epoch, track the best epoch and early stopping, save a checkpoint and prune
-    /// old ones.
+    /// Record the epoch, track the best epoch and early stopping, and start writing its
+    /// checkpoint (recorded, and older ones pruned, once it is whole).
     fn end_epoch(
         &mut self,
         epoch: u32,
         t: &Trained,
         val: &Metrics,
     ) -> Result<AfterEpoch, TrainError> {
-        let hp = &self.job.hp;
         let elapsed = t.started.elapsed().as_secs_f64();
+        let eval_s = elapsed - t.train_s;
         self.epoch_times.push(elapsed);
+        // The previous epoch's checkpoint is recorded first (in order, one write at a time), and
+        // an attempt fenced out meanwhile records nothing more.
+        let ckpt_started = Instant::now();
+        if !self.settle_checkpoint(true)? {
+            return Ok(AfterEpoch::FencedOut);
+        }
         let train_loss = t.loss_sum / t.seen.max(1) as f64;
         let train_acc = t.correct as f64 / t.seen.max(1) as f64;
         let inserted = self.log.epoch(&EpochRecord {
@@ -461,13 +516,8 @@ impl<'a> Attempt<'a> {
             clips_per_s: t.seen as f64 / elapsed,
             data_wait_share: t.wait.as_secs_f64() / elapsed,
         })?;
-        self.log.event(
-            "epoch",
-            "info",
-            &format!("epoch {}/{}: train loss {train_loss:.4}, val accuracy {:.3}, balanced {:.3}", epoch + 1, hp.epochs, val.accuracy, val.balanced_accuracy),
-            json!({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val.loss, "val_accuracy": val.accuracy, "val_balanced_accuracy": val.balanced_accuracy, "val_macro_f1": val.macro_f1, "inserted": inserted}),
-        )?;
 
+        let hp = &self.job.hp;
         let state = &mut self.state;
         state.epochs_done = epoch + 1;
         let value = val.get(hp.selection_metric).unwrap_or(val.accuracy);
@@ -486,28 +536,27 @@ impl<'a> Attempt<'a> {
             }
             stop = (state.es_bad >= es.patience).then_some(es);
         }
-        let dir = checkpoint::save(
-            &self.ckpt_root,
-            self.job.attempt,
-            &self.vs,
-            &self.opt,
-            state,
+        let (lean, model) = (self.lean_checkpoints, &self.model);
+        let snapshot = checkpoint::Snapshot::take(&self.vs, &self.opt, state, |name| {
+            !(lean && model.is_frozen(name))
+        });
+        let snapshot_mb = snapshot.bytes() as f64 / 1e6;
+        let (root, attempt) = (self.ckpt_root.clone(), self.job.attempt);
+        self.pending = Some(Pending {
+            epoch: epoch + 1,
+            write: std::thread::Builder::new()
+                .name("checkpoint".into())
+                .spawn(move || snapshot.write(&root, attempt))
+                .context("starting the checkpoint writer")?,
+        });
+        let checkpoint_s = ckpt_started.elapsed().as_secs_f64();
+        self.log.event(
+            "epoch",
+            "info",
+            &format!("epoch {}/{}: train loss {train_loss:.4}, val accuracy {:.3}, balanced {:.3}", epoch + 1, hp.epochs, val.accuracy, val.balanced_accuracy),
+            json!({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val.loss, "val_accuracy": val.accuracy, "val_balanced_accuracy": val.balanced_accuracy, "val_macro_f1": val.macro_f1, "inserted": inserted,
+                   "train_s": t.train_s, "data_wait_s": t.wait.as_secs_f64(), "eval_s": eval_s, "checkpoint_s": checkpoint_s, "checkpoint_mb": snapshot_mb}),
         )?;
-        if !self.log.checkpoint(&self.ctx.data_dir.relative(&dir))? {
-            // Never recorded, and in this attempt's own folder: nobody resumes from it.
-            let _ = crate::datadir::remove_durably(&dir);
-            return Ok(AfterEpoch::FencedOut);
-        }
-        // The checkpoint was recorded under this attempt's fence: only now may older attempts'
-        // files go.
-        checkpoint::prune(
-            &self.ckpt_root,
-            self.job.attempt,
-            hp.keep_checkpoints as usize,
-            state.best_epoch,
-        );
-        self.log
-            .checkpoint_bytes(crate::datadir::dir_bytes(&self.ckpt_root))?;
         let Some(es) = stop else {
             return Ok(AfterEpoch::Next);
         };
@@ -523,16 +572,50 @@ impl<'a> Attempt<'a> {
         Ok(AfterEpoch::EarlyStop)
     }
 
+    /// Record the checkpoint being written in the background once it is whole (waiting for
+    /// it when `wait`), then prune older ones; `false` when the attempt was fenced out.
+    fn settle_checkpoint(&mut self, wait: bool) -> Result<bool, TrainError> {
+        let Some(pending) = self.pending.take_if(|p| wait || p.write.is_finished()) else {
+            return Ok(true);
+        };
+        let dir = pending
+            .write
+            .join()
+            .map_err(|_| anyhow::anyhow!("the checkpoint writer panicked"))?
+            .with_context(|| format!("writing the checkpoint of epoch {}", pending.epoch))?;
+        if !self.log.checkpoint(&self.ctx.data_dir.relative(&dir))? {
+            // Never recorded, and in this attempt's own folder: nobody resumes from it.
+            let _ = crate::datadir::remove_durably(&dir);
+            return Ok(false);
+        }
+        // The checkpoint was recorded under this attempt's fence: only now may older attempts'
+        // files go.
+        checkpoint::prune(
+            &self.ckpt_root,
+            self.job.attempt,
+            self.job.hp.keep_checkpoints as usize,
+            self.state.best_epoch,
+        );
+        self.log
+            .checkpoint_bytes(crate::datadir::dir_bytes(&self.ckpt_root))?;
+        Ok(true)
+    }
+
     /// The best epoch's weights, evaluated on the test split with multi-clip averaging and
     /// exported; the model is recorded only after its files are complete.
     fn finish(mut self) -> Result<Outcome, TrainError> {
+        if !self.settle_checkpoint(true)? {
+            return Ok(Outcome::FencedOut);
+        }
         let hp = &self.job.hp;
         let best = self.state.best_epoch.unwrap_or(self.state.epochs_done);
         let best_dir = checkpoint::find(&self.ckpt_root, best);
         if let Some(best_dir) = best_dir.filter(|_| best != self.state.epochs_done) {
-            self.vs
-                .load(best_dir.join("model.safetensors"))
-                .context("loading the best checkpoint")?;
+            let (lean, model) = (self.lean_checkpoints, &self.model);
+            checkpoint::load_weights(&best_dir, &mut self.vs, |name| {
+                lean && model.is_frozen(name)
+            })
+            .context("loading the best checkpoint")?;
         }
         let val = self.evaluate(&self.job.splits.val, hp.eval_clips)?;
         let test = if self.job.splits.test.items.is_empty() {
@@ -582,6 +665,22 @@ impl<'a> Attempt<'a> {
         }
         Ok(Outcome::Succeeded(id))
     }
+}
+
+impl Drop for Attempt<'_> {
+    /// An attempt that ends early (canceled, fenced out, failed) still lets its checkpoint
+    /// writer finish, so no half-written folder is left behind.
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let _ = p.write.join();
+        }
+    }
+}
+
+/// Clips per evaluation forward pass: twice the training batch, as evaluation keeps no
+/// activations for a backward pass.
+fn eval_batch(train_batch: u32) -> usize {
+    (2 * train_batch as usize).clamp(8, 64)
 }
 
 /// A custom backbone was inspected at the clip size it was registered with; one whose output
@@ -838,7 +937,7 @@ mod tests {
             .collect();
         assert!(!exported.is_empty());
         let kinds: Vec<&str> = log.events.iter().map(|e| e.0.as_str()).collect();
-        assert_eq!(kinds, ["weights", "epoch", "epoch", "test"]);
+        assert_eq!(kinds, ["weights", "started", "epoch", "epoch", "test"]);
 
         // A second attempt from the checkpoint after epoch 1 trains the same epoch 2.
         let mut resumed = Memory::default();
@@ -867,6 +966,81 @@ mod tests {
         );
         assert_eq!(a.3.confusion, b.3.confusion);
         assert_eq!(resumed.steps, [(3, 1), (4, 1)]);
+    }
+
+    #[test]
+    fn checkpoints_over_pretrained_weights_leave_out_the_frozen_stages_and_resume_the_same() {
+        let data = tempfile::tempdir().unwrap();
+        let ctx = context(data.path());
+        let splits = splits(data.path());
+        // Installed weights: a seeded r3d_18 backbone (no head), as an import leaves them.
+        tch::manual_seed(11);
+        let base = VarStore::new(Device::Cpu);
+        let _m = VideoClassifier::new(
+            &base.root(),
+            Arch::R3d18,
+            400,
+            &backbone::HeadSpec::default(),
+            backbone::Freeze::Full,
+        )
+        .unwrap();
+        let weights = data.path().join("r3d_18.safetensors");
+        let named: Vec<(String, Tensor)> = base
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("fc."))
+            .collect();
+        Tensor::write_safetensors(&named, &weights).unwrap();
+        let id = Uuid::new_v4();
+        let with_weights = |attempt, checkpoint| Job {
+            pretrained: Some(Pretrained {
+                path: weights.clone(),
+                sha256: "ab".repeat(32),
+            }),
+            ..job(id, attempt, splits.clone(), checkpoint)
+        };
+        let mut log = Memory::default();
+        let outcome = run(&ctx, with_weights(1, None), &mut log).unwrap();
+        assert!(matches!(outcome, Outcome::Succeeded(_)), "{outcome:?}");
+        // The default recipe trains layer4 and the head: only they are in a checkpoint.
+        let first = data.path().join(&log.checkpoints[0]);
+        let saved = Tensor::read_safetensors(first.join("model.safetensors")).unwrap();
+        let prefixes: std::collections::BTreeSet<&str> = saved
+            .iter()
+            .map(|(n, _)| n.split('.').next().unwrap())
+            .collect();
+        assert_eq!(prefixes, ["fc", "layer4"].into());
+
+        // Resumed after epoch 1: the frozen stages come from the weights again, and epoch 2
+        // trains exactly as it did.
+        let mut resumed = Memory::default();
+        let ckpt = log.checkpoints[0].clone();
+        let outcome = run(&ctx, with_weights(2, Some(ckpt)), &mut resumed).unwrap();
+        assert!(matches!(outcome, Outcome::Succeeded(_)), "{outcome:?}");
+        let (a, b) = (&log.epochs[1], &resumed.epochs[0]);
+        assert_eq!((a.0, b.0), (2, 2));
+        assert!(
+            (a.1 - b.1).abs() < 1e-5,
+            "train loss {} vs resumed {}",
+            a.1,
+            b.1
+        );
+        assert!((a.3.loss - b.3.loss).abs() < 1e-5);
+
+        // A checkpoint that lacks a trainable variable is refused, not half loaded.
+        let mut vs = VarStore::new(Device::Cpu);
+        let _m = VideoClassifier::new(
+            &vs.root(),
+            Arch::R3d18,
+            2,
+            &backbone::HeadSpec::default(),
+            backbone::Freeze::Full,
+        )
+        .unwrap();
+        let err = checkpoint::load_weights(&first, &mut vs, |n| n.starts_with("stem."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lacks"), "{err}");
     }
 
     #[test]
