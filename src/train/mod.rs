@@ -5,6 +5,7 @@ pub mod data;
 pub mod evaluate;
 pub mod hyper;
 pub mod optim;
+pub mod precision;
 pub mod run;
 pub mod splits;
 

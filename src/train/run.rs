@@ -27,6 +27,7 @@ use super::data::{self, ClipSpec, Item, Loader, Plan, RawClip};
 use super::evaluate::{Clips, classification_loss, evaluate};
 use super::hyper::{Hyperparameters, Imbalance};
 use super::optim::{Group, Optimizer};
+use super::precision;
 use super::splits::{Split, Splits};
 use super::{TrainError, alive};
 use crate::backbone::{self, Base, HeadSpec, Preprocessing, VideoClassifier, export};
@@ -234,7 +235,6 @@ impl<'a> Attempt<'a> {
         let (prep, spec) = job_clips(hp, &job.prep);
         let device = crate::device::Device::from_tch(ctx.device)
             .ok_or_else(|| TrainError::System(anyhow::anyhow!("unsupported device")))?;
-        let (bf16, why) = hp.precision.bf16_on(device);
         tch::manual_seed(hp.seed as i64);
         let mut vs = VarStore::new(ctx.device);
         let model = VideoClassifier::new(
@@ -248,6 +248,19 @@ impl<'a> Attempt<'a> {
         check_clip_size(&model, &job.prep, &prep, ctx.device)?;
         initialise(&vs, &job, log)?;
         let mut opt = optimizer(hp, &model, &vs);
+        // Checked on the weights the job starts from, so every attempt decides alike.
+        let clip = [
+            i64::from(hp.batch_size.min(4)),
+            3,
+            prep.frames,
+            prep.crop,
+            prep.crop,
+        ];
+        let precision::Choice { bf16, why, warning } =
+            precision::choose(hp.precision, device, &model, &vs, &mut opt, clip);
+        if let Some(w) = warning {
+            log.event("precision", "warning", &w, json!({}))?;
+        }
         let mut state = LoopState::default();
         // Frozen stages keep the pretrained weights: a checkpoint need not repeat them. (From
         // a random initialisation they would depend on the device's generator.)

@@ -86,6 +86,41 @@ async fn r3d_18_learns_motion_that_no_single_frame_shows(db: PgPool) {
         sse.trim_end().ends_with('}') && sse.contains("\"succeeded\""),
         "{sse}"
     );
+    // The job says what it computed in and why: `precision` left out is `auto`, bf16 exactly
+    // where this CPU runs it natively. Its start-up and each epoch's phases are timed.
+    let event = |kind: &str| -> Value {
+        let data = sse
+            .split(&format!("event: {kind}\n"))
+            .nth(1)
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("data:")))
+            .unwrap_or_else(|| panic!("no {kind} event in {sse}"));
+        serde_json::from_str::<Value>(data.trim()).unwrap()["data"].clone()
+    };
+    let started = event("started");
+    let native = vidtune::device::bf16_support(vidtune::device::Device::Cpu).native;
+    assert_eq!(
+        started["precision"],
+        if native { "bf16" } else { "fp32" },
+        "{started}"
+    );
+    assert!(
+        started["precision_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("precision auto"),
+        "{started}"
+    );
+    assert!(started["startup_s"].as_f64().unwrap() > 0.0);
+    let epoch = event("epoch");
+    for phase in [
+        "train_s",
+        "data_wait_s",
+        "eval_s",
+        "checkpoint_s",
+        "checkpoint_mb",
+    ] {
+        assert!(epoch[phase].as_f64().unwrap() >= 0.0, "{phase}: {epoch}");
+    }
     // The model's lineage.
     let model: (Vec<String>, Option<String>, i32, serde_json::Value) = sqlx::query_as(
         "select classes, dataset_hash, eval_clips, preprocessing from models where id = $1::uuid",

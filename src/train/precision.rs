@@ -1,0 +1,273 @@
+//! The precision a job computes in. `auto` picks bf16 where the device runs it natively and
+//! where its bf16 kernels are right: before training, one batch of random clips goes through
+//! the job's model forward and backward in fp32 and in bf16, and if any trainable parameter's
+//! bf16 gradient is far from its fp32 gradient, the job trains in fp32 and says why.
+//!
+//! This is not hypothetical: libtorch 2.11's bf16 3D convolution computes wrong weight
+//! gradients for some shapes on some CPUs (on an AVX512-BF16 Xeon, r3d_18's 256→256 layer3
+//! convolutions come out 70–97 % off, or infinite, in PyTorch as in vidtune), so a model
+//! trained there in bf16 learns nothing. bf16 noise itself stays well below the threshold
+//! (0.1–0.35 relative on the same models, worst layer, train mode at batch 4).
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use super::evaluate::classification_loss;
+use super::hyper::Precision;
+use super::optim::Optimizer;
+use crate::backbone::{VideoClassifier, amp};
+
+/// Above this relative error (‖g_bf16 − g_fp32‖ / ‖g_fp32‖) of any trainable parameter's
+/// gradient, the bf16 kernels are taken to be wrong.
+pub const MAX_GRADIENT_ERROR: f64 = 0.5;
+
+/// What a job computes in, and the sentence that says why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub bf16: bool,
+    pub why: String,
+    /// Set when bf16 was asked for explicitly but its kernels failed the check.
+    pub warning: Option<String>,
+}
+
+/// The worst relative gradient error of bf16 against fp32, and the parameter it is on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientCheck {
+    pub parameter: String,
+    pub error: f64,
+}
+
+/// Decide the precision of a job: its setting on `device`, checked on the model at the job's
+/// clip `shape` (`[N, 3, T, H, W]`) when bf16 would be used.
+pub fn choose(
+    precision: Precision,
+    device: crate::device::Device,
+    model: &VideoClassifier,
+    vs: &VarStore,
+    opt: &mut Optimizer,
+    shape: [i64; 5],
+) -> Choice {
+    let (bf16, why) = precision.bf16_on(device);
+    // A sandboxed backbone's gradients are computed in its own process, in fp32.
+    let check = (bf16 && !model.is_sandboxed())
+        .then(|| gradient_check(model, vs, opt, shape, device.to_tch()));
+    decide(precision, bf16, why, check)
+}
+
+/// The choice, from the setting's answer on this device and the gradient check if one ran.
+pub fn decide(
+    precision: Precision,
+    bf16: bool,
+    why: String,
+    check: Option<GradientCheck>,
+) -> Choice {
+    let Some(check) = check.filter(|_| bf16) else {
+        return Choice {
+            bf16,
+            why,
+            warning: None,
+        };
+    };
+    if check.error <= MAX_GRADIENT_ERROR {
+        return Choice {
+            bf16: true,
+            why: format!(
+                "{why}; bf16 gradients within {:.0} % of fp32's",
+                check.error * 100.0
+            ),
+            warning: None,
+        };
+    }
+    let fault = format!(
+        "the bf16 gradient of {} is {} off fp32's on this device (a fault of this libtorch \
+         build's bf16 kernels)",
+        check.parameter,
+        if check.error.is_finite() {
+            format!("{:.0} %", check.error * 100.0)
+        } else {
+            "infinitely".into()
+        }
+    );
+    match precision {
+        Precision::Bf16 => Choice {
+            bf16: true,
+            why: format!("{why}; {fault}"),
+            warning: Some(format!(
+                "{fault}: this job may not learn; precision auto or fp32 would train in fp32"
+            )),
+        },
+        Precision::Auto | Precision::Fp32 => Choice {
+            bf16: false,
+            why: format!("precision auto: fp32, because {fault}"),
+            warning: None,
+        },
+    }
+}
+
+/// One seeded batch of random clips, forward and backward in train mode, in fp32 and then in
+/// bf16 autocast; the trainable parameter whose gradients differ most. The model is left as it
+/// was: BatchNorm statistics restored, gradients cleared.
+pub fn gradient_check(
+    model: &VideoClassifier,
+    vs: &VarStore,
+    opt: &mut Optimizer,
+    shape: [i64; 5],
+    device: Device,
+) -> GradientCheck {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let saved: Vec<(Tensor, Tensor)> = tch::no_grad(|| {
+        vars.iter()
+            .filter(|(_, t)| !t.requires_grad())
+            .map(|(_, t)| (t.shallow_clone(), t.copy()))
+            .collect()
+    });
+    let trainable: Vec<&(String, Tensor)> =
+        vars.iter().filter(|(_, t)| t.requires_grad()).collect();
+    // Drawn on the CPU, so the check sees the same clips on every device.
+    let x = Tensor::randn(shape, (Kind::Float, Device::Cpu)).to_device(device);
+    let y = Tensor::arange(shape[0], (Kind::Int64, device)).remainder(2);
+    let grads = |bf16: bool, opt: &mut Optimizer| -> Vec<Option<Tensor>> {
+        opt.zero_grad();
+        let loss = {
+            let _amp = bf16.then(|| amp::Autocast::enter(device));
+            let logits = model.forward_t(&x, true);
+            classification_loss(&logits, &y, None, 0.0)
+        };
+        loss.backward();
+        trainable
+            .iter()
+            .map(|(_, t)| {
+                let g = t.grad();
+                g.defined().then(|| g.detach().to_kind(Kind::Float).copy())
+            })
+            .collect()
+    };
+    let fp32 = grads(false, opt);
+    let bf16 = grads(true, opt);
+    opt.zero_grad();
+    tch::no_grad(|| {
+        for (live, copy) in &saved {
+            let _ = live.shallow_clone().copy_(copy);
+        }
+    });
+    let mut worst = GradientCheck {
+        parameter: String::new(),
+        error: 0.0,
+    };
+    for ((name, _), (a, b)) in trainable.iter().zip(fp32.iter().zip(&bf16)) {
+        let (Some(a), Some(b)) = (a, b) else {
+            continue;
+        };
+        let reference = a.norm().double_value(&[]);
+        if reference == 0.0 {
+            continue;
+        }
+        let error = (b - a).norm().double_value(&[]) / reference;
+        let error = if error.is_nan() { f64::INFINITY } else { error };
+        if error > worst.error {
+            worst = GradientCheck {
+                parameter: name.clone(),
+                error,
+            };
+        }
+    }
+    worst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::{Arch, Freeze, HeadSpec};
+
+    fn check(error: f64) -> Option<GradientCheck> {
+        Some(GradientCheck {
+            parameter: "layer3.1.conv1.0.weight".into(),
+            error,
+        })
+    }
+
+    #[test]
+    fn auto_falls_back_to_fp32_when_bf16_gradients_are_wrong() {
+        let ok = decide(
+            Precision::Auto,
+            true,
+            "precision auto: bf16, x".into(),
+            check(0.2),
+        );
+        assert!(ok.bf16 && ok.warning.is_none(), "{ok:?}");
+        assert!(ok.why.contains("within 20 %"), "{}", ok.why);
+        let bad = decide(
+            Precision::Auto,
+            true,
+            "precision auto: bf16, x".into(),
+            check(0.97),
+        );
+        assert!(!bad.bf16, "{bad:?}");
+        assert!(
+            bad.why.contains("layer3.1.conv1.0.weight is 97 % off"),
+            "{}",
+            bad.why
+        );
+        let inf = decide(Precision::Auto, true, "a".into(), check(f64::INFINITY));
+        assert!(!inf.bf16 && inf.why.contains("infinitely"), "{inf:?}");
+        // Asked for explicitly, bf16 stays, with a warning.
+        let asked = decide(
+            Precision::Bf16,
+            true,
+            "precision bf16 was asked for".into(),
+            check(0.97),
+        );
+        assert!(asked.bf16 && asked.warning.is_some(), "{asked:?}");
+        // fp32 (or auto on a device without native bf16) needs no check.
+        let fp32 = decide(
+            Precision::Auto,
+            false,
+            "precision auto: fp32, z".into(),
+            None,
+        );
+        assert_eq!(
+            (fp32.bf16, fp32.why.as_str()),
+            (false, "precision auto: fp32, z")
+        );
+    }
+
+    #[test]
+    fn the_gradient_check_leaves_the_model_as_it_was() {
+        tch::manual_seed(5);
+        let vs = VarStore::new(Device::Cpu);
+        let model = VideoClassifier::new(
+            &vs.root(),
+            Arch::R3d18,
+            2,
+            &HeadSpec::default(),
+            Freeze::HeadOnly,
+        )
+        .unwrap();
+        let hp = crate::train::hyper::Hyperparameters::default();
+        let (backbone, head) = model.trainable_groups(&vs);
+        assert!(backbone.is_empty());
+        let mut opt = Optimizer::new(
+            hp.optimizer,
+            vec![crate::train::optim::Group {
+                params: head,
+                lr_mult: 1.0,
+            }],
+            hp.momentum,
+            hp.weight_decay,
+        );
+        let before: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        let c = gradient_check(&model, &vs, &mut opt, [2, 3, 4, 32, 32], Device::Cpu);
+        // Only the head trains: its bf16 gradient is close to fp32's.
+        assert!(c.parameter.starts_with("fc."), "{c:?}");
+        assert!(c.error.is_finite() && c.error < MAX_GRADIENT_ERROR, "{c:?}");
+        let after = vs.variables();
+        for (name, t) in before {
+            assert!(after[&name].equal(&t), "{name} changed");
+            assert!(!after[&name].grad().defined(), "{name} kept a gradient");
+        }
+    }
+}
