@@ -5,7 +5,10 @@
 //!                      --runs 5 [--device cuda] [--channels-last] [--freeze last_stages:1]
 //! With `--freeze`, the frozen stages run without gradients and BatchNorm in eval mode, as in a
 //! job with that freeze policy. `phases_ms` splits the median step into forward (with the loss),
-//! backward and optimizer.
+//! backward and optimizer. `malloc` names the library that serves the process's `malloc` and
+//! `keep_freed_memory` whether the heap policy took (both together: the shipped default is
+//! `"glibc"` and `true`).
+use std::ffi::CStr;
 use std::time::Instant;
 
 use tch::nn::VarStore;
@@ -24,6 +27,32 @@ fn arg(name: &str, default: &str) -> String {
 
 fn flag(name: &str) -> bool {
     std::env::args().any(|a| a == name)
+}
+
+/// The allocator behind `malloc` as the dynamic linker resolved it (an LD_PRELOAD of jemalloc or
+/// tcmalloc comes first): "glibc", "jemalloc", "tcmalloc", or the library's file name.
+fn malloc_name() -> String {
+    // SAFETY: dladdr only reads the loader's tables and fills the zeroed struct; the file name
+    // it points to belongs to a loaded object and outlives this call.
+    let file = unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        let malloc: unsafe extern "C" fn(libc::size_t) -> *mut libc::c_void = libc::malloc;
+        if libc::dladdr(malloc as *const libc::c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return "unknown".into();
+        }
+        CStr::from_ptr(info.dli_fname)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let base = file.rsplit('/').next().unwrap_or(&file);
+    [
+        ("libjemalloc", "jemalloc"),
+        ("libtcmalloc", "tcmalloc"),
+        ("libc.so", "glibc"),
+    ]
+    .iter()
+    .find(|(mark, _)| base.starts_with(mark))
+    .map_or_else(|| base.to_string(), |(_, name)| name.to_string())
 }
 
 fn main() {
@@ -120,9 +149,10 @@ fn main() {
     phases.sort_by(|a, b| a[0].total_cmp(&b[0]));
     let median = phases[phases.len() / 2];
     println!(
-        "{{\"bench\": \"B2\", \"impl\": \"vidtune\", \"arch\": \"{}\", \"precision\": \"{precision}\", \"batch\": {batch}, \"frames\": {frames}, \"crop\": {crop}, \"device\": \"{}\", \"channels_last\": {channels_last}, \"keep_freed_memory\": {kept}, \"freeze\": \"{freeze_arg}\", \"threads\": {}, \"warmup_ms\": {:.3}, \"median_ms\": {:.3}, \"phases_ms\": {{\"forward\": {:.3}, \"backward\": {:.3}, \"optimizer\": {:.3}}}, \"steps\": {:?}}}",
+        "{{\"bench\": \"B2\", \"impl\": \"vidtune\", \"arch\": \"{}\", \"precision\": \"{precision}\", \"batch\": {batch}, \"frames\": {frames}, \"crop\": {crop}, \"device\": \"{}\", \"channels_last\": {channels_last}, \"malloc\": \"{}\", \"keep_freed_memory\": {kept}, \"freeze\": \"{freeze_arg}\", \"threads\": {}, \"warmup_ms\": {:.3}, \"median_ms\": {:.3}, \"phases_ms\": {{\"forward\": {:.3}, \"backward\": {:.3}, \"optimizer\": {:.3}}}, \"steps\": {:?}}}",
         arch.name(),
         if device.is_cuda() { "cuda" } else { "cpu" },
+        malloc_name(),
         tch::get_num_threads(),
         warmup[0],
         median[0],

@@ -5,9 +5,13 @@ weight decay 1e-4; cross-entropy; model.train(). A step is zero_grad, forward (u
 bf16 with --precision bf16), loss, backward, optimizer.step, on one fixed random batch.
 --freeze last_stages:N freezes the stages before the last N as vidtune does (no gradients,
 BatchNorm in eval mode); phases_ms splits the median step into forward, backward and optimizer.
+`malloc` names the allocator that serves this process's malloc (glibc, jemalloc, tcmalloc), as
+the dynamic linker resolved it: the driver sets LD_PRELOAD and checks that it took effect.
 """
 import argparse
+import ctypes
 import json
+import os
 import statistics
 import time
 
@@ -16,6 +20,27 @@ import torchvision
 from torch import nn
 
 from _freeze import freeze
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+
+def allocator():
+    """(name, library path) of the malloc this process calls: the global symbol lookup finds a
+    preloaded allocator before the C library, so dladdr on its address names the library."""
+    libc = ctypes.CDLL(None)
+    info = _DlInfo()
+    addr = ctypes.cast(libc.malloc, ctypes.c_void_p)
+    if not libc.dladdr(addr, ctypes.byref(info)) or not info.fname:
+        return "unknown", ""
+    path = os.path.realpath(info.fname.decode())
+    base = os.path.basename(path)
+    for name, mark in (("jemalloc", "libjemalloc"), ("tcmalloc", "libtcmalloc"), ("glibc", "libc.so")):
+        if base.startswith(mark):
+            return name, path
+    return base, path
+
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--arch", choices=["r2plus1d_18", "r3d_18"], default="r2plus1d_18")
@@ -73,9 +98,10 @@ step()  # warm-up
 phases = [step() for _ in range(args.runs)]
 steps = [p[0] for p in phases]
 mid = sorted(phases)[len(phases) // 2]
+malloc, malloc_lib = allocator()
 print(json.dumps({
     "bench": "B2", "arch": args.arch, "precision": args.precision, "batch": args.batch,
     "frames": args.frames, "crop": args.crop, "device": args.device, "freeze": args.freeze,
-    "threads": torch.get_num_threads(), "median_ms": round(statistics.median(steps), 3),
+    "threads": torch.get_num_threads(), "malloc": malloc, "malloc_lib": malloc_lib, "median_ms": round(statistics.median(steps), 3),
     "phases_ms": {"forward": round(mid[1], 3), "backward": round(mid[2], 3), "optimizer": round(mid[3], 3)}, "steps": [round(s, 3) for s in steps],
 }))
