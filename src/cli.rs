@@ -39,6 +39,10 @@ pub fn main() -> ExitCode {
         };
     }
     telemetry::init(cli.log_format);
+    if let Command::Train(args) = cli.command {
+        // No runtime: the training loop is synchronous, and stdout carries its JSON lines.
+        return crate::train::offline::main(args);
+    }
     if let Command::TrainJob {
         job,
         attempt,
@@ -150,7 +154,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::MediaWorker
         | Command::ScriptHost
         | Command::SandboxProbe { .. }
-        | Command::TrainJob { .. } => {
+        | Command::TrainJob { .. }
+        | Command::Train(_) => {
             unreachable!("handled before the runtime starts")
         }
     }

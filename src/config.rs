@@ -56,6 +56,11 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::client::commands::JobsCommand,
     },
+    /// Fine-tune offline on a training-cache folder (its manifest.json names label, patient and
+    /// split of each cache file), without the server or a database: JSON lines on stdout,
+    /// checkpoints and the exported model under --out. --synthetic renders synthetic
+    /// echocardiography into the folder first, without FFmpeg.
+    Train(crate::train::offline::TrainArgs),
     /// Classify videos with a fine-tuned model (client of the REST API).
     Predict(crate::client::commands::PredictArgs),
     /// The whole loop on a running server: generate synthetic echocardiography, upload it,
