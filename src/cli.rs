@@ -39,6 +39,10 @@ pub fn main() -> ExitCode {
         };
     }
     telemetry::init(cli.log_format);
+    if let Command::Train(args) = cli.command {
+        // No runtime: the training loop is synchronous, and stdout carries its JSON lines.
+        return crate::train::offline::main(args);
+    }
     if let Command::TrainJob {
         job,
         attempt,
@@ -145,12 +149,29 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Weights { command } => weights(command).await?,
         Command::Datasets { command } => client::commands::datasets(command).await?,
         Command::Jobs { command } => return client::commands::jobs(command).await,
+        Command::ExportCache {
+            dataset,
+            out,
+            data_dir,
+            db: dbargs,
+        } => {
+            let pool = db::connect(&dbargs.database_url, 2).await?;
+            let data = crate::datadir::DataDir::new(data_dir);
+            let m = crate::ingest::export::export_cache(&pool, &data, dataset, &out).await?;
+            println!(
+                "exported {} videos of dataset {dataset} to {} (vidtune train --cache {})",
+                m.videos.len(),
+                out.display(),
+                out.display()
+            );
+        }
         Command::Predict(args) => client::commands::predict(args).await?,
         Command::Demo(args) => return client::commands::demo(args).await,
         Command::MediaWorker
         | Command::ScriptHost
         | Command::SandboxProbe { .. }
-        | Command::TrainJob { .. } => {
+        | Command::TrainJob { .. }
+        | Command::Train(_) => {
             unreachable!("handled before the runtime starts")
         }
     }

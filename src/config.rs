@@ -56,6 +56,26 @@ pub enum Command {
         #[command(subcommand)]
         command: crate::client::commands::JobsCommand,
     },
+    /// Fine-tune offline on a training-cache folder (its manifest.json names label, patient and
+    /// split of each cache file), without the server or a database: JSON lines on stdout,
+    /// checkpoints and the exported model under --out. --synthetic renders synthetic
+    /// echocardiography into the folder first, without FFmpeg.
+    Train(crate::train::offline::TrainArgs),
+    /// Copy a dataset's training cache out of the data directory (hard links where possible)
+    /// with the manifest.json `vidtune train` reads: labels, patients and splits as the dataset
+    /// has them. Runs on the host, with the database.
+    ExportCache {
+        /// The dataset's id.
+        #[arg(long)]
+        dataset: uuid::Uuid,
+        /// The folder to write (a `vidtune train --cache`).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, env = "VIDTUNE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Classify videos with a fine-tuned model (client of the REST API).
     Predict(crate::client::commands::PredictArgs),
     /// The whole loop on a running server: generate synthetic echocardiography, upload it,

@@ -203,7 +203,18 @@ fn contraction(t: f64, bpm: f64, phase: f64) -> f64 {
 }
 
 /// Render and encode one clip.
-fn render(spec: &SynthSpec, clip: &Clip, path: &Path) -> anyhow::Result<()> {
+fn encode(spec: &SynthSpec, clip: &Clip, path: &Path) -> anyhow::Result<()> {
+    let mut writer = Mp4Writer::create(path, spec.width, spec.height, spec.fps, spec.fps * 2)?;
+    render(spec, clip, &mut |luma| writer.push_gray(luma))?;
+    writer.finish()
+}
+
+/// Render one clip: hands each grey frame (`width × height` bytes, row major) to `push`.
+fn render(
+    spec: &SynthSpec,
+    clip: &Clip,
+    push: &mut dyn FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let (w, h) = (spec.width as usize, spec.height as usize);
     let mut rng = StdRng::seed_from_u64(clip.seed);
     // Static speckle: exponential intensities (fully developed speckle), smoothed over 3×3 so
@@ -232,7 +243,6 @@ fn render(spec: &SynthSpec, clip: &Clip, path: &Path) -> anyhow::Result<()> {
     let p = &clip.patient;
 
     let frames = (spec.seconds * f64::from(spec.fps)).round().max(1.0) as usize;
-    let mut writer = Mp4Writer::create(path, spec.width, spec.height, spec.fps, spec.fps * 2)?;
     let mut luma = vec![0u8; w * h];
     for f in 0..frames {
         let t = f as f64 / f64::from(spec.fps);
@@ -265,61 +275,102 @@ fn render(spec: &SynthSpec, clip: &Clip, path: &Path) -> anyhow::Result<()> {
                 luma[i] = (value.clamp(0.0, 1.0) * 235.0) as u8;
             }
         }
-        writer.push_gray(&luma)?;
+        push(&luma)?;
     }
-    writer.finish()
+    Ok(())
+}
+
+/// A planned dataset: what each video will be, and how to render it.
+pub struct Synth {
+    spec: SynthSpec,
+    clips: Vec<Clip>,
+    /// In class, patient, clip order.
+    pub videos: Vec<SynthVideo>,
+}
+
+impl Synth {
+    pub fn new(spec: &SynthSpec) -> anyhow::Result<Self> {
+        spec.validate()?;
+        let (classes, clips) = plan(spec);
+        let videos = clips
+            .iter()
+            .map(|clip| {
+                let label = classes[clip.patient.class].label.clone();
+                SynthVideo {
+                    path: format!("{label}/{}_{}.mp4", clip.patient.id, clip.index),
+                    label,
+                    patient_id: clip.patient.id.clone(),
+                    bpm: (clip.bpm * 10.0).round() / 10.0,
+                }
+            })
+            .collect();
+        Ok(Self {
+            spec: spec.clone(),
+            clips,
+            videos,
+        })
+    }
+
+    pub fn spec(&self) -> &SynthSpec {
+        &self.spec
+    }
+
+    /// Render video `i`: each grey frame (`width × height` bytes) goes to `push`.
+    pub fn render(
+        &self,
+        i: usize,
+        push: &mut dyn FnMut(&[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        render(&self.spec, &self.clips[i], push)
+    }
+
+    /// Run `each(i)` for every video, on every core; the first error wins.
+    pub fn for_each_video(
+        &self,
+        each: impl Fn(usize) -> anyhow::Result<()> + Sync,
+    ) -> anyhow::Result<()> {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.min(self.videos.len()))
+                .map(|_| {
+                    s.spawn(|| -> anyhow::Result<()> {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i >= self.videos.len() {
+                                return Ok(());
+                            }
+                            each(i)?;
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("synth thread panicked"))
+        })
+    }
 }
 
 /// Write the dataset as `<out>/<label>/<patient>_<clip>.mp4` plus `<out>/labels.csv`, encoding
 /// on every core. Returns what was written, in class, patient, clip order.
 pub fn write_folder(spec: &SynthSpec, out: &Path) -> anyhow::Result<Vec<SynthVideo>> {
-    spec.validate()?;
-    let (classes, clips) = plan(spec);
-    for c in &classes {
-        std::fs::create_dir_all(out.join(&c.label))
-            .with_context(|| format!("creating {}", out.join(&c.label).display()))?;
+    let synth = Synth::new(spec)?;
+    for v in &synth.videos {
+        let dir = out.join(&v.label);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let videos: Vec<SynthVideo> = clips
-        .iter()
-        .map(|clip| {
-            let label = classes[clip.patient.class].label.clone();
-            SynthVideo {
-                path: format!("{label}/{}_{}.mp4", clip.patient.id, clip.index),
-                label,
-                patient_id: clip.patient.id.clone(),
-                bpm: (clip.bpm * 10.0).round() / 10.0,
-            }
-        })
-        .collect();
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.min(clips.len()))
-            .map(|_| {
-                s.spawn(|| -> anyhow::Result<()> {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(clip) = clips.get(i) else {
-                            return Ok(());
-                        };
-                        let path = out.join(&videos[i].path);
-                        render(spec, clip, &path)
-                            .with_context(|| format!("writing {}", path.display()))?;
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .try_for_each(|w| w.join().expect("synth thread panicked"))
+    synth.for_each_video(|i| {
+        let path = out.join(&synth.videos[i].path);
+        encode(spec, &synth.clips[i], &path).with_context(|| format!("writing {}", path.display()))
     })?;
     let mut csv = csv::Writer::from_path(out.join("labels.csv"))?;
     csv.write_record(["path", "label", "patient_id"])?;
-    for v in &videos {
+    for v in &synth.videos {
         csv.write_record([&v.path, &v.label, &v.patient_id])?;
     }
     csv.flush()?;
-    Ok(videos)
+    Ok(synth.videos)
 }
 
 /// Zip a folder written by [`write_folder`] (videos stored, not recompressed).

@@ -325,39 +325,7 @@ pub async fn upload(
 
 /// Merge `--hyperparameters` and `--set` into one JSON object.
 fn hyperparameters(base: Option<&str>, set: &[String]) -> anyhow::Result<Value> {
-    let mut hp = match base {
-        None => json!({}),
-        Some(s) => {
-            let text = match s.strip_prefix('@') {
-                Some(path) => {
-                    std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
-                }
-                None => s.to_string(),
-            };
-            serde_json::from_str(&text).context("--hyperparameters is not JSON")?
-        }
-    };
-    anyhow::ensure!(hp.is_object(), "--hyperparameters must be a JSON object");
-    for kv in set {
-        let (key, raw) = kv
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--set {kv}: expected KEY=VALUE"))?;
-        // A bare word is a string: `--set optimizer=adamw`.
-        let value = serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()));
-        let mut slot = &mut hp;
-        for part in key.split('.') {
-            if !slot.is_object() {
-                *slot = json!({});
-            }
-            slot = slot
-                .as_object_mut()
-                .expect("made an object above")
-                .entry(part)
-                .or_insert(Value::Null);
-        }
-        *slot = value;
-    }
-    Ok(hp)
+    crate::train::offline::merge_hyperparameters(base, set)
 }
 
 pub async fn jobs(command: JobsCommand) -> anyhow::Result<std::process::ExitCode> {

@@ -23,6 +23,7 @@ use crate::media::worker::{Job, MediaPool};
 use crate::quota;
 
 pub mod datasets;
+pub mod export;
 pub mod layout;
 pub mod report;
 pub mod split;

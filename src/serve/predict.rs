@@ -329,6 +329,7 @@ async fn read_clips(
                     frames: p.indices.len() as i64,
                     height: h,
                     width: w,
+                    pinned: None,
                 })
             })
             .collect::<anyhow::Result<_>>()?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use rand::{Rng, RngExt};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::backbone::{Preprocessing, Sampling};
 use crate::media::cache::CacheReader;
@@ -158,10 +158,14 @@ pub fn resized((h, w): (i64, i64), short: i64) -> (i64, i64) {
 
 /// Frames of one clip as read from the cache: `[T, H, W, 3]` uint8.
 pub struct RawClip {
+    /// The frames, unless a loader for a CUDA device staged them in `pinned` instead.
     pub data: Vec<u8>,
     pub frames: i64,
     pub height: i64,
     pub width: i64,
+    /// The frames as a `[T, H, W, 3]` uint8 tensor in page-locked host memory, which
+    /// [`to_batch`] copies to the device without blocking the training thread.
+    pub pinned: Option<Tensor>,
 }
 
 /// Reads batches on background threads, `depth` batches ahead, delivered in order.
@@ -178,6 +182,20 @@ impl Loader {
         threads: usize,
         depth: usize,
     ) -> Self {
+        Self::start_for(Device::Cpu, items, batches, threads, depth)
+    }
+
+    /// As [`Loader::start`], for batches that go to `device`: for a CUDA device the loader
+    /// threads stage each clip in pinned host memory, so that the copy to the device neither
+    /// waits for the training thread nor makes it wait.
+    pub fn start_for(
+        device: Device,
+        items: Arc<Vec<Item>>,
+        batches: Vec<Vec<Plan>>,
+        threads: usize,
+        depth: usize,
+    ) -> Self {
+        let pin = device.is_cuda().then_some(device);
         let threads = threads.clamp(1, batches.len().max(1));
         let total = batches.len();
         let mut per_thread: Vec<Vec<(usize, Vec<Plan>)>> =
@@ -193,7 +211,7 @@ impl Loader {
                 for (_, plans) in work {
                     let batch = plans
                         .iter()
-                        .map(|p| read_clip(&items[p.item], &p.indices))
+                        .map(|p| read_clip(&items[p.item], &p.indices, pin))
                         .collect();
                     if tx.send(batch).is_err() {
                         return; // the consumer stopped (cancel, error)
@@ -226,19 +244,52 @@ impl Iterator for Loader {
     }
 }
 
-fn read_clip(item: &Item, indices: &[u32]) -> anyhow::Result<RawClip> {
+fn read_clip(item: &Item, indices: &[u32], pin: Option<Device>) -> anyhow::Result<RawClip> {
     let mut reader = CacheReader::open(&item.cache)?;
     let mut data = Vec::new();
     reader.read_frames(indices, &mut data)?;
+    let (frames, height, width) = (
+        indices.len() as i64,
+        reader.header.height as i64,
+        reader.header.width as i64,
+    );
+    let pinned = match pin {
+        Some(device) => {
+            let t = Tensor::f_from_data_size(&data, &[frames, height, width, 3], Kind::Uint8)?;
+            match t.f_pin_memory(device) {
+                Ok(p) => {
+                    data = Vec::new();
+                    Some(p)
+                }
+                // Page-locked memory is a speed-up, not a need: the clip goes as it is.
+                Err(e) => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        eprintln!(
+                            "warning: no pinned host memory ({e}); clips are copied synchronously"
+                        )
+                    });
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     Ok(RawClip {
         data,
-        frames: indices.len() as i64,
-        height: reader.header.height as i64,
-        width: reader.header.width as i64,
+        frames,
+        height,
+        width,
+        pinned,
     })
 }
 
 /// Turn raw clips into the model's input `[N, 3, T, crop, crop]` on `device`.
+///
+/// On a CUDA device the uint8 frames are copied over as they are (asynchronously from pinned
+/// memory) and cut there; when no resizing is needed (the cache already has the short side the
+/// model wants, and the crop has the model's size) crop and flip stay in uint8, so the only
+/// float work is the normalisation of the finished batch.
 pub fn to_batch(
     clips: &[RawClip],
     plans: &[Plan],
@@ -246,6 +297,9 @@ pub fn to_batch(
     prep: &Preprocessing,
     device: tch::Device,
 ) -> Tensor {
+    if device.is_cuda() {
+        return to_batch_on(clips, plans, spec, prep, device);
+    }
     let tensors: Vec<Tensor> = clips
         .iter()
         .zip(plans)
@@ -283,6 +337,73 @@ pub fn to_batch(
         .collect();
     let stacked = Tensor::stack(&tensors, 0); // [N, T, H, W, 3] float in 0..255
     prep.normalise(&stacked)
+}
+
+/// The crop window of `p` in a frame resized to `(h, w)`: top, left, height, width in pixels.
+fn window_px(p: &Plan, (h, w): (i64, i64)) -> (i64, i64, i64, i64) {
+    let [fy, fx, fh, fw] = p.window;
+    let (ch, cw) = (
+        ((fh * h as f64).round() as i64).max(1),
+        ((fw * w as f64).round() as i64).max(1),
+    );
+    let (y0, x0) = (
+        (fy * h as f64).round() as i64,
+        (fx * w as f64).round() as i64,
+    );
+    (y0.min(h - ch), x0.min(w - cw), ch, cw)
+}
+
+/// [`to_batch`] on a CUDA device: the same clips, cut on the device.
+fn to_batch_on(
+    clips: &[RawClip],
+    plans: &[Plan],
+    spec: &ClipSpec,
+    prep: &Preprocessing,
+    device: tch::Device,
+) -> Tensor {
+    let tensors: Vec<Tensor> = clips
+        .iter()
+        .zip(plans)
+        .map(|(c, p)| {
+            let host = match &c.pinned {
+                Some(t) => t.shallow_clone(),
+                None => {
+                    Tensor::from_data_size(&c.data, &[c.frames, c.height, c.width, 3], Kind::Uint8)
+                }
+            };
+            // From pinned memory this copy is queued on the stream and returns at once.
+            let x = host.to_device_(device, Kind::Uint8, true, false); // [T, H, W, 3] uint8
+            let (h, w) = resized((c.height, c.width), spec.short_side);
+            let (y0, x0, ch, cw) = window_px(p, (h, w));
+            if (h, w) == (c.height, c.width) && (ch, cw) == (spec.crop, spec.crop) {
+                let x = x.narrow(1, y0, ch).narrow(2, x0, cw);
+                return if p.flip { x.flip([2]) } else { x };
+            }
+            // Resizing interpolates: in float, in the order of the CPU path.
+            let x = x.permute([0, 3, 1, 2]).to_kind(Kind::Float); // [T, 3, H, W]
+            let x = if (h, w) != (c.height, c.width) {
+                x.upsample_bilinear2d([h, w], false, None, None)
+            } else {
+                x
+            };
+            let x = x.narrow(2, y0, ch).narrow(3, x0, cw);
+            let x = if (ch, cw) != (spec.crop, spec.crop) {
+                x.upsample_bilinear2d([spec.crop, spec.crop], false, None, None)
+            } else {
+                x
+            };
+            let x = if p.flip { x.flip([3]) } else { x };
+            x.permute([0, 2, 3, 1])
+        })
+        .collect();
+    // Clips cut in uint8 and clips resized in float differ in kind: one kind for the stack.
+    let kind = if tensors.iter().all(|t| t.kind() == Kind::Uint8) {
+        Kind::Uint8
+    } else {
+        Kind::Float
+    };
+    let tensors: Vec<Tensor> = tensors.into_iter().map(|t| t.to_kind(kind)).collect();
+    prep.normalise(&Tensor::stack(&tensors, 0)) // [N, T, H, W, 3] in 0..255
 }
 
 #[cfg(test)]
@@ -328,5 +449,52 @@ mod tests {
         };
         assert_eq!(plan(7).indices, plan(7).indices);
         assert_eq!(plan(7).window, plan(7).window);
+    }
+
+    /// A clip of 6 frames, 10 × 14, whose bytes all differ.
+    fn clip() -> RawClip {
+        let (t, h, w) = (6, 10, 14);
+        RawClip {
+            data: (0..t * h * w * 3).map(|i| (i * 7 % 251) as u8).collect(),
+            frames: t,
+            height: h,
+            width: w,
+            pinned: None,
+        }
+    }
+
+    #[test]
+    fn clips_cut_in_uint8_equal_clips_cut_in_float() {
+        // What a CUDA device runs, here on the CPU: crops and flips without resizing stay in
+        // uint8, the rest goes the float way; both give the CPU path's batch exactly.
+        let prep = crate::backbone::Arch::R3d18.preprocessing();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (short_side, crop, crop_scale) in [
+            (10, 8, [1.0, 1.0]),
+            (10, 8, [0.4, 0.9]),
+            (12, 8, [1.0, 1.0]),
+        ] {
+            let spec = ClipSpec {
+                frames: 4,
+                stride: 1,
+                sampling: Sampling::Consecutive,
+                short_side,
+                crop,
+                crop_scale,
+                flip: true,
+            };
+            let plans: Vec<Plan> = (0..6)
+                .map(|_| train_plan(&mut rng, 0, 6, &spec, (10, 14)))
+                .collect();
+            assert!(plans.iter().any(|p| p.flip) && plans.iter().any(|p| !p.flip));
+            let clips: Vec<RawClip> = plans.iter().map(|_| clip()).collect();
+            let cpu = to_batch(&clips, &plans, &spec, &prep, Device::Cpu);
+            let cut = to_batch_on(&clips, &plans, &spec, &prep, Device::Cpu);
+            assert_eq!(cpu.size(), [6, 3, 6, 8, 8]);
+            assert!(
+                cpu.equal(&cut),
+                "short side {short_side}, crop scale {crop_scale:?}"
+            );
+        }
     }
 }

@@ -63,7 +63,7 @@ pub fn evaluate(
         .chunks(how.batch.max(1))
         .map(<[Plan]>::to_vec)
         .collect();
-    let loader = Loader::start(items.clone(), batches.clone(), 2, 2);
+    let loader = Loader::start_for(how.device, items.clone(), batches.clone(), 2, 2);
     let mut probs = vec![vec![0.0f64; classes.len()]; items.len()];
     let mut loss_sum = 0.0;
     for (b, raw) in loader.enumerate() {

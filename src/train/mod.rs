@@ -1,9 +1,11 @@
 //! Fine-tuning: hyperparameters, the clip loader over the training cache, saveable optimizers,
-//! evaluation, checkpoints, and the training loop that a job's child process runs.
+//! evaluation, checkpoints, and the training loop that a job's child process runs (and that
+//! `vidtune train` runs offline).
 pub mod checkpoint;
 pub mod data;
 pub mod evaluate;
 pub mod hyper;
+pub mod offline;
 pub mod optim;
 pub mod precision;
 pub mod run;

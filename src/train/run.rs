@@ -318,7 +318,13 @@ impl<'a> Attempt<'a> {
         let started = Instant::now();
         let plans = self.epoch_plans(epoch);
         let threads = self.job.hp.loader_threads as usize;
-        let loader = Loader::start(self.train_items.clone(), plans.clone(), threads, 2);
+        let loader = Loader::start_for(
+            self.ctx.device,
+            self.train_items.clone(),
+            plans.clone(),
+            threads,
+            2,
+        );
         let device = self.ctx.device;
         let mut t = Trained {
             started,

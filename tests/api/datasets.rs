@@ -536,3 +536,49 @@ async fn datasets_are_private_to_their_tenant_and_deletable(db: PgPool) {
     )
     .await;
 }
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn an_exported_cache_has_the_datasets_labels_patients_and_splits(db: PgPool) {
+    use vidtune::ingest::split::SplitSpec;
+    use vidtune::train::offline::Manifest;
+    let app = spawn_app(db.clone()).await;
+    let key = app.key_for("cardiology", false).await;
+    let ds = app.motion_dataset(&key, 3).await;
+    let out = tempfile::tempdir().unwrap();
+    let exported = vidtune::ingest::export::export_cache(
+        &db,
+        &vidtune::datadir::DataDir::new(&app.data_dir),
+        ds.parse().unwrap(),
+        out.path(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(Manifest::read(out.path()).unwrap(), exported);
+    let videos: Value = app
+        .get(&format!("/v1/datasets/{ds}/videos"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let videos = videos["items"].as_array().unwrap();
+    assert_eq!(exported.videos.len(), 6);
+    for v in videos {
+        let id = v["id"].as_str().unwrap();
+        let m = exported
+            .videos
+            .iter()
+            .find(|m| m.cache == format!("{id}.vtc"))
+            .unwrap_or_else(|| panic!("{id} not exported"));
+        assert_eq!(json!(m.label), v["label"]);
+        assert_eq!(json!(m.split), v["split"]);
+        let header = CacheReader::open(&out.path().join(&m.cache))
+            .unwrap()
+            .header;
+        assert_eq!(header.height, 64);
+    }
+    // Splits as the dataset has them: the assignment changes none.
+    let splits = exported.splits(out.path(), &SplitSpec::default()).unwrap();
+    let count = |s: &str| videos.iter().filter(|v| v["split"] == s).count();
+    assert_eq!(splits.train.items.len(), count("train"));
+    assert_eq!(splits.val.items.len(), count("val"));
+}
