@@ -10,6 +10,7 @@ unsafe extern "C" {
     fn vidtune_autocast_enter(cuda: c_int);
     fn vidtune_autocast_exit(cuda: c_int, was_enabled: c_int);
     fn vidtune_autocast_enabled(cuda: c_int) -> c_int;
+    fn vidtune_autocast_set(cuda: c_int, enabled: c_int) -> c_int;
     fn vidtune_inference_mode_enter() -> *mut std::ffi::c_void;
     fn vidtune_inference_mode_exit(guard: *mut std::ffi::c_void);
     fn vidtune_cuda_memory(
@@ -76,6 +77,29 @@ impl Drop for Autocast {
     fn drop(&mut self) {
         // SAFETY: pairs with the enter above on the same thread.
         unsafe { vidtune_autocast_exit(self.cuda, self.was_enabled) };
+    }
+}
+
+/// A region of fp32 inside bf16 autocast (`torch.autocast(enabled=False)`): for the layers whose
+/// bf16 kernels are wrong on this device (`train::precision`).
+pub struct Fp32 {
+    cuda: c_int,
+    was_enabled: c_int,
+}
+
+impl Fp32 {
+    pub fn enter(device: Device) -> Self {
+        let cuda = c_int::from(device.is_cuda());
+        // SAFETY: plain calls into libtorch's thread-local autocast state.
+        let was_enabled = unsafe { vidtune_autocast_set(cuda, 0) };
+        Self { cuda, was_enabled }
+    }
+}
+
+impl Drop for Fp32 {
+    fn drop(&mut self) {
+        // SAFETY: restores what enter found, on the same thread.
+        unsafe { vidtune_autocast_set(self.cuda, self.was_enabled) };
     }
 }
 

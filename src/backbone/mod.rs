@@ -418,6 +418,26 @@ impl VideoClassifier {
         Ok(self.head_forward(f, train))
     }
 
+    /// Run the convolutions named by these weight variables (of `vs`) in fp32 under bf16
+    /// autocast; `false` when the backbone cannot (only the video ResNets can).
+    pub fn set_fp32_convolutions(&mut self, vs: &nn::VarStore, names: &[String]) -> bool {
+        let Net::Video(m) = &mut self.net else {
+            return names.is_empty();
+        };
+        let vars = vs.variables();
+        let weights: Option<Vec<Tensor>> = names
+            .iter()
+            .map(|n| vars.get(n).map(Tensor::shallow_clone))
+            .collect();
+        match weights {
+            Some(w) if names.iter().all(|n| n.ends_with(".weight")) => {
+                m.set_fp32_weights(w);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the backbone is a user's TorchScript module (run in a sandbox).
     pub fn is_sandboxed(&self) -> bool {
         matches!(self.net, Net::Script(_))

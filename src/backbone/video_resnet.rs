@@ -56,6 +56,17 @@ fn conv3d(p: nn::Path, cin: i64, cout: i64, k: [i64; 3], s: [i64; 3], pad: [i64;
     nn::conv(p, cin, cout, k, cfg)
 }
 
+/// Apply a convolution, in fp32 (autocast off, the input cast up) when its weight is one of
+/// `fp32`: the layers whose bf16 kernels failed the precision check.
+fn conv(x: &Tensor, c: &nn::Conv3D, fp32: &[Tensor]) -> Tensor {
+    if fp32.iter().any(|w| w.data_ptr() == c.ws.data_ptr()) {
+        let _fp32 = super::amp::Fp32::enter(x.device());
+        x.to_kind(tch::Kind::Float).apply(c)
+    } else {
+        x.apply(c)
+    }
+}
+
 fn bn3d(p: nn::Path, c: i64) -> nn::BatchNorm {
     nn::batch_norm3d(p, c, Default::default())
 }
@@ -94,14 +105,18 @@ impl BlockConv {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+    fn forward_t(&self, x: &Tensor, train: bool, fp32: &[Tensor]) -> Tensor {
         match self {
-            Self::Single(c) => x.apply(c),
+            Self::Single(c) => conv(x, c, fp32),
             Self::Factored {
                 spatial,
                 bn,
                 temporal,
-            } => relu_(x.apply(spatial).apply_t(bn, train)).apply(temporal),
+            } => conv(
+                &relu_(conv(x, spatial, fp32).apply_t(bn, train)),
+                temporal,
+                fp32,
+            ),
         }
     }
 }
@@ -145,11 +160,18 @@ impl BasicBlock {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = relu_(self.conv1.forward_t(x, train).apply_t(&self.bn1, train));
-        let mut out = self.conv2.forward_t(&out, train).apply_t(&self.bn2, train);
+    fn forward_t(&self, x: &Tensor, train: bool, fp32: &[Tensor]) -> Tensor {
+        let out = relu_(
+            self.conv1
+                .forward_t(x, train, fp32)
+                .apply_t(&self.bn1, train),
+        );
+        let mut out = self
+            .conv2
+            .forward_t(&out, train, fp32)
+            .apply_t(&self.bn2, train);
         let _ = match &self.downsample {
-            Some((c, bn)) => out.g_add_(&x.apply(c).apply_t(bn, train)),
+            Some((c, bn)) => out.g_add_(&conv(x, c, fp32).apply_t(bn, train)),
             None => out.g_add_(x),
         };
         relu_(out)
@@ -170,6 +192,8 @@ enum Stem {
 pub struct VideoResNet {
     stem: Stem,
     layers: Vec<Vec<BasicBlock>>,
+    /// Weights of the convolutions that run in fp32 even under bf16 autocast.
+    fp32: Vec<Tensor>,
 }
 
 impl VideoResNet {
@@ -204,27 +228,36 @@ impl VideoResNet {
             cin = planes;
             layers.push(blocks);
         }
-        Self { stem, layers }
+        Self {
+            stem,
+            layers,
+            fp32: Vec::new(),
+        }
     }
 
     pub const FEATURE_DIM: i64 = 512;
+
+    /// Run the convolutions with these weights in fp32 under bf16 autocast.
+    pub fn set_fp32_weights(&mut self, weights: Vec<Tensor>) {
+        self.fp32 = weights;
+    }
 
     /// Stage names in order, as parameter-name prefixes (for freezing).
     pub const STAGES: [&'static str; 5] = ["stem", "layer1", "layer2", "layer3", "layer4"];
 
     /// `train[i]` says whether stage i (see [`Self::STAGES`]) runs BatchNorm in training mode.
     pub fn features(&self, x: &Tensor, train: [bool; 5]) -> Tensor {
+        let fp32 = &self.fp32[..];
         let mut x = match &self.stem {
-            Stem::Basic(c, bn) => relu_(x.apply(c).apply_t(bn, train[0])),
+            Stem::Basic(c, bn) => relu_(conv(x, c, fp32).apply_t(bn, train[0])),
             Stem::TwoPlusOne(c1, bn1, c2, bn2) => relu_(
-                relu_(x.apply(c1).apply_t(bn1, train[0]))
-                    .apply(c2)
+                conv(&relu_(conv(x, c1, fp32).apply_t(bn1, train[0])), c2, fp32)
                     .apply_t(bn2, train[0]),
             ),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             for block in layer {
-                x = block.forward_t(&x, train[i + 1]);
+                x = block.forward_t(&x, train[i + 1], fp32);
             }
         }
         // Global average pool over T, H, W: [N, 512, t, h, w] → [N, 512].

@@ -118,6 +118,15 @@ int vidtune_cuda_memory(int device, int64_t *allocated, int64_t *reserved, int64
   }
 }
 
+// Turn autocast on or off for the device without touching its nesting; returns the previous
+// setting (the caller restores it).
+int vidtune_autocast_set(int cuda, int enabled) {
+  const auto device = cuda ? at::kCUDA : at::kCPU;
+  const int was = at::autocast::is_autocast_enabled(device) ? 1 : 0;
+  at::autocast::set_autocast_enabled(device, enabled != 0);
+  return was;
+}
+
 int vidtune_autocast_enabled(int cuda) {
   return at::autocast::is_autocast_enabled(cuda ? at::kCUDA : at::kCPU) ? 1 : 0;
 }

@@ -237,7 +237,7 @@ impl<'a> Attempt<'a> {
             .ok_or_else(|| TrainError::System(anyhow::anyhow!("unsupported device")))?;
         tch::manual_seed(hp.seed as i64);
         let mut vs = VarStore::new(ctx.device);
-        let model = VideoClassifier::new(
+        let mut model = VideoClassifier::new(
             &vs.root(),
             job.base.clone(),
             job.splits.classes.len() as i64,
@@ -257,7 +257,7 @@ impl<'a> Attempt<'a> {
             prep.crop,
         ];
         let precision::Choice { bf16, why, warning } =
-            precision::choose(hp.precision, device, &model, &vs, &mut opt, clip);
+            precision::choose(hp.precision, device, &mut model, &vs, &mut opt, clip);
         if let Some(w) = warning {
             log.event("precision", "warning", &w, json!({}))?;
         }
