@@ -36,7 +36,15 @@ pub struct GradientCheck {
     pub error: f64,
     /// Every parameter over [`MAX_GRADIENT_ERROR`], with its error.
     pub failing: Vec<(String, f64)>,
+    /// Seconds of a second fp32 and a second bf16 pass (after the first ones warmed up), when
+    /// timed; otherwise 0.
+    pub fp32_s: f64,
+    pub bf16_s: f64,
 }
+
+/// bf16 is used only when a training pass in bf16 takes at most this share of the fp32 pass's
+/// time: some CPUs that report bf16 instructions run 3D convolutions slower in bf16.
+pub const MAX_BF16_TIME_SHARE: f64 = 0.9;
 
 /// Decide the precision of a job: its setting on `device`, checked on the model at the job's
 /// clip `shape` (`[N, 3, T, H, W]`) when bf16 would be used.
@@ -53,15 +61,15 @@ pub fn choose(
     if !bf16 || model.is_sandboxed() {
         return decide(precision, bf16, why, None);
     }
-    let first = gradient_check(model, vs, opt, shape, device.to_tch());
+    let first = gradient_check(model, vs, opt, shape, device.to_tch(), true);
     if first.failing.is_empty() {
         return decide(precision, bf16, why, Some(first));
     }
     // Only some convolutions fail: those run in fp32, the rest in bf16, if that passes.
     let names: Vec<String> = first.failing.iter().map(|(n, _)| n.clone()).collect();
     if model.set_fp32_convolutions(vs, &names) {
-        let second = gradient_check(model, vs, opt, shape, device.to_tch());
-        if second.failing.is_empty() {
+        let second = gradient_check(model, vs, opt, shape, device.to_tch(), true);
+        if second.failing.is_empty() && (precision == Precision::Bf16 || faster(&second)) {
             let list: Vec<String> = first
                 .failing
                 .iter()
@@ -72,10 +80,12 @@ pub fn choose(
                 why: format!(
                     "{why}; {} convolution(s) in fp32, whose bf16 weight gradients are wrong on \
                      this device ({}; a fault of this libtorch build's bf16 kernels), the rest \
-                     within {:.0} % of fp32's",
+                     within {:.0} % of fp32's; a training pass {:.2} s against {:.2} s in fp32",
                     names.len(),
                     list.join(", "),
-                    second.error * 100.0
+                    second.error * 100.0,
+                    second.bf16_s,
+                    second.fp32_s
                 ),
                 warning: None,
             };
@@ -83,6 +93,11 @@ pub fn choose(
         model.set_fp32_convolutions(vs, &[]);
     }
     decide(precision, bf16, why, Some(first))
+}
+
+/// Whether the timed bf16 pass beat the fp32 pass by enough.
+fn faster(c: &GradientCheck) -> bool {
+    c.bf16_s <= MAX_BF16_TIME_SHARE * c.fp32_s
 }
 
 /// "96 %", or "infinitely".
@@ -109,10 +124,23 @@ pub fn decide(
         };
     };
     if check.error <= MAX_GRADIENT_ERROR {
+        let times = format!(
+            "a training pass {:.2} s against {:.2} s in fp32",
+            check.bf16_s, check.fp32_s
+        );
+        if precision == Precision::Auto && !faster(&check) {
+            return Choice {
+                bf16: false,
+                why: format!(
+                    "precision auto: fp32, because bf16 is not faster on this device ({times})"
+                ),
+                warning: None,
+            };
+        }
         return Choice {
             bf16: true,
             why: format!(
-                "{why}; bf16 gradients within {:.0} % of fp32's",
+                "{why}; bf16 gradients within {:.0} % of fp32's; {times}",
                 check.error * 100.0
             ),
             warning: None,
@@ -149,6 +177,7 @@ pub fn gradient_check(
     opt: &mut Optimizer,
     shape: [i64; 5],
     device: Device,
+    timed: bool,
 ) -> GradientCheck {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -186,6 +215,15 @@ pub fn gradient_check(
     };
     let fp32 = grads(false, opt);
     let bf16 = grads(true, opt);
+    let (mut fp32_s, mut bf16_s) = (0.0, 0.0);
+    if timed {
+        let started = std::time::Instant::now();
+        drop(grads(false, opt));
+        fp32_s = started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
+        drop(grads(true, opt));
+        bf16_s = started.elapsed().as_secs_f64();
+    }
     opt.zero_grad();
     tch::no_grad(|| {
         for (live, copy) in &saved {
@@ -196,6 +234,8 @@ pub fn gradient_check(
         parameter: String::new(),
         error: 0.0,
         failing: Vec::new(),
+        fp32_s,
+        bf16_s,
     };
     for ((name, _), (a, b)) in trainable.iter().zip(fp32.iter().zip(&bf16)) {
         let (Some(a), Some(b)) = (a, b) else {
@@ -228,6 +268,8 @@ mod tests {
             parameter: "layer3.1.conv1.0.weight".into(),
             error,
             failing: Vec::new(),
+            fp32_s: 1.0,
+            bf16_s: 0.5,
         })
     }
 
@@ -254,6 +296,18 @@ mod tests {
             bad.why
         );
         let inf = decide(Precision::Auto, true, "a".into(), check(f64::INFINITY));
+        // Right but slower: auto stays in fp32; asked for, bf16 it is.
+        let slow = |p| {
+            let mut c = check(0.2).unwrap();
+            c.bf16_s = 1.2;
+            decide(p, true, "w".into(), Some(c))
+        };
+        let auto_slow = slow(Precision::Auto);
+        assert!(
+            !auto_slow.bf16 && auto_slow.why.contains("not faster"),
+            "{auto_slow:?}"
+        );
+        assert!(slow(Precision::Bf16).bf16);
         assert!(!inf.bf16 && inf.why.contains("infinitely"), "{inf:?}");
         // Asked for explicitly, bf16 stays, with a warning.
         let asked = decide(
@@ -305,7 +359,8 @@ mod tests {
             .into_iter()
             .map(|(n, t)| (n, t.copy()))
             .collect();
-        let c = gradient_check(&model, &vs, &mut opt, [2, 3, 4, 32, 32], Device::Cpu);
+        let c = gradient_check(&model, &vs, &mut opt, [2, 3, 4, 32, 32], Device::Cpu, true);
+        assert!(c.fp32_s > 0.0 && c.bf16_s > 0.0, "{c:?}");
         // Only the head trains: its bf16 gradient is close to fp32's.
         assert!(c.parameter.starts_with("fc."), "{c:?}");
         assert!(c.error.is_finite() && c.error < MAX_GRADIENT_ERROR, "{c:?}");
@@ -330,7 +385,7 @@ mod tests {
         let x = Tensor::randn([1, 3, 4, 32, 32], (Kind::Float, Device::Cpu));
         let bf16 = |m: &VideoClassifier| {
             let _amp = amp::Autocast::enter(Device::Cpu);
-            m.forward_t(&x, false).to_kind(Kind::Float)
+            m.features(&x, false).to_kind(Kind::Float)
         };
         let all_bf16 = bf16(&model);
         let names: Vec<String> = vs
@@ -339,8 +394,8 @@ mod tests {
             .filter(|n| n.ends_with(".weight") && vs.variables()[n].dim() == 5)
             .collect();
         assert!(model.set_fp32_convolutions(&vs, &names));
-        // Every convolution in fp32: the same as no autocast at all (up to the head's bf16).
-        let fp32 = tch::no_grad(|| model.forward_t(&x, false));
+        // Every convolution in fp32: the features are fp32's.
+        let fp32 = tch::no_grad(|| model.features(&x, false));
         let mixed = bf16(&model);
         let gap = |a: &Tensor| (a - &fp32).abs().max().double_value(&[]);
         assert!(
