@@ -27,6 +27,9 @@ pub struct LoopState {
     /// Early stopping: the best value of its metric and the epochs since it improved.
     pub es_best: Option<f64>,
     pub es_bad: u32,
+    /// What the job computes in, as its first attempt decided (absent in older checkpoints).
+    #[serde(default)]
+    pub precision: Option<super::precision::Decided>,
 }
 
 /// The folder of attempt `attempt`'s checkpoints under a job's checkpoint `root`.

@@ -27,6 +27,27 @@ pub struct Choice {
     pub why: String,
     /// Set when bf16 was asked for explicitly but its kernels failed the check.
     pub warning: Option<String>,
+    /// Convolutions (weight names) that run in fp32 under bf16.
+    pub fp32_convolutions: Vec<String>,
+}
+
+/// The decision as a job's checkpoints keep it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Decided {
+    pub bf16: bool,
+    pub why: String,
+    #[serde(default)]
+    pub fp32_convolutions: Vec<String>,
+}
+
+impl Choice {
+    pub fn decided(&self) -> Decided {
+        Decided {
+            bf16: self.bf16,
+            why: self.why.clone(),
+            fp32_convolutions: self.fp32_convolutions.clone(),
+        }
+    }
 }
 
 /// The worst relative gradient error of bf16 against fp32, and the parameter it is on.
@@ -88,6 +109,7 @@ pub fn choose(
                     second.fp32_s
                 ),
                 warning: None,
+                fp32_convolutions: names,
             };
         }
         model.set_fp32_convolutions(vs, &[]);
@@ -121,6 +143,7 @@ pub fn decide(
             bf16,
             why,
             warning: None,
+            fp32_convolutions: Vec::new(),
         };
     };
     if check.error <= MAX_GRADIENT_ERROR {
@@ -135,6 +158,7 @@ pub fn decide(
                     "precision auto: fp32, because bf16 is not faster on this device ({times})"
                 ),
                 warning: None,
+                fp32_convolutions: Vec::new(),
             };
         }
         return Choice {
@@ -144,6 +168,7 @@ pub fn decide(
                 check.error * 100.0
             ),
             warning: None,
+            fp32_convolutions: Vec::new(),
         };
     }
     let fault = format!(
@@ -159,11 +184,13 @@ pub fn decide(
             warning: Some(format!(
                 "{fault}: this job may not learn; precision auto or fp32 would train in fp32"
             )),
+            fp32_convolutions: Vec::new(),
         },
         Precision::Auto | Precision::Fp32 => Choice {
             bf16: false,
             why: format!("precision auto: fp32, because {fault}"),
             warning: None,
+            fp32_convolutions: Vec::new(),
         },
     }
 }

@@ -248,19 +248,6 @@ impl<'a> Attempt<'a> {
         check_clip_size(&model, &job.prep, &prep, ctx.device)?;
         initialise(&vs, &job, log)?;
         let mut opt = optimizer(hp, &model, &vs);
-        // Checked on the weights the job starts from, so every attempt decides alike.
-        let clip = [
-            i64::from(hp.batch_size.min(4)),
-            3,
-            prep.frames,
-            prep.crop,
-            prep.crop,
-        ];
-        let precision::Choice { bf16, why, warning } =
-            precision::choose(hp.precision, device, &mut model, &vs, &mut opt, clip);
-        if let Some(w) = warning {
-            log.event("precision", "warning", &w, json!({}))?;
-        }
         let mut state = LoopState::default();
         // Frozen stages keep the pretrained weights: a checkpoint need not repeat them. (From
         // a random initialisation they would depend on the device's generator.)
@@ -278,6 +265,35 @@ impl<'a> Attempt<'a> {
                 json!({"epoch": state.epochs_done}),
             )?;
         }
+        // Decided once per job, by its first attempt, and kept in its checkpoints: a resumed
+        // attempt computes as the epochs before it did (the check times passes, which vary).
+        let decided = match state.precision.clone() {
+            Some(d) => {
+                if !model.set_fp32_convolutions(&vs, &d.fp32_convolutions) {
+                    return Err(TrainError::System(anyhow::anyhow!(
+                        "the checkpoint's fp32 convolutions are not in this model"
+                    )));
+                }
+                d
+            }
+            None => {
+                let clip = [
+                    i64::from(hp.batch_size.min(4)),
+                    3,
+                    prep.frames,
+                    prep.crop,
+                    prep.crop,
+                ];
+                let choice =
+                    precision::choose(hp.precision, device, &mut model, &vs, &mut opt, clip);
+                if let Some(w) = &choice.warning {
+                    log.event("precision", "warning", w, json!({}))?;
+                }
+                choice.decided()
+            }
+        };
+        let (bf16, why) = (decided.bf16, decided.why.clone());
+        state.precision = Some(decided);
         let class_weights = (hp.class_imbalance == Imbalance::WeightedLoss)
             .then(|| class_weights(&job.splits).to_device(ctx.device));
         let ckpt_root = ctx.data_dir.checkpoints(job.id);
