@@ -113,6 +113,22 @@ pub fn choose(
             };
         }
         model.set_fp32_convolutions(vs, &[]);
+        if second.failing.is_empty() {
+            return Choice {
+                bf16: false,
+                why: format!(
+                    "precision auto: fp32, because bf16 is not faster on this device with the {} \
+                     convolution(s) whose bf16 weight gradients are wrong ({}) in fp32: a \
+                     training pass {:.2} s against {:.2} s in fp32",
+                    names.len(),
+                    names.join(", "),
+                    second.bf16_s,
+                    second.fp32_s
+                ),
+                warning: None,
+                fp32_convolutions: Vec::new(),
+            };
+        }
     }
     decide(precision, bf16, why, Some(first))
 }
