@@ -86,8 +86,8 @@ async fn r3d_18_learns_motion_that_no_single_frame_shows(db: PgPool) {
         sse.trim_end().ends_with('}') && sse.contains("\"succeeded\""),
         "{sse}"
     );
-    // The job says what it computed in and why: `precision` left out is `auto`, bf16 exactly
-    // where this CPU runs it natively. Its start-up and each epoch's phases are timed.
+    // The job says what it computed in and why: `precision` left out is `auto`, bf16 only where
+    // this CPU runs it natively and it checks out. Its start-up and each epoch's phases are timed.
     let event = |kind: &str| -> Value {
         let data = sse
             .split(&format!("event: {kind}\n"))
@@ -97,19 +97,17 @@ async fn r3d_18_learns_motion_that_no_single_frame_shows(db: PgPool) {
         serde_json::from_str::<Value>(data.trim()).unwrap()["data"].clone()
     };
     let started = event("started");
-    let native = vidtune::device::bf16_support(vidtune::device::Device::Cpu).native;
-    assert_eq!(
-        started["precision"],
-        if native { "bf16" } else { "fp32" },
-        "{started}"
-    );
-    assert!(
-        started["precision_reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("precision auto"),
-        "{started}"
-    );
+    let reason = started["precision_reason"].as_str().unwrap();
+    assert!(reason.starts_with("precision auto"), "{started}");
+    if vidtune::device::bf16_support(vidtune::device::Device::Cpu).native {
+        // A candidate for bf16: the job checked its gradients and its speed before choosing.
+        assert!(
+            reason.contains("fp32's") || reason.contains("not faster"),
+            "{started}"
+        );
+    } else {
+        assert_eq!(started["precision"], "fp32", "{started}");
+    }
     assert!(started["startup_s"].as_f64().unwrap() > 0.0);
     let epoch = event("epoch");
     for phase in [
