@@ -263,11 +263,20 @@ pub fn gradient_check(
     let bf16 = grads(true, opt);
     let (mut fp32_s, mut bf16_s) = (0.0, 0.0);
     if timed {
+        // A GPU runs the pass after the call returns: wait for it before reading the clock.
+        let sync = || {
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        sync();
         let started = std::time::Instant::now();
         drop(grads(false, opt));
+        sync();
         fp32_s = started.elapsed().as_secs_f64();
         let started = std::time::Instant::now();
         drop(grads(true, opt));
+        sync();
         bf16_s = started.elapsed().as_secs_f64();
     }
     opt.zero_grad();
