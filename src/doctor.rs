@@ -116,7 +116,8 @@ fn bf16_line(device: Device) -> String {
     let s = crate::device::bf16_support(device);
     if s.native {
         format!(
-            "native ({}): precision auto trains in bf16, about twice as fast as fp32",
+            "native ({}): precision auto tries bf16 and keeps it where a job's gradients check \
+             out and its step is faster",
             s.why
         )
     } else {
