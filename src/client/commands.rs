@@ -120,13 +120,8 @@ pub struct JobCreateArgs {
     /// Base model (see GET /v1/base-models).
     #[arg(long, default_value = "r3d_18")]
     pub base_model: String,
-    /// Hyperparameters as JSON, or @file.json.
-    #[arg(long)]
-    pub hyperparameters: Option<String>,
-    /// One hyperparameter, KEY=VALUE with a JSON value (dotted keys nest: freeze.policy=full);
-    /// repeatable, applied after --hyperparameters.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    #[command(flatten)]
+    pub hp: crate::train::offline::HyperparameterArgs,
     /// Makes retries of this command create the job once.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -323,11 +318,6 @@ pub async fn upload(
     Ok(ds)
 }
 
-/// Merge `--hyperparameters` and `--set` into one JSON object.
-fn hyperparameters(base: Option<&str>, set: &[String]) -> anyhow::Result<Value> {
-    crate::train::offline::merge_hyperparameters(base, set)
-}
-
 pub async fn jobs(command: JobsCommand) -> anyhow::Result<std::process::ExitCode> {
     match command {
         JobsCommand::Create(args) => {
@@ -335,7 +325,7 @@ pub async fn jobs(command: JobsCommand) -> anyhow::Result<std::process::ExitCode
             let body = json!({
                 "dataset_id": args.dataset,
                 "base_model": args.base_model,
-                "hyperparameters": hyperparameters(args.hyperparameters.as_deref(), &args.set)?,
+                "hyperparameters": args.hp.merged()?,
             });
             let mut rb = client.request(Method::POST, "/v1/jobs").json(&body);
             if let Some(k) = &args.idempotency_key {
@@ -683,6 +673,7 @@ pub fn demo_hyperparameters(epochs: u32) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::offline::merge_hyperparameters as hyperparameters;
 
     #[test]
     fn set_nests_dotted_keys_and_parses_json_values() {

@@ -439,13 +439,8 @@ pub struct TrainArgs {
     /// Base model: a built-in architecture.
     #[arg(long, default_value = "r3d_18")]
     pub base_model: String,
-    /// Hyperparameters as JSON, or @file.json (the `hyperparameters` of `POST /v1/jobs`).
-    #[arg(long)]
-    pub hyperparameters: Option<String>,
-    /// One hyperparameter, KEY=VALUE with a JSON value (dotted keys nest: freeze.policy=full);
-    /// repeatable, applied after --hyperparameters.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub set: Vec<String>,
+    #[command(flatten)]
+    pub hp: HyperparameterArgs,
     /// Pretrained weights of the base model (torchvision .pth or .safetensors).
     #[arg(long)]
     pub pretrained: Option<PathBuf>,
@@ -504,6 +499,25 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
     Ok((n(w)?, n(h)?))
 }
 
+/// `--hyperparameters` and `--set`, as `vidtune train` and `vidtune jobs create` take them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HyperparameterArgs {
+    /// Hyperparameters as JSON, or @file.json (the `hyperparameters` of `POST /v1/jobs`).
+    #[arg(long)]
+    pub hyperparameters: Option<String>,
+    /// One hyperparameter, KEY=VALUE with a JSON value (dotted keys nest: freeze.policy=full);
+    /// repeatable, applied after --hyperparameters.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl HyperparameterArgs {
+    /// Both merged into one JSON object.
+    pub fn merged(&self) -> anyhow::Result<Value> {
+        merge_hyperparameters(self.hyperparameters.as_deref(), &self.set)
+    }
+}
+
 /// Merge `--hyperparameters` (JSON, or @file.json) and `--set KEY=VALUE` into one JSON object.
 pub fn merge_hyperparameters(base: Option<&str>, set: &[String]) -> anyhow::Result<Value> {
     let mut hp = match base {
@@ -558,7 +572,9 @@ pub fn main(args: TrainArgs) -> ExitCode {
 }
 
 fn main_inner(args: TrainArgs) -> Result<(), TrainError> {
-    let hyperparameters = merge_hyperparameters(args.hyperparameters.as_deref(), &args.set)
+    let hyperparameters = args
+        .hp
+        .merged()
         .map_err(|e| TrainError::User(format!("{e:#}")))?;
     let mut log = JsonLines::new(std::io::stdout().lock(), &args.out);
     if args.synthetic && !args.cache.join(MANIFEST).exists() {
