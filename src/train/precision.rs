@@ -44,6 +44,16 @@ pub struct Decided {
 }
 
 impl Choice {
+    /// A choice with no warning and no convolution kept in fp32.
+    fn plain(bf16: bool, why: String) -> Self {
+        Self {
+            bf16,
+            why,
+            warning: None,
+            fp32_convolutions: Vec::new(),
+        }
+    }
+
     pub fn decided(&self) -> Decided {
         Decided {
             bf16: self.bf16,
@@ -117,9 +127,9 @@ pub fn choose(
         }
         model.set_fp32_convolutions(vs, &[]);
         if second.failing.is_empty() {
-            return Choice {
-                bf16: false,
-                why: format!(
+            return Choice::plain(
+                false,
+                format!(
                     "precision auto: fp32, because bf16 is not faster on this device with the {} \
                      convolution(s) whose bf16 weight gradients are wrong ({}) in fp32: a \
                      training pass {:.2} s against {:.2} s in fp32",
@@ -128,9 +138,7 @@ pub fn choose(
                     second.bf16_s,
                     second.fp32_s
                 ),
-                warning: None,
-                fp32_convolutions: Vec::new(),
-            };
+            );
         }
     }
     decide(precision, bf16, why, Some(first))
@@ -158,12 +166,7 @@ pub fn decide(
     check: Option<GradientCheck>,
 ) -> Choice {
     let Some(check) = check.filter(|_| bf16) else {
-        return Choice {
-            bf16,
-            why,
-            warning: None,
-            fp32_convolutions: Vec::new(),
-        };
+        return Choice::plain(bf16, why);
     };
     if check.error <= MAX_GRADIENT_ERROR {
         let times = format!(
@@ -171,24 +174,20 @@ pub fn decide(
             check.bf16_s, check.fp32_s
         );
         if precision == Precision::Auto && !faster(&check) {
-            return Choice {
-                bf16: false,
-                why: format!(
+            return Choice::plain(
+                false,
+                format!(
                     "precision auto: fp32, because bf16 is not faster on this device ({times})"
                 ),
-                warning: None,
-                fp32_convolutions: Vec::new(),
-            };
+            );
         }
-        return Choice {
-            bf16: true,
-            why: format!(
+        return Choice::plain(
+            true,
+            format!(
                 "{why}; bf16 gradients within {:.0} % of fp32's; {times}",
                 check.error * 100.0
             ),
-            warning: None,
-            fp32_convolutions: Vec::new(),
-        };
+        );
     }
     let fault = format!(
         "the bf16 gradient of {} is {} fp32's on this device (a fault of this libtorch \
@@ -205,18 +204,16 @@ pub fn decide(
             )),
             fp32_convolutions: Vec::new(),
         },
-        Precision::Auto | Precision::Fp32 => Choice {
-            bf16: false,
-            why: format!("precision auto: fp32, because {fault}"),
-            warning: None,
-            fp32_convolutions: Vec::new(),
-        },
+        Precision::Auto | Precision::Fp32 => {
+            Choice::plain(false, format!("precision auto: fp32, because {fault}"))
+        }
     }
 }
 
 /// One seeded batch of random clips, forward and backward in train mode, in fp32 and then in
-/// bf16 autocast; the trainable weight (of a convolution or linear layer) whose gradients differ most. The model is left as it
-/// was: BatchNorm statistics restored, gradients cleared.
+/// bf16 autocast (then once more each, timed, when `timed`); the trainable weight of a
+/// convolution or linear layer whose gradients differ most. The model is left as it was:
+/// BatchNorm statistics restored, gradients cleared.
 pub fn gradient_check(
     model: &VideoClassifier,
     vs: &VarStore,
