@@ -421,6 +421,44 @@ mod tests {
             assert!(after[&name].equal(&t), "{name} changed");
             assert!(!after[&name].grad().defined(), "{name} kept a gradient");
         }
+
+        // With layer4 training, its BatchNorm runs in train mode during the check and moves its
+        // running statistics: they are put back.
+        let vs = VarStore::new(Device::Cpu);
+        let model = VideoClassifier::new(
+            &vs.root(),
+            Arch::R3d18,
+            2,
+            &HeadSpec::default(),
+            Freeze::LastStages { stages: 1 },
+        )
+        .unwrap();
+        let (backbone, head) = model.trainable_groups(&vs);
+        let mut opt = Optimizer::new(
+            hp.optimizer,
+            vec![
+                crate::train::optim::Group {
+                    params: backbone,
+                    lr_mult: 1.0,
+                },
+                crate::train::optim::Group {
+                    params: head,
+                    lr_mult: 1.0,
+                },
+            ],
+            hp.momentum,
+            hp.weight_decay,
+        );
+        let before: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        gradient_check(&model, &vs, &mut opt, [2, 3, 4, 32, 32], Device::Cpu, false);
+        let after = vs.variables();
+        for (name, t) in before {
+            assert!(after[&name].equal(&t), "{name} changed");
+        }
     }
 
     #[test]
