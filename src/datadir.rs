@@ -99,6 +99,12 @@ impl DataDir {
         self.root.join(".vidtune-installation")
     }
 
+    /// `precision: "auto"`'s decisions, kept per machine, model and clip size
+    /// (`train::precision::Memo`).
+    pub fn precision_memos(&self) -> PathBuf {
+        self.root.join("precision")
+    }
+
     /// Prediction uploads while they are decoded.
     pub fn predict_scratch(&self) -> PathBuf {
         self.root.join("tmp").join("predict")

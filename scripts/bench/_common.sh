@@ -20,6 +20,13 @@ BENCH_PY="$VIDTUNE_ROOT/scripts/bench/_bench.py"
 export PYTHONDONTWRITEBYTECODE=1 # keep __pycache__ out of scripts/bench
 pybench() { python3 "$BENCH_PY" "$@"; }
 
+# The PyTorch references' decoder (scripts/bench/requirements.txt) in the setup venv, installed
+# once: each benchmark that runs a torchcodec reference calls this itself.
+need_torchcodec() {
+  "$VIDTUNE_TORCH_VENV/bin/python" -c 'import torchcodec' 2>/dev/null ||
+    "$VIDTUNE_TORCH_VENV/bin/python" -m pip install --quiet -r "$VIDTUNE_ROOT/scripts/bench/requirements.txt"
+}
+
 bench_cleanup() {
   local rc=$?
   set +e

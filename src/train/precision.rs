@@ -71,7 +71,7 @@ pub struct GradientCheck {
     /// Every parameter over [`MAX_GRADIENT_ERROR`], with its error.
     pub failing: Vec<(String, f64)>,
     /// Seconds of a second fp32 and a second bf16 pass (after the first ones warmed up), when
-    /// timed; otherwise 0.
+    /// timed and no gradient failed; otherwise 0.
     pub fp32_s: f64,
     pub bf16_s: f64,
 }
@@ -81,7 +81,8 @@ pub struct GradientCheck {
 pub const MAX_BF16_TIME_SHARE: f64 = 0.9;
 
 /// Decide the precision of a job: its setting on `device`, checked on the model at the job's
-/// clip `shape` (`[N, 3, T, H, W]`) when bf16 would be used.
+/// clip `shape` (`[N, 3, T, H, W]`) when bf16 would be used. Under `auto` a decision kept in
+/// `memo` by an earlier job is taken as it is, and a new one is kept there.
 pub fn choose(
     precision: Precision,
     device: crate::device::Device,
@@ -89,12 +90,36 @@ pub fn choose(
     vs: &VarStore,
     opt: &mut Optimizer,
     shape: [i64; 5],
+    memo: Option<&Memo>,
 ) -> Choice {
     let (bf16, why) = precision.bf16_on(device);
     // A sandboxed backbone's gradients are computed in its own process, in fp32.
     if !bf16 || model.is_sandboxed() {
         return decide(precision, bf16, why, None);
     }
+    let memo = memo.filter(|_| precision == Precision::Auto);
+    if let Some(kept) = memo.and_then(|m| m.apply(model, vs)) {
+        return kept;
+    }
+    let choice = check_and_choose(precision, bf16, why, device, model, vs, opt, shape);
+    if let Some(memo) = memo {
+        memo.store(&choice.decided());
+    }
+    choice
+}
+
+/// [`choose`] once bf16 is a candidate: the gradient checks and the timed passes.
+#[allow(clippy::too_many_arguments)]
+fn check_and_choose(
+    precision: Precision,
+    bf16: bool,
+    why: String,
+    device: crate::device::Device,
+    model: &mut VideoClassifier,
+    vs: &VarStore,
+    opt: &mut Optimizer,
+    shape: [i64; 5],
+) -> Choice {
     let first = gradient_check(model, vs, opt, shape, device.to_tch(), true);
     if first.failing.is_empty() {
         return decide(precision, bf16, why, Some(first));
@@ -142,6 +167,96 @@ pub fn choose(
         }
     }
     decide(precision, bf16, why, Some(first))
+}
+
+/// Decisions of `auto` kept on this machine, one file per build, device, model and clip size.
+/// The check costs a job seconds at start-up (six training passes) and gives the same answer
+/// for the same kernels on the same device: a wrong bf16 gradient or a slower bf16 pass belongs
+/// to the CPU or GPU, the libtorch build and the shapes, not to the job. A file that cannot be
+/// read is ignored and one that cannot be written is left out: the next job checks again.
+pub struct Memo {
+    path: std::path::PathBuf,
+}
+
+impl Memo {
+    /// The memo in `dir` for `identity`: every fact the decision depends on, as text.
+    pub fn new(dir: &std::path::Path, identity: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let key = hex::encode(Sha256::digest(identity.as_bytes()));
+        Self {
+            path: dir.join(format!("{}.json", &key[..32])),
+        }
+    }
+
+    /// The kept decision, applied to `model` (its fp32 convolutions set); `None` when there is
+    /// none, or it names a convolution the model lacks.
+    fn apply(&self, model: &mut VideoClassifier, vs: &VarStore) -> Option<Choice> {
+        let kept = self.load()?;
+        if !model.set_fp32_convolutions(vs, &kept.fp32_convolutions) {
+            return None;
+        }
+        Some(Choice {
+            bf16: kept.bf16,
+            why: format!(
+                "{} (checked by an earlier job on this machine with the same model and clip \
+                 size; delete {} to check again)",
+                kept.why,
+                self.path.display()
+            ),
+            warning: None,
+            fp32_convolutions: kept.fp32_convolutions,
+        })
+    }
+
+    fn load(&self) -> Option<Decided> {
+        // A few hundred bytes; anything larger is not one of these files.
+        let bytes = std::fs::read(&self.path)
+            .ok()
+            .filter(|b| b.len() <= 64 * 1024)?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn store(&self, decided: &Decided) {
+        let write = || -> std::io::Result<()> {
+            let dir = self.path.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            let part = self
+                .path
+                .with_extension(format!("part-{}", std::process::id()));
+            std::fs::write(&part, serde_json::to_vec_pretty(decided)?)?;
+            std::fs::rename(&part, &self.path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not keep the precision decision");
+        }
+    }
+}
+
+/// This machine and build as part of a memo's identity: the executable (its size and
+/// modification time, so a rebuilt or upgraded vidtune, and with it perhaps another libtorch,
+/// checks again) and the device (a CPU's model name and flags, a GPU's compute capability).
+pub fn machine_identity(device: crate::device::Device) -> String {
+    let exe = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| format!("{} bytes, modified {:?}", m.len(), m.modified().ok()))
+        .unwrap_or_default();
+    let hardware = match device {
+        crate::device::Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            let line = |key: &str| {
+                info.lines()
+                    .find(|l| l.starts_with(key))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            format!("{}; {}", line("model name"), line("flags"))
+        }
+        crate::device::Device::Cuda(_) => crate::device::bf16_support(device).why,
+    };
+    format!(
+        "vidtune {} ({exe}); {device}: {hardware}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// Whether the timed bf16 pass beat the fp32 pass by enough.
@@ -211,7 +326,8 @@ pub fn decide(
 }
 
 /// One seeded batch of random clips, forward and backward in train mode, in fp32 and then in
-/// bf16 autocast (then once more each, timed, when `timed`); the trainable weight of a
+/// bf16 autocast (then, when `timed` and no gradient is wrong, once more each, timed); the
+/// trainable weight of a
 /// convolution or linear layer whose gradients differ most. The model is left as it was:
 /// BatchNorm statistics restored, gradients cleared.
 pub fn gradient_check(
@@ -258,36 +374,12 @@ pub fn gradient_check(
     };
     let fp32 = grads(false, opt);
     let bf16 = grads(true, opt);
-    let (mut fp32_s, mut bf16_s) = (0.0, 0.0);
-    if timed {
-        // A GPU runs the pass after the call returns: wait for it before reading the clock.
-        let sync = || {
-            if let Device::Cuda(i) = device {
-                tch::Cuda::synchronize(i as i64);
-            }
-        };
-        sync();
-        let started = std::time::Instant::now();
-        drop(grads(false, opt));
-        sync();
-        fp32_s = started.elapsed().as_secs_f64();
-        let started = std::time::Instant::now();
-        drop(grads(true, opt));
-        sync();
-        bf16_s = started.elapsed().as_secs_f64();
-    }
-    opt.zero_grad();
-    tch::no_grad(|| {
-        for (live, copy) in &saved {
-            live.shallow_clone().copy_(copy);
-        }
-    });
     let mut worst = GradientCheck {
         parameter: String::new(),
         error: 0.0,
         failing: Vec::new(),
-        fp32_s,
-        bf16_s,
+        fp32_s: 0.0,
+        bf16_s: 0.0,
     };
     for ((name, _), (a, b)) in trainable.iter().zip(fp32.iter().zip(&bf16)) {
         let (Some(a), Some(b)) = (a, b) else {
@@ -307,6 +399,30 @@ pub fn gradient_check(
             worst.error = error;
         }
     }
+    // Wrong gradients decide without the times.
+    if timed && worst.failing.is_empty() {
+        // A GPU runs the pass after the call returns: wait for it before reading the clock.
+        let sync = || {
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        };
+        sync();
+        let started = std::time::Instant::now();
+        drop(grads(false, opt));
+        sync();
+        worst.fp32_s = started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
+        drop(grads(true, opt));
+        sync();
+        worst.bf16_s = started.elapsed().as_secs_f64();
+    }
+    opt.zero_grad();
+    tch::no_grad(|| {
+        for (live, copy) in &saved {
+            live.shallow_clone().copy_(copy);
+        }
+    });
     worst
 }
 
@@ -380,6 +496,53 @@ mod tests {
             (fp32.bf16, fp32.why.as_str()),
             (false, "precision auto: fp32, z")
         );
+    }
+
+    #[test]
+    fn a_kept_decision_is_taken_for_the_same_identity_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let mut model = VideoClassifier::new(
+            &vs.root(),
+            Arch::R3d18,
+            2,
+            &HeadSpec::default(),
+            Freeze::Full,
+        )
+        .unwrap();
+        let memo = Memo::new(dir.path(), "machine A; r3d_18; clip [4, 3, 8, 64, 64]");
+        assert!(memo.apply(&mut model, &vs).is_none(), "nothing kept yet");
+        let conv = "layer3.0.conv1.0.weight";
+        assert!(
+            vs.variables().contains_key(conv),
+            "{:?}",
+            vs.variables().keys()
+        );
+        memo.store(&Decided {
+            bf16: true,
+            why: "precision auto: bf16, checked".into(),
+            fp32_convolutions: vec![conv.into()],
+        });
+        let kept = memo.apply(&mut model, &vs).expect("kept");
+        assert!(kept.bf16 && kept.fp32_convolutions == [conv], "{kept:?}");
+        assert!(
+            kept.why
+                .starts_with("precision auto: bf16, checked (checked by an earlier job"),
+            "{}",
+            kept.why
+        );
+        // Another machine, model or clip size has a memo of its own.
+        let other = Memo::new(dir.path(), "machine A; r3d_18; clip [4, 3, 16, 112, 112]");
+        assert!(other.apply(&mut model, &vs).is_none());
+        // A decision naming a convolution this model lacks, or a damaged file, is not taken.
+        other.store(&Decided {
+            bf16: true,
+            why: "w".into(),
+            fp32_convolutions: vec!["layer9.0.conv1.0.weight".into()],
+        });
+        assert!(other.apply(&mut model, &vs).is_none());
+        std::fs::write(&memo.path, b"{not json").unwrap();
+        assert!(memo.apply(&mut model, &vs).is_none());
     }
 
     #[test]

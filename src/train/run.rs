@@ -284,8 +284,27 @@ impl<'a> Attempt<'a> {
                     prep.crop,
                     prep.crop,
                 ];
-                let choice =
-                    precision::choose(hp.precision, device, &mut model, &vs, &mut opt, clip);
+                // Everything the check's answer depends on besides the weights' values.
+                let identity = format!(
+                    "{}; model {} (weights {}); freeze {:?}; head {:?}; clip {clip:?}",
+                    precision::machine_identity(device),
+                    job.base_model,
+                    job.pretrained
+                        .as_ref()
+                        .map_or("random", |p| p.sha256.as_str()),
+                    hp.freeze,
+                    hp.head,
+                );
+                let memo = precision::Memo::new(&ctx.data_dir.precision_memos(), &identity);
+                let choice = precision::choose(
+                    hp.precision,
+                    device,
+                    &mut model,
+                    &vs,
+                    &mut opt,
+                    clip,
+                    Some(&memo),
+                );
                 if let Some(w) = &choice.warning {
                     log.event("precision", "warning", w, json!({}))?;
                 }
