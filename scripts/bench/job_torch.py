@@ -31,7 +31,9 @@ torch's generator, not vidtune's; the resize is the decoder's bilinear one rathe
 area filter (a mean absolute difference of about 2.6 of 255 per channel on the synthetic echo
 loops); the best epoch's weights are kept in memory, where vidtune writes a checkpoint (weights
 and optimiser state) every epoch and exports the model at the end; the loader is torch's
-(workers = cores) rather than vidtune's (loader_threads, default 2).
+(workers = cores) rather than vidtune's (loader_threads, default 2); where torchcodec cannot
+reach a source's last frame or two (some synthetic H.264 files), a clip that would end there
+ends on the last frame it can reach.
 
 The wall time runs from this file's first line (before the imports) to the test result.
 """
@@ -115,6 +117,23 @@ def clip_indices(total, start):
     return [min(start + j * args.stride, total - 1) for j in range(args.frames)]
 
 
+REACHABLE = {}
+
+
+def last_reachable(path, n):
+    """The last frame index torchcodec's get_frames_at reaches in `path` (memoised)."""
+    if path not in REACHABLE:
+        k = n - 1
+        while k > 0:
+            try:
+                VideoDecoder(path, num_ffmpeg_threads=1, seek_mode="approximate").get_frames_at([k])
+                break
+            except RuntimeError:
+                k -= 1
+        REACHABLE[path] = k
+    return REACHABLE[path]
+
+
 class Clips(Dataset):
     """Training clips (random position and crop) or, with `clips`, evaluation clips (evenly
     spaced, centre crop): one item per (video, clip)."""
@@ -146,9 +165,19 @@ class Clips(Dataset):
                 start = rnd(c * room / (self.clips - 1))
             y, x = (h - ch) / 2.0, (w - cw) / 2.0
         y0, x0 = min(rnd(y / h * h), h - ch), min(rnd(x / w * w), w - cw)
-        dec = VideoDecoder(Path(args.videos) / v["path"], num_ffmpeg_threads=1,
-                           seek_mode="approximate", transforms=[Resize((h, w))])
-        frames = dec.get_frames_at(source_indices(dec, v["cache_fps"], clip_indices(total, start))).data
+        path = Path(args.videos) / v["path"]
+        dec = VideoDecoder(path, num_ffmpeg_threads=1, seek_mode="approximate", transforms=[Resize((h, w))])
+        wanted = source_indices(dec, v["cache_fps"], clip_indices(total, start))
+        try:
+            frames = dec.get_frames_at(wanted).data
+        except RuntimeError:
+            # torchcodec 0.17 cannot seek to the last one or two frames of some of the
+            # synthetic H.264 sources ("no more frames left to decode"; 10 of the large set's
+            # 240, although FFmpeg decodes all their frames): such a clip ends on the last
+            # frame it can reach instead.
+            top = last_reachable(path, dec.metadata.num_frames)
+            dec = VideoDecoder(path, num_ffmpeg_threads=1, seek_mode="approximate", transforms=[Resize((h, w))])
+            frames = dec.get_frames_at([min(i, top) for i in wanted]).data
         frames = frames[:, :, y0 : y0 + ch, x0 : x0 + cw].float()  # [T, C, h, w]
         if (ch, cw) != (args.crop, args.crop):
             frames = F.interpolate(frames, size=(args.crop, args.crop), mode="bilinear", align_corners=False)
