@@ -284,7 +284,8 @@ impl<'a> Attempt<'a> {
                     prep.crop,
                     prep.crop,
                 ];
-                // Everything the check's answer depends on besides the weights' values.
+                // Everything the check's answer depends on: the build and the device, the model
+                // and its weights, what trains, and the clip.
                 let identity = format!(
                     "{}; model {} (weights {}); freeze {:?}; head {:?}; clip {clip:?}",
                     precision::machine_identity(device),
