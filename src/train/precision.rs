@@ -431,6 +431,14 @@ mod tests {
     use super::*;
     use crate::backbone::{Arch, Freeze, HeadSpec};
 
+    /// An r3d_18 with a 2-class head on the CPU.
+    fn r3d18(freeze: Freeze) -> (VarStore, VideoClassifier) {
+        let vs = VarStore::new(Device::Cpu);
+        let model =
+            VideoClassifier::new(&vs.root(), Arch::R3d18, 2, &HeadSpec::default(), freeze).unwrap();
+        (vs, model)
+    }
+
     fn check(error: f64) -> Option<GradientCheck> {
         Some(GradientCheck {
             parameter: "layer3.1.conv1.0.weight".into(),
@@ -501,15 +509,7 @@ mod tests {
     #[test]
     fn a_kept_decision_is_taken_for_the_same_identity_only() {
         let dir = tempfile::tempdir().unwrap();
-        let vs = VarStore::new(Device::Cpu);
-        let mut model = VideoClassifier::new(
-            &vs.root(),
-            Arch::R3d18,
-            2,
-            &HeadSpec::default(),
-            Freeze::Full,
-        )
-        .unwrap();
+        let (vs, mut model) = r3d18(Freeze::Full);
         let memo = Memo::new(dir.path(), "machine A; r3d_18; clip [4, 3, 8, 64, 64]");
         assert!(memo.apply(&mut model, &vs).is_none(), "nothing kept yet");
         let conv = "layer3.0.conv1.0.weight";
@@ -548,15 +548,7 @@ mod tests {
     #[test]
     fn the_gradient_check_leaves_the_model_as_it_was() {
         tch::manual_seed(5);
-        let vs = VarStore::new(Device::Cpu);
-        let model = VideoClassifier::new(
-            &vs.root(),
-            Arch::R3d18,
-            2,
-            &HeadSpec::default(),
-            Freeze::HeadOnly,
-        )
-        .unwrap();
+        let (vs, model) = r3d18(Freeze::HeadOnly);
         let hp = crate::train::hyper::Hyperparameters::default();
         let (backbone, head) = model.trainable_groups(&vs);
         assert!(backbone.is_empty());
@@ -587,15 +579,7 @@ mod tests {
 
         // With layer4 training, its BatchNorm runs in train mode during the check and moves its
         // running statistics: they are put back.
-        let vs = VarStore::new(Device::Cpu);
-        let model = VideoClassifier::new(
-            &vs.root(),
-            Arch::R3d18,
-            2,
-            &HeadSpec::default(),
-            Freeze::LastStages { stages: 1 },
-        )
-        .unwrap();
+        let (vs, model) = r3d18(Freeze::LastStages { stages: 1 });
         let (backbone, head) = model.trainable_groups(&vs);
         let mut opt = Optimizer::new(
             hp.optimizer,
@@ -626,15 +610,7 @@ mod tests {
 
     #[test]
     fn named_convolutions_can_be_kept_in_fp32() {
-        let vs = VarStore::new(Device::Cpu);
-        let mut model = VideoClassifier::new(
-            &vs.root(),
-            Arch::R3d18,
-            2,
-            &HeadSpec::default(),
-            Freeze::Full,
-        )
-        .unwrap();
+        let (vs, mut model) = r3d18(Freeze::Full);
         let x = Tensor::randn([1, 3, 4, 32, 32], (Kind::Float, Device::Cpu));
         let bf16 = |m: &VideoClassifier| {
             let _amp = amp::Autocast::enter(Device::Cpu);
