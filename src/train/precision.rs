@@ -439,6 +439,14 @@ mod tests {
         (vs, model)
     }
 
+    /// A copy of every variable of `vs`, by name.
+    fn copies(vs: &VarStore) -> Vec<(String, Tensor)> {
+        vs.variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect()
+    }
+
     fn check(error: f64) -> Option<GradientCheck> {
         Some(GradientCheck {
             parameter: "layer3.1.conv1.0.weight".into(),
@@ -550,22 +558,9 @@ mod tests {
         tch::manual_seed(5);
         let (vs, model) = r3d18(Freeze::HeadOnly);
         let hp = crate::train::hyper::Hyperparameters::default();
-        let (backbone, head) = model.trainable_groups(&vs);
-        assert!(backbone.is_empty());
-        let mut opt = Optimizer::new(
-            hp.optimizer,
-            vec![crate::train::optim::Group {
-                params: head,
-                lr_mult: 1.0,
-            }],
-            hp.momentum,
-            hp.weight_decay,
-        );
-        let before: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .map(|(n, t)| (n, t.copy()))
-            .collect();
+        assert!(model.trainable_groups(&vs).0.is_empty());
+        let mut opt = crate::train::run::optimizer(&hp, &model, &vs);
+        let before = copies(&vs);
         let c = gradient_check(&model, &vs, &mut opt, [2, 3, 4, 32, 32], Device::Cpu, true);
         assert!(c.fp32_s > 0.0 && c.bf16_s > 0.0, "{c:?}");
         // Only the head trains: its bf16 gradient is close to fp32's.
@@ -580,27 +575,8 @@ mod tests {
         // With layer4 training, its BatchNorm runs in train mode during the check and moves its
         // running statistics: they are put back.
         let (vs, model) = r3d18(Freeze::LastStages { stages: 1 });
-        let (backbone, head) = model.trainable_groups(&vs);
-        let mut opt = Optimizer::new(
-            hp.optimizer,
-            vec![
-                crate::train::optim::Group {
-                    params: backbone,
-                    lr_mult: 1.0,
-                },
-                crate::train::optim::Group {
-                    params: head,
-                    lr_mult: 1.0,
-                },
-            ],
-            hp.momentum,
-            hp.weight_decay,
-        );
-        let before: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .map(|(n, t)| (n, t.copy()))
-            .collect();
+        let mut opt = crate::train::run::optimizer(&hp, &model, &vs);
+        let before = copies(&vs);
         gradient_check(&model, &vs, &mut opt, [2, 3, 4, 32, 32], Device::Cpu, false);
         let after = vs.variables();
         for (name, t) in before {

@@ -788,7 +788,7 @@ fn initialise(vs: &VarStore, job: &Job, log: &mut dyn AttemptLog) -> Result<(), 
 }
 
 /// The backbone's trainable parameters at `lr × backbone_lr_mult`, the head's at `lr`.
-fn optimizer(hp: &Hyperparameters, model: &VideoClassifier, vs: &VarStore) -> Optimizer {
+pub(super) fn optimizer(hp: &Hyperparameters, model: &VideoClassifier, vs: &VarStore) -> Optimizer {
     let (backbone_params, head_params) = model.trainable_groups(vs);
     Optimizer::new(
         hp.optimizer,
