@@ -92,6 +92,23 @@ pub async fn set_storage_quota(
     .await
 }
 
+/// The tenant's de-identification key: made from `fresh` on first use (by whichever caller
+/// comes first), the same ever after. It keys the hashes of patient IDs and the replacement
+/// UIDs, so it never leaves the server.
+pub async fn deid_key(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    fresh: &[u8],
+) -> sqlx::Result<Option<Vec<u8>>> {
+    sqlx::query_scalar(
+        "update tenants set deid_key = coalesce(deid_key, $2) where id = $1 returning deid_key",
+    )
+    .bind(id)
+    .bind(fresh)
+    .fetch_optional(db)
+    .await
+}
+
 pub async fn get_tenant(db: impl PgExecutor<'_>, id: Uuid) -> sqlx::Result<Option<Tenant>> {
     sqlx::query_as(&format!(
         "select {TENANT_COLUMNS} from tenants where id = $1"

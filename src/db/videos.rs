@@ -114,12 +114,15 @@ pub struct Video {
     pub cache_width: Option<i32>,
     pub cache_height: Option<i32>,
     pub cache_fps: Option<f64>,
+    /// A DICOM object's de-identified facts ([`crate::media::dicom::DicomFacts`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<serde_json::Value>,
 }
 
 pub(super) const VIDEO_COLUMNS: &str =
     "id, upload_id, path, status, reason_code, reason, label, split,
     patient_id, sha256, bytes, container, codec, width, height, fps, duration_s, frames,
-    cache_frames, cache_width, cache_height, cache_fps";
+    cache_frames, cache_width, cache_height, cache_fps, dicom";
 
 pub async fn list(
     db: impl PgExecutor<'_>,
@@ -184,6 +187,8 @@ pub async fn insert(db: impl PgExecutor<'_>, v: &NewVideo<'_>) -> sqlx::Result<(
 }
 
 /// A video that decoded: its verdict (accepted, or rejected for its label) and its media facts.
+/// A DICOM object's facts are stored with it, and its hashed patient becomes the video's
+/// patient unless the upload named one.
 pub async fn record_probed(
     db: impl PgExecutor<'_>,
     id: Uuid,
@@ -195,7 +200,8 @@ pub async fn record_probed(
     sqlx::query(
         "update videos set status = $2, reason_code = $3, reason = $4, container = $5,
              codec = $6, width = $7, height = $8, fps = $9, duration_s = $10, frames = $11,
-             cache_frames = $12, cache_width = $13, cache_height = $14, cache_fps = $15
+             cache_frames = $12, cache_width = $13, cache_height = $14, cache_fps = $15,
+             dicom = $16, patient_id = coalesce(patient_id, $17)
          where id = $1",
     )
     .bind(id)
@@ -213,6 +219,8 @@ pub async fn record_probed(
     .bind(info.cache_width as i32)
     .bind(info.cache_height as i32)
     .bind(info.cache_fps)
+    .bind(info.dicom.as_ref().map(sqlx::types::Json))
+    .bind(info.dicom.as_ref().and_then(|d| d.patient.as_deref()))
     .execute(db)
     .await?;
     Ok(())

@@ -196,6 +196,21 @@ async fn accept_upload(
     ))
 }
 
+/// Reads and checks an upload's body while the dataset is held for it; a refusal gives the
+/// dataset back before it is answered, so a client that retries at once finds it free.
+async fn or_release<T>(
+    receiving: Receiving,
+    body: impl Future<Output = ApiResult<T>>,
+) -> ApiResult<(Receiving, T)> {
+    match body.await {
+        Ok(v) => Ok((receiving, v)),
+        Err(e) => {
+            receiving.release().await;
+            Err(e)
+        }
+    }
+}
+
 const ARCHIVE_TYPES: &[&str] = &[
     "application/zip",
     "application/x-zip-compressed",
@@ -231,11 +246,15 @@ async fn dataset_upload(
         .dataset(dataset_id)
         .archive_body(receiving.upload_id());
     let partial = PartialFile::new(dest.clone());
-    let received = receive(&s, req, &dest, cap.bytes)
-        .await
-        .map_err(|e| cap.explain(e))?
-        .received;
-    verify_checksum(&headers, &received)?;
+    let received = async {
+        let received = receive(&s, req, &dest, cap.bytes)
+            .await
+            .map_err(|e| cap.explain(e))?
+            .received;
+        verify_checksum(&headers, &received)?;
+        Ok(received)
+    };
+    let (receiving, received) = or_release(receiving, received).await?;
     let response =
         accept_upload(&s, receiving, dataset_id, UploadContent::Archive, &received).await?;
     partial.keep();
@@ -256,27 +275,31 @@ async fn video_create(
     let receiving = Receiving::claim(&s.db, caller.tenant_id, dataset_id).await?;
     let dest = s.data.dataset(dataset_id).video_body(receiving.upload_id());
     let partial = PartialFile::new(dest.clone());
-    let incoming = receive(&s, req, &dest, cap.bytes)
-        .await
-        .map_err(|e| cap.explain(e))?;
-    // Form fields win over query parameters.
-    let mut fields = q;
-    for (name, slot) in [
-        ("label", &mut fields.label),
-        ("split", &mut fields.split),
-        ("patient_id", &mut fields.patient_id),
-        ("filename", &mut fields.filename),
-    ] {
-        if let Some(v) = incoming.field(name) {
-            *slot = Some(v.to_owned());
+    let body = async {
+        let incoming = receive(&s, req, &dest, cap.bytes)
+            .await
+            .map_err(|e| cap.explain(e))?;
+        // Form fields win over query parameters.
+        let mut fields = q;
+        for (name, slot) in [
+            ("label", &mut fields.label),
+            ("split", &mut fields.split),
+            ("patient_id", &mut fields.patient_id),
+            ("filename", &mut fields.filename),
+        ] {
+            if let Some(v) = incoming.field(name) {
+                *slot = Some(v.to_owned());
+            }
         }
-    }
-    if fields.filename.is_none() {
-        fields.filename = incoming.file_name.clone();
-    }
-    let received = incoming.received;
-    verify_checksum(&headers, &received)?;
-    let content = UploadContent::Video(VideoMeta::parse(fields)?);
+        if fields.filename.is_none() {
+            fields.filename = incoming.file_name.clone();
+        }
+        let received = incoming.received;
+        verify_checksum(&headers, &received)?;
+        let content = UploadContent::Video(VideoMeta::parse(fields)?);
+        Ok((content, received))
+    };
+    let (receiving, (content, received)) = or_release(receiving, body).await?;
     let response = accept_upload(&s, receiving, dataset_id, content, &received).await?;
     partial.keep();
     Ok(response)

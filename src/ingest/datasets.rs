@@ -60,6 +60,8 @@ pub struct NewDataset {
 pub struct CacheRequest {
     pub short_side: Option<u32>,
     pub fps: Option<f64>,
+    /// What is done to DICOM objects' pixels before caching (crop, masks).
+    pub dicom: Option<crate::media::dicom::PixelPolicy>,
 }
 
 /// Control characters (NUL above all, which PostgreSQL text cannot hold) have no place in names
@@ -114,6 +116,19 @@ impl NewDataset {
                     return Err(invalid("cache.fps", "between 1 and 120"));
                 }
                 cache.fps = fps;
+            }
+            if let Some(d) = &c.dicom {
+                let bad = |m: &crate::media::dicom::Rect| {
+                    m.width == 0 || m.height == 0 || m.x > 65535 || m.y > 65535
+                };
+                if d.masks.len() > 64 || d.masks.iter().any(bad) {
+                    return Err(invalid(
+                        "cache.dicom.masks",
+                        "at most 64 rectangles, each with a width and height of at least 1 \
+                         and x, y at most 65535",
+                    ));
+                }
+                cache.dicom = d.clone();
             }
         }
         Ok(cache)
@@ -247,6 +262,15 @@ impl Receiving {
         self.upload_id
     }
 
+    /// The upload is refused: give the dataset back before the refusal is answered, so a client
+    /// that retries at once finds it free (dropping a `Receiving` also gives it back, but later).
+    pub async fn release(mut self) {
+        self.armed = false;
+        if let Err(e) = db::datasets::abort_receiving(&self.db, self.dataset_id).await {
+            tracing::error!(error = %e, dataset_id = %self.dataset_id, "could not release a refused upload");
+        }
+    }
+
     /// The body is whole on disk and its checksum verified: record the upload and start ingest.
     pub async fn accept(
         mut self,
@@ -272,7 +296,10 @@ impl Receiving {
             sha256,
             meta,
         };
-        db::uploads::received(&self.db, &upload).await?;
+        if let Err(e) = db::uploads::received(&self.db, &upload).await {
+            self.release().await;
+            return Err(e.into());
+        }
         self.armed = false;
         super::spawn(
             self.db.clone(),

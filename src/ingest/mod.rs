@@ -370,9 +370,11 @@ async fn cache_videos(
         .context("the tenant's storage quota")?
         .remaining_bytes;
     let room = Arc::new(QuotaRoom(room.into()));
+    let deid_key = Some(deid_key(db, upload.tenant_id).await?);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let (queue, db, spec, room) = (queue.clone(), db.clone(), spec.clone(), room.clone());
+        let deid_key = deid_key.clone();
         let (ingest, limits) = (ingest.clone(), config.video_limits.clone());
         let cache_dir = dirs.cache();
         let dataset_id = upload.dataset_id;
@@ -389,9 +391,14 @@ async fn cache_videos(
                     cache: cache_dir.join(format!("{id}.vtc")),
                     spec: spec.clone(),
                     limits: room.limits(&limits),
+                    deid_key: deid_key.clone(),
                 };
                 // Waits for one of the process's decoders.
-                let outcome = match ingest.decoders.run(&job, deadline).await {
+                let outcome = ingest.decoders.run(&job, deadline).await;
+                // A DICOM object's own bytes carry the identifiers its cache does not: they go
+                // once it is cached, however it came.
+                let dicom = outcome.as_ref().is_ok_and(|i| i.dicom.is_some());
+                let outcome = match outcome {
                     Ok(info) => {
                         room.take(info.cache_bytes());
                         Ok(info)
@@ -399,7 +406,7 @@ async fn cache_videos(
                     Err(r) => Err(room.explain(&job.limits, &limits, r)),
                 };
                 let accepted = record_outcome(&db, dataset_id, id, &p, &job.cache, outcome).await?;
-                if from_archive && !accepted {
+                if (from_archive && !accepted) || dicom {
                     discard_source(&p);
                 }
             }
@@ -452,6 +459,15 @@ async fn record_outcome(
     db::datasets::video_done(&mut *tx, dataset_id).await?;
     tx.commit().await?;
     Ok(accepted)
+}
+
+/// The tenant's de-identification key, hex (made on first use).
+pub async fn deid_key(db: &PgPool, tenant_id: Uuid) -> anyhow::Result<String> {
+    let fresh: [u8; 32] = rand::random();
+    let key = db::tenants::deid_key(db, tenant_id, &fresh)
+        .await?
+        .context("the tenant does not exist")?;
+    Ok(hex::encode(key))
 }
 
 /// An extracted file that is not an accepted video: nothing reads it again (training reads

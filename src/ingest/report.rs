@@ -27,6 +27,8 @@ pub struct Report {
     pub codecs: BTreeMap<String, usize>,
     pub content_hash: Option<String>,
     pub dataset_id: Uuid,
+    /// What de-identification did to the DICOM objects; `None` when the dataset has none.
+    pub deidentification: Option<Deidentification>,
     /// Of the accepted videos; `None` when there are none.
     pub duration_s: Option<Summary>,
     pub fps: Option<Summary>,
@@ -40,6 +42,35 @@ pub struct Report {
     pub status: DatasetStatus,
     pub totals: Totals,
     pub warnings: Vec<Warning>,
+}
+
+/// De-identification of the dataset's DICOM objects (accepted ones: a refused object left
+/// nothing behind).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Deidentification {
+    /// Accepted videos whose Burned In Annotation (0028,0301) is `YES`.
+    pub burned_in_annotation: Vec<String>,
+    pub dicom_videos: usize,
+    /// Videos whose identifying attributes of this name were present (none is kept).
+    pub removed: BTreeMap<String, usize>,
+    /// Videos whose identifier of this name was replaced by a keyed value.
+    pub replaced: BTreeMap<String, usize>,
+    /// Per video: what was removed, replaced and masked.
+    pub videos: Vec<DeidentifiedVideo>,
+}
+
+/// One DICOM video's de-identification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeidentifiedVideo {
+    pub burned_in_annotation: Option<String>,
+    pub cropped: bool,
+    pub id: Uuid,
+    /// Rectangles blacked out, in source pixels.
+    pub masked: Vec<crate::media::dicom::Rect>,
+    pub path: String,
+    pub private_attributes_removed: u32,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
 }
 
 /// Videos per status; `videos` counts them all.
@@ -130,6 +161,16 @@ pub enum Warning {
         patient_id: String,
         splits: Vec<Split>,
     },
+    /// DICOM objects that declare burned-in text and were not masked.
+    BurnedInAnnotation {
+        detail: String,
+        paths: Vec<String>,
+    },
+    /// DICOM objects without frame timing: their frames were taken at the cache rate.
+    FrameRateAssumed {
+        detail: String,
+        paths: Vec<String>,
+    },
 }
 
 impl Warning {
@@ -143,6 +184,8 @@ impl Warning {
             Warning::DuplicateContent { .. } => "duplicate_content",
             Warning::DuplicateAcrossSplits { .. } => "duplicate_across_splits",
             Warning::PatientInTwoSplits { .. } => "patient_in_two_splits",
+            Warning::BurnedInAnnotation { .. } => "burned_in_annotation",
+            Warning::FrameRateAssumed { .. } => "frame_rate_assumed",
         }
     }
 }
@@ -180,6 +223,7 @@ pub fn report(d: &Dataset, videos: &[Video]) -> Report {
     warnings.extend(short_videos(&accepted));
     warnings.extend(duplicates(&accepted));
     warnings.extend(patients_in_two_splits(&accepted));
+    let deidentification = deidentification(&accepted, &mut warnings);
 
     let mut resolutions: BTreeMap<(i32, i32), usize> = BTreeMap::new();
     let mut codecs: BTreeMap<String, usize> = BTreeMap::new();
@@ -208,6 +252,7 @@ pub fn report(d: &Dataset, videos: &[Video]) -> Report {
         codecs,
         content_hash: d.content_hash.clone(),
         dataset_id: d.id,
+        deidentification,
         duration_s: summary(accepted.iter().filter_map(|v| v.duration_s).collect()),
         fps: summary(accepted.iter().filter_map(|v| v.fps).collect()),
         frames: summary(
@@ -297,6 +342,78 @@ fn class_counts(
         });
     }
     rows
+}
+
+/// The de-identification section and its warnings, from the accepted DICOM videos' facts.
+fn deidentification(accepted: &[&Video], warnings: &mut Vec<Warning>) -> Option<Deidentification> {
+    let dicom: Vec<(&Video, crate::media::dicom::DicomFacts)> = accepted
+        .iter()
+        .filter_map(|v| Some((*v, serde_json::from_value(v.dicom.clone()?).ok()?)))
+        .collect();
+    if dicom.is_empty() {
+        return None;
+    }
+    let mut removed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut replaced: BTreeMap<String, usize> = BTreeMap::new();
+    let mut burned = Vec::new();
+    let mut unmasked_burned = Vec::new();
+    let mut assumed = Vec::new();
+    let mut videos = Vec::new();
+    for (v, f) in &dicom {
+        for k in &f.removed {
+            *removed.entry(k.clone()).or_default() += 1;
+        }
+        for k in &f.replaced {
+            *replaced.entry(k.clone()).or_default() += 1;
+        }
+        if f.burned_in_annotation.as_deref() == Some("YES") {
+            burned.push(v.path.clone());
+            if f.masked.is_empty() && !f.cropped {
+                unmasked_burned.push(v.path.clone());
+            }
+        }
+        if f.frame_rate_source == "assumed" {
+            assumed.push(v.path.clone());
+        }
+        videos.push(DeidentifiedVideo {
+            burned_in_annotation: f.burned_in_annotation.clone(),
+            cropped: f.cropped,
+            id: v.id,
+            masked: f.masked.clone(),
+            path: v.path.clone(),
+            private_attributes_removed: f.private_attributes,
+            removed: f.removed.clone(),
+            replaced: f.replaced.clone(),
+        });
+    }
+    if !unmasked_burned.is_empty() {
+        warnings.push(Warning::BurnedInAnnotation {
+            detail: format!(
+                "{} DICOM videos declare burned-in annotation (text in the pixels, possibly \
+                 names or dates) and nothing was masked; set `cache.dicom.masks` or \
+                 `mask_outside_region` and upload them again",
+                unmasked_burned.len()
+            ),
+            paths: unmasked_burned,
+        });
+    }
+    if !assumed.is_empty() {
+        warnings.push(Warning::FrameRateAssumed {
+            detail: format!(
+                "{} DICOM videos carry no frame timing (Frame Time, Cine Rate, Frame Time \
+                 Vector); their frames were taken as if at the cache rate",
+                assumed.len()
+            ),
+            paths: assumed,
+        });
+    }
+    Some(Deidentification {
+        burned_in_annotation: burned,
+        dicom_videos: dicom.len(),
+        removed,
+        replaced,
+        videos,
+    })
 }
 
 fn short_videos(accepted: &[&Video]) -> Option<Warning> {
@@ -428,6 +545,7 @@ mod tests {
             cache_width: None,
             cache_height: None,
             cache_fps: None,
+            dicom: None,
         }
     }
 

@@ -66,6 +66,9 @@ pub struct CacheSpec {
     /// FFmpeg decoder threads (0: FFmpeg's automatic count). Not stored with a dataset.
     #[serde(default)]
     pub threads: usize,
+    /// Crop and masks for DICOM objects' pixels.
+    #[serde(default)]
+    pub dicom: super::dicom::PixelPolicy,
 }
 
 impl Default for CacheSpec {
@@ -75,6 +78,7 @@ impl Default for CacheSpec {
             short_side: 128,
             fps: 15.0,
             threads: 0,
+            dicom: Default::default(),
         }
     }
 }
@@ -85,6 +89,9 @@ impl Default for CacheSpec {
 struct StoredSpec {
     short_side: u32,
     fps: f64,
+    /// Absent when nothing is done to DICOM pixels (and in specs stored before DICOM).
+    #[serde(default, skip_serializing_if = "super::dicom::PixelPolicy::is_default")]
+    dicom: super::dicom::PixelPolicy,
 }
 
 impl CacheSpec {
@@ -93,6 +100,7 @@ impl CacheSpec {
         serde_json::to_value(StoredSpec {
             short_side: self.short_side,
             fps: self.fps,
+            dicom: self.dicom.clone(),
         })
         .expect("serialises")
     }
@@ -106,6 +114,7 @@ impl CacheSpec {
             short_side: s.short_side,
             fps: s.fps,
             threads: 0,
+            dicom: s.dicom,
         })
     }
 }
@@ -125,6 +134,9 @@ pub struct VideoInfo {
     pub cache_width: u32,
     pub cache_height: u32,
     pub cache_fps: f64,
+    /// What a DICOM object was and what its de-identification did; absent for other videos.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<super::dicom::DicomFacts>,
 }
 
 impl VideoInfo {
@@ -195,8 +207,25 @@ pub fn cache_size(w: u32, h: u32, short: u32) -> (u32, u32) {
     }
 }
 
-/// Validate `src` and write its cache to `cache_dest`. Nothing is left at `cache_dest` unless the
-/// video is accepted.
+/// Validate `src`, a container or a DICOM object, and write its cache to `cache_dest`. Nothing is
+/// left at `cache_dest` unless the video is accepted. `deid_key` (hex) is the tenant's key for
+/// the keyed replacements of DICOM identifiers.
+pub fn ingest_any(
+    src: &Path,
+    cache_dest: &Path,
+    spec: &CacheSpec,
+    limits: &Limits,
+    deid_key: Option<&str>,
+) -> Result<VideoInfo, Rejection> {
+    if super::dicom::is_dicom(src) {
+        super::dicom::ingest_dicom(src, cache_dest, spec, limits, deid_key)
+    } else {
+        ingest_video(src, cache_dest, spec, limits)
+    }
+}
+
+/// Validate a container `src` and write its cache to `cache_dest`. Nothing is left at
+/// `cache_dest` unless the video is accepted.
 pub fn ingest_video(
     src: &Path,
     cache_dest: &Path,
@@ -366,6 +395,7 @@ pub fn ingest_video(
         cache_width: header.width,
         cache_height: header.height,
         cache_fps: header.fps,
+        dicom: None,
     })
 }
 

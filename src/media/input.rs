@@ -36,6 +36,11 @@ pub const ALLOWED_DEMUXERS: &[&str] = &[
     "mpeg",
 ];
 
+/// Raw elementary streams, which carry no container: only for the video that a DICOM object
+/// encapsulates (MPEG-2, H.264, HEVC transfer syntaxes), never for an upload itself. None of them
+/// opens another file.
+pub const ELEMENTARY_DEMUXERS: &[&str] = &["h264", "hevc", "mpegvideo"];
+
 /// The accepted containers, for messages.
 pub const ALLOWED_DESCRIPTION: &str = "MP4/MOV, Matroska/WebM, AVI, MPEG-TS or MPEG-PS";
 
@@ -70,6 +75,11 @@ pub fn is_image_demuxer(name: &str) -> bool {
 
 /// Open `path` for demuxing under the rules above; stream information is already probed.
 pub fn open(path: &Path) -> Result<Input, OpenError> {
+    open_allowing(path, ALLOWED_DEMUXERS)
+}
+
+/// [`open`] with another list of demuxers (by their full names).
+pub fn open_allowing(path: &Path, allowed: &[&str]) -> Result<Input, OpenError> {
     super::decode::init();
     let file = File::open(path).map_err(OpenError::Unreadable)?;
     let mut io =
@@ -103,7 +113,7 @@ pub fn open(path: &Path) -> Result<Input, OpenError> {
         let name = CStr::from_ptr((*format).name)
             .to_string_lossy()
             .into_owned();
-        if !ALLOWED_DEMUXERS.contains(&name.as_str()) {
+        if !allowed.contains(&name.as_str()) {
             ffi::avformat_free_context(ps);
             return Err(if score <= GUESS_SCORE {
                 OpenError::NotMedia(ff::Error::InvalidData)
@@ -112,7 +122,7 @@ pub fn open(path: &Path) -> Result<Input, OpenError> {
             });
         }
 
-        let mut options = guard_options().disown();
+        let mut options = guard_options(allowed).disown();
         let r = ffi::avformat_open_input(&mut ps, ptr::null(), format, &mut options);
         ff::Dictionary::own(options);
         if r < 0 {
@@ -128,10 +138,10 @@ pub fn open(path: &Path) -> Result<Input, OpenError> {
 }
 
 /// The options every open carries: the second line of defence behind `io_open`.
-fn guard_options() -> ff::Dictionary<'static> {
+fn guard_options(allowed: &[&str]) -> ff::Dictionary<'static> {
     let mut d = ff::Dictionary::new();
     // Enforced by avformat_open_input itself, before the demuxer reads its header.
-    d.set("format_whitelist", &ALLOWED_DEMUXERS.join(","));
+    d.set("format_whitelist", &allowed.join(","));
     // Names no protocol: any URL a demuxer opened through FFmpeg's default I/O would be
     // refused ("not on whitelist"). The upload itself needs none, it is read through `pb`.
     d.set("protocol_whitelist", "");

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use super::decode::{CacheSpec, Limits, Rejection, VideoInfo, ingest_video};
+use super::decode::{CacheSpec, Limits, Rejection, VideoInfo, ingest_any};
 
 /// One video to validate and cache.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,6 +21,9 @@ pub struct Job {
     pub cache: PathBuf,
     pub spec: CacheSpec,
     pub limits: Limits,
+    /// The tenant's de-identification key (hex), for DICOM objects' keyed identifiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deid_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -35,7 +38,8 @@ pub fn serve_stdio() -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     for line in stdin.lines() {
         let job: Job = serde_json::from_str(&line?)?;
-        let reply = match ingest_video(&job.src, &job.cache, &job.spec, &job.limits) {
+        let key = job.deid_key.as_deref();
+        let reply = match ingest_any(&job.src, &job.cache, &job.spec, &job.limits, key) {
             Ok(info) => Reply::Accepted(info),
             Err(r) => Reply::Rejected(r),
         };
@@ -230,6 +234,7 @@ mod tests {
             cache: dir.join("out.vtc"),
             spec: CacheSpec::default(),
             limits: Limits::default(),
+            deid_key: None,
         }
     }
 

@@ -159,6 +159,8 @@ pub async fn predict(
         cache: cache.clone(),
         spec: meta.decode.clone(),
         limits: serving.video_limits.clone(),
+        // A prediction records no DICOM identity: nothing keyed is needed.
+        deid_key: None,
     };
     let decode_deadline = Duration::from_secs_f64(serving.video_limits.max_decode_s + 30.0);
     let info = serving

@@ -10,6 +10,7 @@ mod auth;
 mod base_models;
 mod batches;
 mod datasets;
+mod dicom;
 mod health;
 mod hygiene;
 mod ingest_bounds;

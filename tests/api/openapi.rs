@@ -240,6 +240,7 @@ fn the_dataset_report_schema_describes_every_warning() {
         cache_width: Some(128),
         cache_height: Some(128),
         cache_fps: Some(15.0),
+        dicom: None,
     };
     let accepted = VideoStatus::Accepted;
     let videos = [
