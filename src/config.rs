@@ -246,6 +246,22 @@ pub struct ServeArgs {
     /// they are this old (younger ones may be a write about to be recorded by another host).
     #[arg(long, env = "VIDTUNE_ORPHAN_GRACE_SECS", default_value_t = 3600)]
     pub orphan_grace_secs: u64,
+    /// DICOMweb root of the PACS that dataset imports and predictions by study reference fetch
+    /// from (e.g. https://pacs.example/dicom-web); none: both are refused.
+    #[arg(long, env = "VIDTUNE_PACS_URL")]
+    pub pacs_url: Option<String>,
+    /// User for the PACS's HTTP basic authentication.
+    #[arg(long, env = "VIDTUNE_PACS_USER")]
+    pub pacs_user: Option<String>,
+    /// File holding the PACS password (a mounted secret; preferred over VIDTUNE_PACS_PASSWORD).
+    #[arg(long, env = "VIDTUNE_PACS_PASSWORD_FILE")]
+    pub pacs_password_file: Option<PathBuf>,
+    /// The PACS password itself (from the environment; never a command-line flag in practice).
+    #[arg(long, env = "VIDTUNE_PACS_PASSWORD", hide_env_values = true)]
+    pub pacs_password: Option<String>,
+    /// Time for one PACS request (a search, or one instance's transfer).
+    #[arg(long, env = "VIDTUNE_PACS_TIMEOUT_SECS", default_value_t = 300)]
+    pub pacs_timeout_secs: u64,
     #[command(flatten)]
     pub db: DbArgs,
 }
@@ -366,6 +382,26 @@ impl Settings {
             .unwrap_or(a.max_upload_bytes.saturating_mul(4));
         ingest.archive_limits.max_expansion = a.archive_max_expansion;
         ingest.archive_limits.max_entries = a.archive_max_entries;
+        ingest.max_instance_bytes = a.max_video_bytes;
+        if let Some(url) = &a.pacs_url {
+            let password = match &a.pacs_password_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .map_err(|e| {
+                            anyhow::anyhow!("the PACS password file {}: {e}", f.display())
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => a.pacs_password.clone(),
+            };
+            ingest.pacs = Some(crate::pacs::PacsConfig {
+                url: url.clone(),
+                user: a.pacs_user.clone(),
+                password,
+                timeout: Duration::from_secs(a.pacs_timeout_secs.max(1)),
+            });
+        }
         Ok(Self {
             listen: a.listen,
             data_dir: a.data_dir.clone(),

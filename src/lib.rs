@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod media;
 pub mod metrics;
+pub mod pacs;
 pub mod plots;
 pub mod quota;
 pub mod registry;

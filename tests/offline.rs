@@ -74,6 +74,7 @@ fn a_synthetic_cache_trains_for_an_epoch_into_a_loadable_model() {
             val: 0.25,
             test: 0.25,
             seed: 0,
+            group_by: Default::default(),
         },
         device: None,
     };

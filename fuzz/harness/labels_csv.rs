@@ -54,9 +54,10 @@ pub fn run(data: &[u8]) {
     // Declared classes, or none, chosen by the input's length.
     let classes = ["polyp".to_owned(), "normal".to_owned()];
     let classes = data.len().is_multiple_of(2).then_some(&classes[..]);
-    let Ok(mut planned) = plan(files, classes) else {
+    let Ok(plan) = plan(files, classes) else {
         return;
     };
+    let mut planned = plan.files;
     assert!(planned.iter().filter(|p| p.file.is_some()).count() <= inputs);
     make_storable(&mut planned);
     let mut seen = std::collections::HashSet::new();

@@ -54,6 +54,8 @@ pub struct Dataset {
     pub classes: Option<Vec<String>>,
     pub split: serde_json::Value,
     pub cache_spec: serde_json::Value,
+    /// DICOM options (`label_attribute`).
+    pub dicom: serde_json::Value,
     pub videos_total: i32,
     pub videos_done: i32,
     pub videos_accepted: i64,
@@ -68,7 +70,7 @@ pub struct Dataset {
 
 const DATASET_SELECT: &str = "
     select d.id, d.tenant_id, d.name, d.description, d.status, d.status_reason, d.classes,
-           d.split, d.cache_spec, d.videos_total, d.videos_done, d.content_hash,
+           d.split, d.cache_spec, d.dicom, d.videos_total, d.videos_done, d.content_hash,
            d.created_at, d.updated_at,
            count(v.id) filter (where v.status = 'accepted') as videos_accepted,
            count(v.id) filter (where v.status = 'rejected') as videos_rejected,
@@ -83,13 +85,15 @@ pub struct NewDataset<'a> {
     pub classes: Option<&'a [String]>,
     pub split: serde_json::Value,
     pub cache_spec: serde_json::Value,
+    pub dicom: serde_json::Value,
 }
 
 pub async fn create(db: impl PgExecutor<'_>, d: &NewDataset<'_>) -> sqlx::Result<Uuid> {
     let id = Uuid::new_v4();
     sqlx::query(
-        "insert into datasets (id, tenant_id, name, description, classes, split, cache_spec)
-         values ($1, $2, $3, $4, $5, $6, $7)",
+        "insert into datasets (id, tenant_id, name, description, classes, split, cache_spec,
+             dicom)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(id)
     .bind(d.tenant_id)
@@ -98,6 +102,7 @@ pub async fn create(db: impl PgExecutor<'_>, d: &NewDataset<'_>) -> sqlx::Result
     .bind(d.classes)
     .bind(&d.split)
     .bind(&d.cache_spec)
+    .bind(&d.dicom)
     .execute(db)
     .await?;
     Ok(id)
@@ -181,16 +186,21 @@ pub struct IngestTarget {
     pub classes: Option<Vec<String>>,
     pub split: serde_json::Value,
     pub cache_spec: serde_json::Value,
+    /// The DICOM attribute whose value labels an object nothing else labelled.
+    pub label_attribute: Option<String>,
 }
 
 pub async fn ingest_target(
     db: impl PgExecutor<'_>,
     id: Uuid,
 ) -> sqlx::Result<Option<IngestTarget>> {
-    sqlx::query_as("select id, classes, split, cache_spec from datasets where id = $1")
-        .bind(id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(
+        "select id, classes, split, cache_spec, dicom->>'label_attribute' as label_attribute
+         from datasets where id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await
 }
 
 /// Ingest found `added` more files in an upload, `done` of them already refused by the plan.

@@ -25,6 +25,8 @@ pub enum UploadKind {
     Archive,
     /// One video with its metadata, stored where its files go.
     Video,
+    /// Instances fetched from the configured PACS over DICOMweb.
+    Import,
 }
 
 pub struct NewUpload<'a> {
@@ -61,6 +63,16 @@ pub async fn received(db: &sqlx::PgPool, upload: &NewUpload<'_>) -> sqlx::Result
     .execute(&mut *tx)
     .await?;
     tx.commit().await
+}
+
+/// The bytes an import fetched (counted against the tenant's quota like an upload's body).
+pub async fn set_bytes(db: impl PgExecutor<'_>, id: Uuid, bytes: u64) -> sqlx::Result<()> {
+    sqlx::query("update uploads set bytes = $2 where id = $1")
+        .bind(id)
+        .bind(bytes as i64)
+        .execute(db)
+        .await?;
+    Ok(())
 }
 
 /// An upload waiting for ingest.

@@ -186,28 +186,39 @@ pub async fn insert(db: impl PgExecutor<'_>, v: &NewVideo<'_>) -> sqlx::Result<(
     Ok(())
 }
 
+/// What ingest decided for a video that decoded: its status, and the label, split and patient
+/// it learnt from the object (a DICOM UID or attribute), each kept as planned when `None`.
+pub struct Probed<'a> {
+    pub status: VideoStatus,
+    pub reason_code: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    pub label: Option<&'a str>,
+    pub split: Option<Split>,
+    pub patient_id: Option<&'a str>,
+}
+
 /// A video that decoded: its verdict (accepted, or rejected for its label) and its media facts.
 /// A DICOM object's facts are stored with it, and its hashed patient becomes the video's
 /// patient unless the upload named one.
 pub async fn record_probed(
     db: impl PgExecutor<'_>,
     id: Uuid,
-    status: VideoStatus,
-    reason_code: Option<&str>,
-    reason: Option<&str>,
+    verdict: &Probed<'_>,
     info: &VideoInfo,
 ) -> sqlx::Result<()> {
     sqlx::query(
         "update videos set status = $2, reason_code = $3, reason = $4, container = $5,
              codec = $6, width = $7, height = $8, fps = $9, duration_s = $10, frames = $11,
              cache_frames = $12, cache_width = $13, cache_height = $14, cache_fps = $15,
-             dicom = $16, patient_id = coalesce(patient_id, $17)
+             dicom = $16, patient_id = coalesce($18, patient_id, $17),
+             label = coalesce($19, label), split = coalesce($20, split),
+             split_given = split_given or $20 is not null
          where id = $1",
     )
     .bind(id)
-    .bind(status)
-    .bind(reason_code)
-    .bind(reason)
+    .bind(verdict.status)
+    .bind(verdict.reason_code)
+    .bind(verdict.reason)
     .bind(&info.container)
     .bind(&info.codec)
     .bind(info.width as i32)
@@ -221,6 +232,9 @@ pub async fn record_probed(
     .bind(info.cache_fps)
     .bind(info.dicom.as_ref().map(sqlx::types::Json))
     .bind(info.dicom.as_ref().and_then(|d| d.patient.as_deref()))
+    .bind(verdict.patient_id)
+    .bind(verdict.label)
+    .bind(verdict.split)
     .execute(db)
     .await?;
     Ok(())

@@ -1,7 +1,7 @@
 //! Datasets: create, list, view, delete; upload archives and single videos; list videos; the
 //! QA report. The work is `ingest`'s; these handlers parse, call it and map its errors.
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -63,6 +63,13 @@ pub fn routes(r: Routes) -> Routes {
         video_create,
     )
     .op(
+        Method::POST,
+        "/v1/datasets/{dataset_id}/imports",
+        "dataset_import",
+        Tenant,
+        dataset_import,
+    )
+    .op(
         Method::GET,
         "/v1/datasets/{dataset_id}/videos",
         "video_list",
@@ -88,6 +95,13 @@ impl From<DatasetError> for ApiError {
                 "another upload to this dataset is being received or processed; retry when it is ready",
             )
             .with_retry_after(10),
+            DatasetError::Import(ingest::import::ImportError::Invalid { field, detail }) => {
+                ApiError::validation(field, detail)
+            }
+            DatasetError::Import(ingest::import::ImportError::NoPacs) => ApiError::new(
+                super::ErrorCode::PacsNotConfigured,
+                "imports need a PACS: an operator sets VIDTUNE_PACS_URL (and its credentials)",
+            ),
             DatasetError::Database(e) => e.into(),
             DatasetError::Internal(e) => ApiError::internal(e),
         }
@@ -145,18 +159,6 @@ async fn dataset_delete(
     Ok(super::deletions::accepted(d))
 }
 
-fn content_type(headers: &HeaderMap) -> String {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
-}
-
 /// The 202 answer to an upload. Fields in alphabetical order, as the API has always sent them.
 #[derive(Serialize)]
 struct UploadAccepted {
@@ -190,6 +192,46 @@ async fn accept_upload(
             bytes: received.bytes,
             dataset_id,
             sha256: received.sha256.clone(),
+            status: DatasetStatus::Processing,
+            upload_id,
+        }),
+    ))
+}
+
+/// `202` for an import: its fetch and ingest run in the background, its videos and report say
+/// how it went.
+#[derive(Serialize)]
+struct ImportAccepted {
+    dataset_id: Uuid,
+    /// Always `processing`.
+    status: DatasetStatus,
+    upload_id: Uuid,
+}
+
+/// Studies from the configured PACS into the dataset (QIDO-RS query or study UIDs, a label
+/// mapping).
+async fn dataset_import(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(dataset_id): Path<Uuid>,
+    Json(body): Json<ingest::import::ImportRequest>,
+) -> ApiResult<impl IntoResponse> {
+    let data_dir = &s.settings.data_dir;
+    let upload_id = ingest::import::start(
+        &s.db,
+        data_dir,
+        &s.ingest,
+        caller.tenant_id,
+        dataset_id,
+        body,
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/datasets/{dataset_id}"))],
+        AuditResource(dataset_id),
+        Json(ImportAccepted {
+            dataset_id,
             status: DatasetStatus::Processing,
             upload_id,
         }),
@@ -230,7 +272,7 @@ async fn dataset_upload(
     req: Request,
 ) -> ApiResult<impl IntoResponse> {
     let headers = req.headers().clone();
-    let ctype = content_type(&headers);
+    let ctype = super::upload::content_type(&headers);
     let multipart = ctype == "multipart/form-data";
     if !multipart && !ARCHIVE_TYPES.contains(&ctype.as_str()) {
         return Err(ApiError::new(

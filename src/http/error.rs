@@ -58,6 +58,8 @@ error_codes! {
     Internal => ("internal", INTERNAL_SERVER_ERROR, "Internal error"),
     DatabaseUnavailable => ("database_unavailable", SERVICE_UNAVAILABLE, "The database is unreachable"),
     Overloaded => ("overloaded", SERVICE_UNAVAILABLE, "The service is overloaded"),
+    PacsNotConfigured => ("pacs_not_configured", NOT_IMPLEMENTED, "No PACS is configured on this server"),
+    PacsUnavailable => ("pacs_unavailable", BAD_GATEWAY, "The PACS could not be reached or refused the request"),
 }
 
 impl ErrorCode {

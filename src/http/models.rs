@@ -181,7 +181,54 @@ fn seconds(field: &'static str, v: Option<&str>, default: f64) -> ApiResult<f64>
     Ok(n)
 }
 
-/// Classify a video (raw body or multipart `file`).
+/// Fetch the instance a JSON body names (`{"study_uid", "series_uid"?, "sop_instance_uid"?}`)
+/// from the configured PACS into `dest`; returns what was received.
+async fn fetch_reference(
+    s: &AppState,
+    req: Request,
+    dest: &std::path::Path,
+) -> ApiResult<super::upload::Received> {
+    let Some(pacs) = s.ingest.pacs.as_ref() else {
+        return Err(ApiError::new(
+            ErrorCode::PacsNotConfigured,
+            "predicting by study reference needs a PACS: an operator sets VIDTUNE_PACS_URL",
+        ));
+    };
+    let body = axum::body::to_bytes(req.into_body(), s.settings.max_json_bytes)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::PayloadTooLarge, "the reference is too large"))?;
+    let r: crate::pacs::StudyRef = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::validation(
+            "body",
+            format!(
+                "a study reference {{\"study_uid\", \"series_uid\"?, \"sop_instance_uid\"?}}: {e}"
+            ),
+        )
+    })?;
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| ApiError::internal(e.into()))?;
+    }
+    use crate::pacs::PacsError as P;
+    let bytes = pacs
+        .fetch_reference(&r, dest, s.settings.max_video_bytes)
+        .await
+        .map_err(|e| match e {
+            P::NotFound => ApiError::not_found("study instance"),
+            P::Ambiguous(_) => ApiError::validation("sop_instance_uid", e.to_string()),
+            P::TooLarge(_) => ApiError::new(ErrorCode::PayloadTooLarge, e.to_string()),
+            P::Malformed(ref m) if m.contains("digits and dots") => {
+                ApiError::validation("study_uid", "UIDs are digits and dots")
+            }
+            P::Io(e) => ApiError::internal(e.into()),
+            P::Unavailable(_) | P::Malformed(_) => {
+                ApiError::new(ErrorCode::PacsUnavailable, e.to_string())
+            }
+        })?;
+    let sha256 = crate::ingest::sha256_file(dest).map_err(|e| ApiError::internal(e.into()))?;
+    Ok(super::upload::Received { bytes, sha256 })
+}
+
+/// Classify a video (raw body or multipart `file`, or a study reference on the PACS as JSON).
 async fn model_predict(
     State(s): State<AppState>,
     caller: Caller,
@@ -213,10 +260,15 @@ async fn model_predict(
         .with_extension("upload");
     let _src_guard = PartialFile::new(src.clone());
     let headers = req.headers().clone();
-    let received = receive(&s, req, &src, s.settings.max_video_bytes)
-        .await?
-        .received;
-    verify_checksum(&headers, &received)?;
+    let received = if super::upload::content_type(&headers) == "application/json" {
+        fetch_reference(&s, req, &src).await?
+    } else {
+        let received = receive(&s, req, &src, s.settings.max_video_bytes)
+            .await?
+            .received;
+        verify_checksum(&headers, &received)?;
+        received
+    };
     let upload = Upload {
         path: src.clone(),
         sha256: received.sha256,

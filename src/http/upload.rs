@@ -266,3 +266,16 @@ impl UploadCap {
         }
     }
 }
+
+/// The media type of a request, lowercase, without parameters (`""` when absent).
+pub(super) fn content_type(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}

@@ -21,6 +21,8 @@ pub enum DatasetError {
     Invalid { field: &'static str, detail: String },
     #[error("no such dataset")]
     NotFound,
+    #[error(transparent)]
+    Import(#[from] super::import::ImportError),
     #[error("a dataset with this name already exists")]
     NameTaken,
     /// One upload per dataset at a time: progress and the content hash are per dataset.
@@ -52,6 +54,19 @@ pub struct NewDataset {
     pub split: SplitSpec,
     #[serde(default)]
     pub cache: Option<CacheRequest>,
+    /// How DICOM objects are labelled when nothing else labels them.
+    #[serde(default)]
+    pub dicom: Option<DicomOptions>,
+}
+
+/// A dataset's DICOM options.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomOptions {
+    /// The attribute (keyword or `gggg,eeee`) whose value labels an object that no folder or
+    /// labels.csv row labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_attribute: Option<String>,
 }
 
 /// The training cache's size and rate, each defaulting to [`CacheSpec`]'s.
@@ -98,6 +113,16 @@ impl NewDataset {
                      without control characters",
                 ));
             }
+        }
+        if let Some(a) = self
+            .dicom
+            .as_ref()
+            .and_then(|d| d.label_attribute.as_deref())
+        {
+            crate::media::dicom::label_tag(a).map_err(|e| DatasetError::Invalid {
+                field: "dicom.label_attribute",
+                detail: e,
+            })?;
         }
         self.split.validate().map_err(|e| DatasetError::Invalid {
             field: "split",
@@ -151,6 +176,8 @@ pub async fn create(
             classes: req.classes.as_deref(),
             split: serde_json::to_value(req.split).expect("serialises"),
             cache_spec: cache.to_stored(),
+            dicom: serde_json::to_value(req.dicom.as_ref().unwrap_or(&DicomOptions::default()))
+                .expect("serialises"),
         },
     )
     .await
@@ -269,6 +296,45 @@ impl Receiving {
         if let Err(e) = db::datasets::abort_receiving(&self.db, self.dataset_id).await {
             tracing::error!(error = %e, dataset_id = %self.dataset_id, "could not release a refused upload");
         }
+    }
+
+    /// An import from the PACS: recorded as an upload (its request is not stored), fetched and
+    /// ingested in the background. Returns the upload id.
+    pub async fn accept_import(
+        mut self,
+        data_dir: PathBuf,
+        ingest: Arc<Ingest>,
+        req: super::import::ImportRequest,
+    ) -> Result<Uuid, DatasetError> {
+        let upload = db::uploads::NewUpload {
+            id: self.upload_id,
+            dataset_id: self.dataset_id,
+            tenant_id: self.tenant_id,
+            kind: UploadKind::Import,
+            bytes: 0,
+            sha256: "",
+            meta: serde_json::json!({}),
+        };
+        if let Err(e) = db::uploads::received(&self.db, &upload).await {
+            self.release().await;
+            return Err(e.into());
+        }
+        self.armed = false;
+        super::spawn_import(
+            self.db.clone(),
+            data_dir,
+            ingest,
+            db::uploads::PendingUpload {
+                id: upload.id,
+                sha256: String::new(),
+                dataset_id: upload.dataset_id,
+                tenant_id: upload.tenant_id,
+                kind: UploadKind::Import,
+                meta: upload.meta,
+            },
+            req,
+        );
+        Ok(upload.id)
     }
 
     /// The body is whole on disk and its checksum verified: record the upload and start ingest.

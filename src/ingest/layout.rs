@@ -1,6 +1,9 @@
 //! How an upload's files become labelled videos: a `labels.csv` at the root (`path,label` and
 //! optional `split,patient_id`), or folders per class (`<label>/<file>`, optionally under
 //! `train|val|test/`). A single folder wrapping everything (as zip tools make) is looked through.
+//! DICOM objects can instead be labelled by UID: a `labels.csv` keyed by `sop_instance_uid`,
+//! `series_instance_uid` or `study_instance_uid` (matched once the objects are read; folders
+//! then say nothing), or by an attribute the dataset names.
 use std::collections::{HashMap, HashSet};
 
 use super::split::Split;
@@ -23,6 +26,74 @@ pub struct Planned {
     pub verdict: Option<(VideoStatus, &'static str, String)>,
     /// A label problem, reported only if the file turns out to be a video.
     pub label_problem: Option<(&'static str, String)>,
+}
+
+/// The plan of an upload: every file, and the UID-keyed labels.csv rows when there is one.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub files: Vec<Planned>,
+    pub by_uid: Option<UidLabels>,
+}
+
+/// Which UID a labels.csv is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UidColumn {
+    Sop,
+    Series,
+    Study,
+}
+
+impl UidColumn {
+    pub const ALL: [(UidColumn, &'static str); 3] = [
+        (UidColumn::Sop, "sop_instance_uid"),
+        (UidColumn::Series, "series_instance_uid"),
+        (UidColumn::Study, "study_instance_uid"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(c, _)| *c == self)
+            .expect("listed")
+            .1
+    }
+}
+
+/// labels.csv rows keyed by a DICOM UID.
+#[derive(Debug, Clone)]
+pub struct UidLabels {
+    pub column: UidColumn,
+    pub rows: Vec<UidRow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UidRow {
+    pub line: usize,
+    pub uid: String,
+    pub label: String,
+    pub split: Option<String>,
+    pub patient_id: Option<String>,
+}
+
+/// Why `label` cannot label a video of a dataset with `classes`, if it cannot.
+pub fn check_label(label: &str, classes: Option<&[String]>) -> Option<(&'static str, String)> {
+    if label.is_empty() {
+        Some(("missing_label", "no label given".into()))
+    } else if label.len() > 100 {
+        Some(("invalid_label", "labels are at most 100 characters".into()))
+    } else if label.chars().any(char::is_control) {
+        Some((
+            "invalid_label",
+            "labels may not contain control characters".into(),
+        ))
+    } else if classes.is_some_and(|c| !c.iter().any(|k| k == label)) {
+        Some((
+            "unknown_label",
+            format!("label `{label}` is not one of the dataset's declared classes"),
+        ))
+    } else {
+        None
+    }
 }
 
 /// The upload cannot be interpreted at all.
@@ -48,10 +119,7 @@ fn is_system_file(rel: &str) -> bool {
 }
 
 /// Plan every extracted file (and every labels.csv row naming a missing file).
-pub fn plan(
-    files: Vec<ExtractedFile>,
-    classes: Option<&[String]>,
-) -> Result<Vec<Planned>, LayoutError> {
+pub fn plan(files: Vec<ExtractedFile>, classes: Option<&[String]>) -> Result<Plan, LayoutError> {
     let mut out = Vec::new();
     let mut files: Vec<(String, ExtractedFile)> = files
         .into_iter()
@@ -71,32 +139,42 @@ pub fn plan(
         .collect();
     strip_wrapper(&mut files);
 
-    let label_ok = |label: &str| -> Option<(&'static str, String)> {
-        if label.is_empty() {
-            Some(("missing_label", "no label given".into()))
-        } else if label.len() > 100 {
-            Some(("invalid_label", "labels are at most 100 characters".into()))
-        } else if label.chars().any(char::is_control) {
-            Some((
-                "invalid_label",
-                "labels may not contain control characters".into(),
-            ))
-        } else if classes.is_some_and(|c| !c.iter().any(|k| k == label)) {
-            Some((
-                "unknown_label",
-                format!("label `{label}` is not one of the dataset's declared classes"),
-            ))
-        } else {
-            None
-        }
-    };
+    let label_ok = |label: &str| check_label(label, classes);
 
     if let Some(pos) = files
         .iter()
         .position(|(rel, _)| rel.eq_ignore_ascii_case(LABELS_CSV))
     {
         let (_, csv_file) = files.swap_remove(pos);
-        let rows = read_labels_csv(&csv_file.path)?;
+        let rows = match read_labels_csv(&csv_file.path)? {
+            Labels::ByPath(rows) => rows,
+            Labels::ByUid(by_uid) => {
+                // Labelled once each object's UIDs are read; folders say nothing here.
+                files.sort_by(|a, b| a.0.cmp(&b.0));
+                for (rel, f) in files {
+                    out.push(Planned {
+                        path: rel,
+                        file: Some(f),
+                        label: None,
+                        split: None,
+                        patient_id: None,
+                        claimed: false,
+                        verdict: None,
+                        label_problem: Some((
+                            "missing_label",
+                            format!(
+                                "no labels.csv row names this file's {}",
+                                by_uid.column.name()
+                            ),
+                        )),
+                    });
+                }
+                return Ok(Plan {
+                    files: out,
+                    by_uid: Some(by_uid),
+                });
+            }
+        };
         let mut by_path: HashMap<String, ExtractedFile> = files.into_iter().collect();
         let mut seen = HashSet::new();
         for row in rows {
@@ -156,7 +234,10 @@ pub fn plan(
                 "not listed in labels.csv",
             ));
         }
-        return Ok(out);
+        return Ok(Plan {
+            files: out,
+            by_uid: None,
+        });
     }
 
     for (rel, f) in files {
@@ -190,7 +271,10 @@ pub fn plan(
             label_problem,
         });
     }
-    Ok(out)
+    Ok(Plan {
+        files: out,
+        by_uid: None,
+    })
 }
 
 /// Longest path shown for a video, in bytes; a longer one is cut at a character boundary. An
@@ -292,7 +376,12 @@ struct CsvRow {
     patient_id: Option<String>,
 }
 
-fn read_labels_csv(path: &std::path::Path) -> Result<Vec<CsvRow>, LayoutError> {
+enum Labels {
+    ByPath(Vec<CsvRow>),
+    ByUid(UidLabels),
+}
+
+fn read_labels_csv(path: &std::path::Path) -> Result<Labels, LayoutError> {
     let bytes = std::fs::metadata(path)
         .map_err(|e| LayoutError(format!("labels.csv cannot be read: {e}")))?
         .len();
@@ -315,12 +404,18 @@ fn read_labels_csv(path: &std::path::Path) -> Result<Vec<CsvRow>, LayoutError> {
             .iter()
             .position(|h| h.trim_start_matches('\u{feff}').eq_ignore_ascii_case(name))
     };
-    let (Some(path_col), Some(label_col)) = (col("path"), col("label")) else {
+    let uid_col = UidColumn::ALL
+        .iter()
+        .find_map(|(c, name)| col(name).map(|i| (*c, i)));
+    let key_col = col("path").or(uid_col.map(|(_, i)| i));
+    let (Some(path_col), Some(label_col)) = (key_col, col("label")) else {
         return Err(LayoutError(format!(
-            "labels.csv needs the columns `path` and `label` (found: {})",
+            "labels.csv needs the columns `path` (or, for DICOM, `sop_instance_uid`, \
+             `series_instance_uid` or `study_instance_uid`) and `label` (found: {})",
             headers.iter().collect::<Vec<_>>().join(", ")
         )));
     };
+    let by_uid = col("path").is_none().then_some(uid_col).flatten();
     let (split_col, patient_col) = (col("split"), col("patient_id"));
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
@@ -339,7 +434,22 @@ fn read_labels_csv(path: &std::path::Path) -> Result<Vec<CsvRow>, LayoutError> {
             patient_id: get(patient_col),
         });
     }
-    Ok(rows)
+    Ok(match by_uid {
+        None => Labels::ByPath(rows),
+        Some((column, _)) => Labels::ByUid(UidLabels {
+            column,
+            rows: rows
+                .into_iter()
+                .map(|r| UidRow {
+                    line: r.line,
+                    uid: r.path,
+                    label: r.label,
+                    split: r.split,
+                    patient_id: r.patient_id,
+                })
+                .collect(),
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -366,7 +476,8 @@ mod tests {
             ],
             None,
         )
-        .unwrap();
+        .unwrap()
+        .files;
         let get = |p: &str| {
             planned
                 .iter()
@@ -395,7 +506,9 @@ mod tests {
 
     #[test]
     fn hostile_paths_become_distinct_storable_rows() {
-        let mut planned = plan(vec![file("polyp/a.mp4"), file("polyp/a.mp4 (2)")], None).unwrap();
+        let mut planned = plan(vec![file("polyp/a.mp4"), file("polyp/a.mp4 (2)")], None)
+            .unwrap()
+            .files;
         // What extraction adds for a second `polyp/a.mp4` and for a name with a NUL byte.
         for path in ["polyp/a.mp4", "polyp/b\0.mp4", "x".repeat(5000).as_str()] {
             planned.push(skipped(path.into(), None, "duplicate_entry", "twice"));
@@ -433,7 +546,7 @@ mod tests {
             plan(vec![f], None)
         };
         assert_eq!(
-            csv("ok.csv", MAX_LABELS_ROWS, 1).unwrap().len(),
+            csv("ok.csv", MAX_LABELS_ROWS, 1).unwrap().files.len(),
             MAX_LABELS_ROWS
         );
         let e = csv("rows.csv", MAX_LABELS_ROWS + 1, 1).unwrap_err();
@@ -449,11 +562,41 @@ mod tests {
             vec![file("tachy/a.mp4"), file("normal/b.mp4")],
             Some(&classes),
         )
-        .unwrap();
+        .unwrap()
+        .files;
         assert_eq!(
             planned[0].label_problem.as_ref().unwrap().0,
             "unknown_label"
         );
         assert!(planned[1].label_problem.is_none());
+    }
+
+    #[test]
+    fn a_labels_csv_keyed_by_uid_leaves_files_to_be_matched_and_folders_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.csv");
+        std::fs::write(
+            &path,
+            "study_instance_uid,label,split\n1.2.3,normal,test\n1.2.4,dilated,\n",
+        )
+        .unwrap();
+        let mut csv = file(LABELS_CSV);
+        csv.path = path;
+        let plan = plan(
+            vec![csv, file("DICOM/PAT1/IM1"), file("DICOM/PAT2/IM1")],
+            None,
+        )
+        .unwrap();
+        let by_uid = plan.by_uid.expect("keyed by UID");
+        assert_eq!(by_uid.column, UidColumn::Study);
+        assert_eq!(by_uid.rows.len(), 2);
+        assert_eq!(by_uid.rows[0].uid, "1.2.3");
+        assert_eq!(by_uid.rows[0].split.as_deref(), Some("test"));
+        assert_eq!(plan.files.len(), 2);
+        for p in &plan.files {
+            // Not labelled by the folder `DICOM`: by the UID, once read.
+            assert_eq!(p.label, None, "{p:?}");
+            assert_eq!(p.label_problem.as_ref().unwrap().0, "missing_label");
+        }
     }
 }

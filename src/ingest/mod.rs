@@ -24,6 +24,8 @@ use crate::quota;
 
 pub mod datasets;
 pub mod export;
+pub mod import;
+pub mod labels;
 pub mod layout;
 pub mod report;
 pub mod split;
@@ -41,6 +43,10 @@ pub struct IngestConfig {
     pub concurrency: usize,
     pub archive_limits: ArchiveLimits,
     pub video_limits: Limits,
+    /// The PACS that imports and predictions by study reference fetch from, if any.
+    pub pacs: Option<crate::pacs::PacsConfig>,
+    /// Largest instance fetched from the PACS.
+    pub max_instance_bytes: u64,
 }
 
 impl IngestConfig {
@@ -50,6 +56,8 @@ impl IngestConfig {
             concurrency: std::thread::available_parallelism().map_or(1, |n| n.get()),
             archive_limits: ArchiveLimits::default(),
             video_limits: Limits::default(),
+            pacs: None,
+            max_instance_bytes: 8 << 30,
         }
     }
 }
@@ -62,14 +70,27 @@ pub struct Ingest {
     decoders: MediaPool,
     /// Storage quota of a tenant without its own: a video is cached only while it fits.
     tenant_quota_bytes: u64,
+    /// The configured PACS's client.
+    pub pacs: Option<Arc<crate::pacs::Pacs>>,
 }
 
 impl Ingest {
     pub fn new(config: IngestConfig, tenant_quota_bytes: u64) -> Self {
+        let pacs = config
+            .pacs
+            .clone()
+            .and_then(|c| match crate::pacs::Pacs::new(c) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    tracing::error!(error = %e, "the PACS client could not be set up");
+                    None
+                }
+            });
         Self {
             decoders: MediaPool::new(&config.media_worker_exe, config.concurrency),
             config,
             tenant_quota_bytes,
+            pacs,
         }
     }
 }
@@ -143,6 +164,23 @@ pub fn spawn(db: PgPool, data_dir: PathBuf, ingest: Arc<Ingest>, upload: Pending
     });
 }
 
+/// Start fetching and ingesting an import in the background.
+pub fn spawn_import(
+    db: PgPool,
+    data_dir: PathBuf,
+    ingest: Arc<Ingest>,
+    upload: PendingUpload,
+    req: import::ImportRequest,
+) {
+    tokio::spawn(async move {
+        let dataset_id = upload.dataset_id;
+        if let Err(e) = run_with(&db, &data_dir, &ingest, &upload, Some(&req)).await {
+            tracing::error!(error.cause_chain = ?e, %dataset_id, upload_id = %upload.id, "import failed");
+            let _ = finish_failed(&db, &upload, INTERNAL_FAILURE).await;
+        }
+    });
+}
+
 /// Resume uploads a previous process did not finish.
 pub async fn resume(db: &PgPool, data_dir: &Path, ingest: &Arc<Ingest>) -> anyhow::Result<()> {
     let reset = db::datasets::reset_interrupted_receiving(db).await?;
@@ -153,6 +191,20 @@ pub async fn resume(db: &PgPool, data_dir: &Path, ingest: &Arc<Ingest>) -> anyho
         );
     }
     for upload in db::uploads::pending(db).await? {
+        if upload.kind == UploadKind::Import {
+            // Its request was never stored (it may name a patient): it is started again.
+            let dirs = DatasetDirs::new(data_dir, upload.dataset_id);
+            let _ = std::fs::remove_dir_all(dirs.files(upload.id));
+            let removed = db::videos::delete_for_upload(db, upload.id).await?;
+            db::datasets::restart_processing(db, upload.dataset_id, removed).await?;
+            finish_failed(
+                db,
+                &upload,
+                "interrupted by a restart; start the import again",
+            )
+            .await?;
+            continue;
+        }
         tracing::info!(dataset_id = %upload.dataset_id, upload_id = %upload.id, "resuming ingest");
         // Start again from the stored bytes: forget what the interrupted run recorded.
         let removed = db::videos::delete_for_upload(db, upload.id).await?;
@@ -168,25 +220,71 @@ async fn run(
     ingest: &Arc<Ingest>,
     upload: &PendingUpload,
 ) -> anyhow::Result<()> {
+    run_with(db, data_dir, ingest, upload, None).await
+}
+
+/// [`run`], for an import with its request.
+async fn run_with(
+    db: &PgPool,
+    data_dir: &Path,
+    ingest: &Arc<Ingest>,
+    upload: &PendingUpload,
+    import: Option<&import::ImportRequest>,
+) -> anyhow::Result<()> {
     let target = db::datasets::ingest_target(db, upload.dataset_id)
         .await?
         .context("the dataset was deleted")?;
     let dirs = DatasetDirs::new(data_dir, upload.dataset_id);
     std::fs::create_dir_all(dirs.cache())?;
+    let deid_key = deid_key(db, upload.tenant_id).await?;
+    let keys = crate::media::dicom::Pseudonyms::from_hex(&deid_key)
+        .context("the tenant's de-identification key")?;
+    let mut label_attribute = target.label_attribute.clone();
     // 1. Files and their labels.
-    let planned = if upload.kind == UploadKind::Archive {
-        match plan_archive(&ingest.config, upload, &target, &dirs).await? {
-            Ok(planned) => planned,
-            Err(reason) => return finish_failed(db, upload, &reason).await,
+    let plan = match (upload.kind, import) {
+        (UploadKind::Archive, _) => {
+            match plan_archive(&ingest.config, upload, &target, &dirs).await? {
+                Ok(plan) => plan,
+                Err(reason) => return finish_failed(db, upload, &reason).await,
+            }
         }
-    } else {
-        plan_single(upload, &target, &dirs)?
+        (UploadKind::Video, _) => layout::Plan {
+            files: plan_single(upload, &target, &dirs)?,
+            by_uid: None,
+        },
+        (UploadKind::Import, Some(req)) => {
+            if let Some(a) = &req.labels.attribute {
+                label_attribute = Some(a.clone());
+            }
+            let classes = target.classes.as_deref();
+            match import::plan_import(db, ingest, upload, classes, &dirs, req, &keys).await? {
+                Ok(files) => layout::Plan {
+                    files,
+                    by_uid: None,
+                },
+                Err(reason) => {
+                    let _ = std::fs::remove_dir_all(dirs.files(upload.id));
+                    return finish_failed(db, upload, &reason).await;
+                }
+            }
+        }
+        (UploadKind::Import, None) => anyhow::bail!("an import without its request"),
     };
     // 2. Rows. 3. Validation and the training cache.
-    let queue = register_videos(db, upload, planned).await?;
-    cache_videos(db, ingest, upload, &target, &dirs, queue).await?;
+    let queue = register_videos(db, upload, plan.files).await?;
+    let labeller = labels::Labeller::new(plan.by_uid, Some(&keys), target.classes.clone());
+    let dicom = crate::media::dicom::DicomJob {
+        deid_key: Some(deid_key),
+        label_attribute,
+    };
+    let labeller = Arc::new(labeller);
+    cache_videos(db, ingest, upload, &target, &dirs, queue, &dicom, &labeller).await?;
+    refuse_unmatched_rows(db, upload, &labeller).await?;
     // 4. Splits, content hash, final status.
     finalize(db, upload, &target).await?;
+    if upload.kind == UploadKind::Import {
+        let _ = std::fs::remove_dir_all(dirs.files(upload.id));
+    }
     if upload.kind == UploadKind::Archive {
         let _ = std::fs::remove_file(dirs.archive_body(upload.id));
     }
@@ -201,7 +299,7 @@ async fn plan_archive(
     upload: &PendingUpload,
     target: &IngestTarget,
     dirs: &DatasetDirs,
-) -> anyhow::Result<Result<Vec<layout::Planned>, String>> {
+) -> anyhow::Result<Result<layout::Plan, String>> {
     let files_dir = dirs.files(upload.id);
     let incoming = dirs.archive_body(upload.id);
     let limits = config.archive_limits.clone();
@@ -237,7 +335,7 @@ async fn plan_archive(
             return Ok(Err(reason));
         }
     };
-    let mut planned = match layout::plan(extracted.files, target.classes.as_deref()) {
+    let mut plan = match layout::plan(extracted.files, target.classes.as_deref()) {
         Ok(p) => p,
         Err(e) => {
             discard_archive(dirs, upload.id, &files_dir);
@@ -245,7 +343,7 @@ async fn plan_archive(
         }
     };
     for r in extracted.refused {
-        planned.push(layout::Planned {
+        plan.files.push(layout::Planned {
             path: r.rel,
             file: None,
             label: None,
@@ -256,7 +354,7 @@ async fn plan_archive(
             label_problem: None,
         });
     }
-    Ok(Ok(planned))
+    Ok(Ok(plan))
 }
 
 /// Phase 1 for a single video: its file as received, with the label it was sent with.
@@ -347,6 +445,7 @@ async fn register_videos(
 
 /// Phase 3: validate and cache the queued videos, several at a time on the process's decoders
 /// (each a media-worker child), recording each outcome as it comes.
+#[allow(clippy::too_many_arguments)]
 async fn cache_videos(
     db: &PgPool,
     ingest: &Arc<Ingest>,
@@ -354,6 +453,8 @@ async fn cache_videos(
     target: &IngestTarget,
     dirs: &DatasetDirs,
     queue: VecDeque<(Uuid, layout::Planned)>,
+    dicom: &crate::media::dicom::DicomJob,
+    labeller: &Arc<labels::Labeller>,
 ) -> anyhow::Result<()> {
     // The dataset's spec or nothing: a default here would cache at another size than the one
     // its models record and serving decodes at.
@@ -370,15 +471,15 @@ async fn cache_videos(
         .context("the tenant's storage quota")?
         .remaining_bytes;
     let room = Arc::new(QuotaRoom(room.into()));
-    let deid_key = Some(deid_key(db, upload.tenant_id).await?);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let (queue, db, spec, room) = (queue.clone(), db.clone(), spec.clone(), room.clone());
-        let deid_key = deid_key.clone();
+        let (dicom, labeller) = (dicom.clone(), labeller.clone());
         let (ingest, limits) = (ingest.clone(), config.video_limits.clone());
         let cache_dir = dirs.cache();
         let dataset_id = upload.dataset_id;
-        let from_archive = upload.kind == UploadKind::Archive;
+        // Files ingest extracted or fetched itself (not a tenant's single upload).
+        let from_archive = upload.kind != UploadKind::Video;
         tasks.spawn(async move {
             let deadline = Duration::from_secs_f64(limits.max_decode_s + 30.0);
             loop {
@@ -391,7 +492,7 @@ async fn cache_videos(
                     cache: cache_dir.join(format!("{id}.vtc")),
                     spec: spec.clone(),
                     limits: room.limits(&limits),
-                    deid_key: deid_key.clone(),
+                    dicom: dicom.clone(),
                 };
                 // Waits for one of the process's decoders.
                 let outcome = ingest.decoders.run(&job, deadline).await;
@@ -405,7 +506,8 @@ async fn cache_videos(
                     }
                     Err(r) => Err(room.explain(&job.limits, &limits, r)),
                 };
-                let accepted = record_outcome(&db, dataset_id, id, &p, &job.cache, outcome).await?;
+                let accepted =
+                    record_outcome(&db, dataset_id, id, &p, &job.cache, outcome, &labeller).await?;
                 if (from_archive && !accepted) || dicom {
                     discard_source(&p);
                 }
@@ -426,15 +528,25 @@ async fn record_outcome(
     p: &layout::Planned,
     cache: &Path,
     outcome: Result<crate::media::decode::VideoInfo, crate::media::decode::Rejection>,
+    labeller: &labels::Labeller,
 ) -> anyhow::Result<bool> {
     let mut tx = db.begin().await?;
     let accepted = match outcome {
         Ok(info) => {
-            let (status, code, reason) = match &p.label_problem {
+            let r = labeller.resolve(p, info.dicom.as_ref());
+            let (status, code, reason) = match &r.problem {
                 Some((c, d)) => (VideoStatus::Rejected, Some(*c), Some(d.as_str())),
                 None => (VideoStatus::Accepted, None, None),
             };
-            db::videos::record_probed(&mut *tx, id, status, code, reason, &info).await?;
+            let verdict = db::videos::Probed {
+                status,
+                reason_code: code,
+                reason,
+                label: r.label.as_deref(),
+                split: r.split,
+                patient_id: r.patient_id.as_deref(),
+            };
+            db::videos::record_probed(&mut *tx, id, &verdict, &info).await?;
             if status != VideoStatus::Accepted {
                 let _ = std::fs::remove_file(cache);
             }
@@ -459,6 +571,49 @@ async fn record_outcome(
     db::datasets::video_done(&mut *tx, dataset_id).await?;
     tx.commit().await?;
     Ok(accepted)
+}
+
+/// labels.csv rows keyed by a UID that no object of the upload has: each a refused row, so
+/// the report shows it as a listed file that was missing.
+async fn refuse_unmatched_rows(
+    db: &PgPool,
+    upload: &PendingUpload,
+    labeller: &labels::Labeller,
+) -> anyhow::Result<()> {
+    let unmatched = labeller.unmatched();
+    if unmatched.is_empty() {
+        return Ok(());
+    }
+    let mut tx = db.begin().await?;
+    for (line, column) in &unmatched {
+        let path = format!("labels.csv row {line}");
+        let reason = format!("no object in the upload has the {column} this row names");
+        let new = NewVideo {
+            id: Uuid::new_v4(),
+            dataset_id: upload.dataset_id,
+            tenant_id: upload.tenant_id,
+            upload_id: upload.id,
+            path: &path,
+            status: VideoStatus::Rejected,
+            reason_code: Some("missing_file"),
+            reason: Some(&reason),
+            label: None,
+            split: None,
+            patient_id: None,
+            sha256: None,
+            bytes: None,
+        };
+        db::videos::insert(&mut *tx, &new).await?;
+    }
+    db::datasets::add_progress(
+        &mut *tx,
+        upload.dataset_id,
+        unmatched.len(),
+        unmatched.len(),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The tenant's de-identification key, hex (made on first use).
@@ -500,11 +655,18 @@ async fn finalize(
         .iter()
         .filter(|v| v.status == VideoStatus::Accepted)
         .collect();
+    let study = |v: &db::videos::Video| -> Option<String> {
+        let uid = v.dicom.as_ref()?.get("study_uid")?.as_str()?;
+        Some(format!("study {uid}"))
+    };
     let mut items: Vec<split::Item> = accepted
         .iter()
         .map(|v| split::Item {
             label: v.label.clone().unwrap_or_default(),
-            patient: v.patient_id.clone(),
+            patient: match spec.group_by {
+                split::GroupBy::Patient => v.patient_id.clone(),
+                split::GroupBy::Study => study(v).or_else(|| v.patient_id.clone()),
+            },
             split: v.split,
         })
         .collect();

@@ -510,6 +510,7 @@ mod tests {
             classes: None,
             split: serde_json::to_value(SplitSpec::default()).unwrap(),
             cache_spec: json!({"short_side": 128, "fps": 15.0}),
+            dicom: json!({}),
             videos_total: 0,
             videos_done: 0,
             videos_accepted: 0,
@@ -707,6 +708,7 @@ mod tests {
             val: 0.5,
             test: 0.0,
             seed: 0,
+            group_by: Default::default(),
         };
         let d = Dataset {
             split: serde_json::to_value(spec).unwrap(),

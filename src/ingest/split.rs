@@ -22,6 +22,25 @@ pub struct SplitSpec {
     pub test: f64,
     #[serde(default)]
     pub seed: u64,
+    /// What stays together in one split: the patient (the default) or, for DICOM objects, the
+    /// study (several studies of one patient may then fall in different splits).
+    #[serde(default, skip_serializing_if = "GroupBy::is_patient")]
+    pub group_by: GroupBy,
+}
+
+/// The unit a split keeps whole.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    #[default]
+    Patient,
+    Study,
+}
+
+impl GroupBy {
+    fn is_patient(&self) -> bool {
+        *self == GroupBy::Patient
+    }
 }
 
 fn d_train() -> f64 {
@@ -38,6 +57,7 @@ impl Default for SplitSpec {
             val: d_eval(),
             test: d_eval(),
             seed: 0,
+            group_by: GroupBy::Patient,
         }
     }
 }
@@ -189,6 +209,7 @@ mod tests {
         v.extend(items(30, "b", 10));
         let spec = SplitSpec {
             seed: 7,
+            group_by: Default::default(),
             ..Default::default()
         };
         let mut w = v.clone();
@@ -235,7 +256,8 @@ mod tests {
                 train: 0.5,
                 val: 0.2,
                 test: 0.2,
-                seed: 0
+                seed: 0,
+                group_by: Default::default(),
             }
             .validate()
             .is_err()
@@ -245,7 +267,8 @@ mod tests {
                 train: 0.0,
                 val: 0.5,
                 test: 0.5,
-                seed: 0
+                seed: 0,
+                group_by: Default::default(),
             }
             .validate()
             .is_err()

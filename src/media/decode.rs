@@ -208,17 +208,17 @@ pub fn cache_size(w: u32, h: u32, short: u32) -> (u32, u32) {
 }
 
 /// Validate `src`, a container or a DICOM object, and write its cache to `cache_dest`. Nothing is
-/// left at `cache_dest` unless the video is accepted. `deid_key` (hex) is the tenant's key for
-/// the keyed replacements of DICOM identifiers.
+/// left at `cache_dest` unless the video is accepted. `dicom`: what a DICOM object is asked
+/// beyond its pixels (the tenant's key for keyed identifiers, a label attribute).
 pub fn ingest_any(
     src: &Path,
     cache_dest: &Path,
     spec: &CacheSpec,
     limits: &Limits,
-    deid_key: Option<&str>,
+    dicom: &super::dicom::DicomJob,
 ) -> Result<VideoInfo, Rejection> {
     if super::dicom::is_dicom(src) {
-        super::dicom::ingest_dicom(src, cache_dest, spec, limits, deid_key)
+        super::dicom::ingest_dicom(src, cache_dest, spec, limits, dicom)
     } else {
         ingest_video(src, cache_dest, spec, limits)
     }

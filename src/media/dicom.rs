@@ -60,6 +60,76 @@ impl PixelPolicy {
     }
 }
 
+/// What ingest asks of a DICOM object beyond its pixels.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DicomJob {
+    /// The tenant's de-identification key (hex) for the keyed replacements; without it no
+    /// patient or UID is reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deid_key: Option<String>,
+    /// The attribute (keyword, or `gggg,eeee`) whose value labels the video.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_attribute: Option<String>,
+}
+
+/// Direct identifiers: never a label, whatever a dataset asks.
+#[allow(deprecated)]
+const NEVER_A_LABEL: &[Tag] = &[
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_BIRTH_TIME,
+    tags::PATIENT_ADDRESS,
+    tags::PATIENT_TELEPHONE_NUMBERS,
+    tags::PATIENT_MOTHER_BIRTH_NAME,
+    tags::OTHER_PATIENT_I_DS,
+    tags::OTHER_PATIENT_NAMES,
+    tags::MEDICAL_RECORD_LOCATOR,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::PERFORMING_PHYSICIAN_NAME,
+    tags::OPERATORS_NAME,
+    tags::PHYSICIANS_OF_RECORD,
+    tags::NAME_OF_PHYSICIANS_READING_STUDY,
+    tags::REQUESTING_PHYSICIAN,
+    tags::ACCESSION_NUMBER,
+    tags::STUDY_ID,
+    tags::STUDY_INSTANCE_UID,
+    tags::SERIES_INSTANCE_UID,
+    tags::SOP_INSTANCE_UID,
+    tags::DEVICE_SERIAL_NUMBER,
+    tags::INSTITUTION_NAME,
+    tags::INSTITUTION_ADDRESS,
+];
+
+/// The tag a label attribute names (`SeriesDescription`, `0008,103E` or `(0008,103E)`), or why
+/// it cannot be one: unknown, a sequence, or a direct identifier.
+pub fn label_tag(name: &str) -> Result<Tag, String> {
+    let t = name.trim().trim_start_matches('(').trim_end_matches(')');
+    let tag = match t.split_once(',') {
+        Some((g, e)) => {
+            let g = u16::from_str_radix(g.trim(), 16);
+            let e = u16::from_str_radix(e.trim(), 16);
+            match (g, e) {
+                (Ok(g), Ok(e)) => Tag(g, e),
+                _ => return Err(format!("`{name}` is not a tag (gggg,eeee in hex)")),
+            }
+        }
+        None => StandardDataDictionary
+            .by_name(t)
+            .map(|e| e.tag())
+            .ok_or_else(|| format!("`{name}` is not a DICOM attribute keyword"))?,
+    };
+    if NEVER_A_LABEL.contains(&tag) {
+        return Err(format!(
+            "`{name}` identifies a person, a study or an institution and cannot be a label"
+        ));
+    }
+    if tag == tags::PIXEL_DATA || tag.group() == 0x0002 {
+        return Err(format!("`{name}` cannot be a label"));
+    }
+    Ok(tag)
+}
+
 /// What the worker tells about a DICOM object: no identifier, only keyed replacements.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DicomFacts {
@@ -88,6 +158,9 @@ pub struct DicomFacts {
     pub replaced: Vec<String>,
     /// Private attributes the object carried (none is kept).
     pub private_attributes: u32,
+    /// The label attribute's value, when one was asked for and the object has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// Whether `path` is a DICOM Part 10 file (128-byte preamble, then `DICM`).
@@ -776,7 +849,7 @@ pub fn ingest_dicom(
     cache_dest: &Path,
     spec: &CacheSpec,
     limits: &Limits,
-    key_hex: Option<&str>,
+    job: &DicomJob,
 ) -> Result<VideoInfo, Rejection> {
     super::decode::init();
     let unreadable = |e: dicom_object::ReadError| {
@@ -969,8 +1042,22 @@ pub fn ingest_dicom(
     let header_out = sink.writer.finish().map_err(cache_failed)?;
     let fps = source_fps.unwrap_or(cache_fps);
 
-    let keys = key_hex.and_then(Pseudonyms::from_hex);
-    let (removed, private_attributes) = identifying_present(&obj);
+    let keys = job.deid_key.as_deref().and_then(Pseudonyms::from_hex);
+    let label_tag = job
+        .label_attribute
+        .as_deref()
+        .and_then(|n| label_tag(n).ok());
+    let label = label_tag
+        .and_then(|t| text(&obj, t))
+        .map(|l| l.chars().take(100).collect());
+    let (mut removed, private_attributes) = identifying_present(&obj);
+    if let Some(t) = label_tag {
+        // Kept, as the label: the report does not count it as removed.
+        let kw = StandardDataDictionary
+            .by_tag(t)
+            .map(|e| e.alias().to_owned());
+        removed.retain(|k| Some(k) != kw.as_ref());
+    }
     let mut replaced = Vec::new();
     let mut pseudo = |tag: Tag, name: &str, f: &dyn Fn(&Pseudonyms, &str) -> String| {
         let v = text(&obj, tag)?;
@@ -1003,6 +1090,7 @@ pub fn ingest_dicom(
         removed,
         replaced,
         private_attributes,
+        label,
     };
     Ok(VideoInfo {
         container: "dicom".into(),

@@ -21,9 +21,9 @@ pub struct Job {
     pub cache: PathBuf,
     pub spec: CacheSpec,
     pub limits: Limits,
-    /// The tenant's de-identification key (hex), for DICOM objects' keyed identifiers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deid_key: Option<String>,
+    /// For DICOM objects: the tenant's key for keyed identifiers, a label attribute.
+    #[serde(default)]
+    pub dicom: super::dicom::DicomJob,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,8 +38,7 @@ pub fn serve_stdio() -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     for line in stdin.lines() {
         let job: Job = serde_json::from_str(&line?)?;
-        let key = job.deid_key.as_deref();
-        let reply = match ingest_any(&job.src, &job.cache, &job.spec, &job.limits, key) {
+        let reply = match ingest_any(&job.src, &job.cache, &job.spec, &job.limits, &job.dicom) {
             Ok(info) => Reply::Accepted(info),
             Err(r) => Reply::Rejected(r),
         };
@@ -234,7 +233,7 @@ mod tests {
             cache: dir.join("out.vtc"),
             spec: CacheSpec::default(),
             limits: Limits::default(),
-            deid_key: None,
+            dicom: Default::default(),
         }
     }
 

@@ -160,7 +160,7 @@ pub async fn predict(
         spec: meta.decode.clone(),
         limits: serving.video_limits.clone(),
         // A prediction records no DICOM identity: nothing keyed is needed.
-        deid_key: None,
+        dicom: Default::default(),
     };
     let decode_deadline = Duration::from_secs_f64(serving.video_limits.max_decode_s + 30.0);
     let info = serving

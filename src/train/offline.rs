@@ -615,6 +615,7 @@ fn main_inner(args: TrainArgs) -> Result<(), TrainError> {
             val: args.split.1,
             test: args.split.2,
             seed: args.split_seed,
+            group_by: Default::default(),
         },
         device: args.device,
     };

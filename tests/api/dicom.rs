@@ -36,8 +36,68 @@ pub fn fixtures(dir: &Path, only: &[&str]) -> Vec<Value> {
     serde_json::from_slice(&manifest).unwrap()
 }
 
+/// The fixtures' identifying strings (names, IDs, dates, addresses) and original UIDs.
+pub fn identifiers(manifest: &[Value]) -> Vec<String> {
+    let mut secrets: Vec<String> = Vec::new();
+    for e in manifest {
+        for p in e["phi"].as_array().unwrap() {
+            secrets.push(p.as_str().unwrap().to_owned());
+        }
+        for k in ["study_uid", "series_uid", "sop_uid"] {
+            if let Some(u) = e[k].as_str() {
+                secrets.push(u.to_owned());
+            }
+        }
+    }
+    secrets.sort();
+    secrets.dedup();
+    secrets
+}
+
+/// None of `secrets` in `answers`, in any database row, or in any file under the data directory.
+pub async fn assert_no_identifier(
+    app: &crate::helpers::TestApp,
+    secrets: &[String],
+    answers: &[String],
+) {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select table_name::text from information_schema.tables where table_schema = 'public'",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    let mut rows = String::new();
+    for t in tables {
+        let dump: Option<String> =
+            sqlx::query_scalar(&format!("select json_agg(t)::text from \"{t}\" t"))
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        rows.push_str(&dump.unwrap_or_default());
+    }
+    let files: Vec<(PathBuf, Vec<u8>)> = files_under(&app.data_dir)
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    for s in secrets {
+        for a in answers {
+            assert!(!a.contains(s.as_str()), "`{s}` in an API answer: {a}");
+        }
+        assert!(!rows.contains(s.as_str()), "`{s}` in a database row");
+        for (p, b) in &files {
+            assert!(
+                !b.windows(s.len()).any(|w| w == s.as_bytes()),
+                "`{s}` in {p:?}"
+            );
+        }
+    }
+}
+
 /// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -214,19 +274,7 @@ async fn dicom_objects_are_cached_with_their_colours_rates_and_patients_and_no_i
     }
 
     // No identifier anywhere: API answers, database rows, files under the data directory.
-    let mut secrets: Vec<String> = Vec::new();
-    for e in &manifest {
-        for p in e["phi"].as_array().unwrap() {
-            secrets.push(p.as_str().unwrap().to_owned());
-        }
-        for k in ["study_uid", "series_uid", "sop_uid"] {
-            if let Some(u) = e[k].as_str() {
-                secrets.push(u.to_owned());
-            }
-        }
-    }
-    secrets.sort();
-    secrets.dedup();
+    let secrets = identifiers(&manifest);
     let answers = [
         app.get(&format!("/v1/datasets/{ds}"), &key)
             .await
@@ -240,40 +288,7 @@ async fn dicom_objects_are_cached_with_their_colours_rates_and_patients_and_no_i
             .unwrap(),
         report.to_string(),
     ];
-    let tables: Vec<String> = sqlx::query_scalar(
-        "select table_name::text from information_schema.tables where table_schema = 'public'",
-    )
-    .fetch_all(&app.db)
-    .await
-    .unwrap();
-    let mut rows = String::new();
-    for t in tables {
-        let dump: Option<String> =
-            sqlx::query_scalar(&format!("select json_agg(t)::text from \"{t}\" t"))
-                .fetch_one(&app.db)
-                .await
-                .unwrap();
-        rows.push_str(&dump.unwrap_or_default());
-    }
-    let files: Vec<(PathBuf, Vec<u8>)> = files_under(&app.data_dir)
-        .into_iter()
-        .map(|p| {
-            let b = std::fs::read(&p).unwrap();
-            (p, b)
-        })
-        .collect();
-    for s in &secrets {
-        for a in &answers {
-            assert!(!a.contains(s.as_str()), "`{s}` in an API answer");
-        }
-        assert!(!rows.contains(s.as_str()), "`{s}` in a database row");
-        for (p, b) in &files {
-            assert!(
-                !b.windows(s.len()).any(|w| w == s.as_bytes()),
-                "`{s}` in {p:?}"
-            );
-        }
-    }
+    assert_no_identifier(&app, &secrets, &answers).await;
     // The DICOM sources are gone once cached; the caches stay.
     let sources = files_under(&app.data_dir.join("datasets").join(&ds).join("files"));
     assert!(sources.is_empty(), "{sources:?}");

@@ -16,6 +16,7 @@ mod hygiene;
 mod ingest_bounds;
 mod jobs;
 mod openapi;
+mod pacs;
 mod problems;
 mod quota;
 mod retention;

@@ -349,6 +349,7 @@ async fn start_up_finishes_pending_deletions_and_removes_orphans(db: PgPool) {
             classes: None,
             split: json!({}),
             cache_spec: json!({}),
+            dicom: json!({}),
         },
     )
     .await
