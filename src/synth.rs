@@ -36,6 +36,29 @@ pub struct SynthSpec {
     pub fps: u32,
     /// Same seed, same files (bit for bit with the same FFmpeg).
     pub seed: u64,
+    pub format: SynthFormat,
+}
+
+/// How each loop is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SynthFormat {
+    /// H.264 in MP4.
+    #[default]
+    Mp4,
+    /// DICOM Ultrasound Multi-frame objects (native MONOCHROME2, Cine Rate and Frame Time),
+    /// with synthetic patient, study and series attributes: PatientID per patient (labels.csv
+    /// then names no patient: ingest takes it from the objects), the class in
+    /// SeriesDescription.
+    Dicom,
+}
+
+impl SynthFormat {
+    fn extension(self) -> &'static str {
+        match self {
+            SynthFormat::Mp4 => "mp4",
+            SynthFormat::Dicom => "dcm",
+        }
+    }
 }
 
 impl Default for SynthSpec {
@@ -49,6 +72,7 @@ impl Default for SynthSpec {
             height: 112,
             fps: 30,
             seed: 1,
+            format: SynthFormat::Mp4,
         }
     }
 }
@@ -203,10 +227,103 @@ fn contraction(t: f64, bpm: f64, phase: f64) -> f64 {
 }
 
 /// Render and encode one clip.
-fn encode(spec: &SynthSpec, clip: &Clip, path: &Path) -> anyhow::Result<()> {
+fn encode(spec: &SynthSpec, clip: &Clip, label: &str, path: &Path) -> anyhow::Result<()> {
+    if spec.format == SynthFormat::Dicom {
+        return write_dicom(spec, clip, label, path);
+    }
     let mut writer = Mp4Writer::create(path, spec.width, spec.height, spec.fps, spec.fps * 2)?;
     render(spec, clip, &mut |luma| writer.push_gray(luma))?;
     writer.finish()
+}
+
+/// A `2.25` UID derived from the seed and `parts`: the same files for the same seed.
+fn synthetic_uid(seed: u64, parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    let d = h.finalize();
+    let n = u128::from_be_bytes(d[..16].try_into().expect("16 bytes"));
+    format!("2.25.{n}")
+}
+
+/// One clip as a DICOM Ultrasound Multi-frame object with synthetic identity.
+fn write_dicom(spec: &SynthSpec, clip: &Clip, label: &str, path: &Path) -> anyhow::Result<()> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+    let mut pixels = Vec::new();
+    let mut frames = 0u32;
+    render(spec, clip, &mut |luma| {
+        pixels.extend_from_slice(luma);
+        frames += 1;
+        Ok(())
+    })?;
+    if pixels.len() % 2 == 1 {
+        pixels.push(0);
+    }
+    let p = &clip.patient.id;
+    let index = clip.index.to_string();
+    let study = synthetic_uid(spec.seed, &["study", p]);
+    let series = synthetic_uid(spec.seed, &["series", p, &index]);
+    let sop = synthetic_uid(spec.seed, &["sop", p, &index]);
+    let mut obj = InMemDicomObject::new_empty();
+    let text = |tag, vr, v: &str| DataElement::new(tag, vr, PrimitiveValue::from(v));
+    let us = |tag, v: u16| DataElement::new(tag, VR::US, PrimitiveValue::from(v));
+    for e in [
+        text(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.3.1"),
+        text(tags::SOP_INSTANCE_UID, VR::UI, &sop),
+        text(tags::STUDY_INSTANCE_UID, VR::UI, &study),
+        text(tags::SERIES_INSTANCE_UID, VR::UI, &series),
+        text(tags::MODALITY, VR::CS, "US"),
+        text(tags::PATIENT_ID, VR::LO, p),
+        text(tags::PATIENT_NAME, VR::PN, &format!("Synthetic^{p}")),
+        text(tags::PATIENT_BIRTH_DATE, VR::DA, "19700101"),
+        text(tags::PATIENT_SEX, VR::CS, "O"),
+        text(tags::STUDY_DATE, VR::DA, "20260101"),
+        text(tags::STUDY_ID, VR::SH, "1"),
+        text(
+            tags::ACCESSION_NUMBER,
+            VR::SH,
+            &format!("SYN{}", clip.seed % 1_000_000),
+        ),
+        text(tags::INSTITUTION_NAME, VR::LO, "vidtune synthetic clinic"),
+        text(tags::REFERRING_PHYSICIAN_NAME, VR::PN, "Synthetic^Referrer"),
+        text(tags::STUDY_DESCRIPTION, VR::LO, "Synthetic echocardiogram"),
+        text(tags::SERIES_DESCRIPTION, VR::LO, label),
+        text(tags::SERIES_NUMBER, VR::IS, &(clip.index + 1).to_string()),
+        text(tags::INSTANCE_NUMBER, VR::IS, "1"),
+        text(tags::BURNED_IN_ANNOTATION, VR::CS, "NO"),
+        text(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+        text(tags::NUMBER_OF_FRAMES, VR::IS, &frames.to_string()),
+        text(
+            tags::FRAME_TIME,
+            VR::DS,
+            &format!("{:.4}", 1000.0 / f64::from(spec.fps)),
+        ),
+        text(tags::CINE_RATE, VR::IS, &spec.fps.to_string()),
+        us(tags::SAMPLES_PER_PIXEL, 1),
+        us(tags::ROWS, spec.height as u16),
+        us(tags::COLUMNS, spec.width as u16),
+        us(tags::BITS_ALLOCATED, 8),
+        us(tags::BITS_STORED, 8),
+        us(tags::HIGH_BIT, 7),
+        us(tags::PIXEL_REPRESENTATION, 0),
+        DataElement::new(
+            tags::FRAME_INCREMENT_POINTER,
+            VR::AT,
+            PrimitiveValue::from(tags::FRAME_TIME),
+        ),
+        DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::from(pixels)),
+    ] {
+        obj.put(e);
+    }
+    let file = obj.with_meta(FileMetaTableBuilder::new().transfer_syntax("1.2.840.10008.1.2.1"))?;
+    file.write_to_file(path)?;
+    Ok(())
 }
 
 /// Render one clip: hands each grey frame (`width × height` bytes, row major) to `push`.
@@ -297,7 +414,12 @@ impl Synth {
             .map(|clip| {
                 let label = classes[clip.patient.class].label.clone();
                 SynthVideo {
-                    path: format!("{label}/{}_{}.mp4", clip.patient.id, clip.index),
+                    path: format!(
+                        "{label}/{}_{}.{}",
+                        clip.patient.id,
+                        clip.index,
+                        spec.format.extension()
+                    ),
                     label,
                     patient_id: clip.patient.id.clone(),
                     bpm: (clip.bpm * 10.0).round() / 10.0,
@@ -361,13 +483,23 @@ pub fn write_folder(spec: &SynthSpec, out: &Path) -> anyhow::Result<Vec<SynthVid
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     synth.for_each_video(|i| {
-        let path = out.join(&synth.videos[i].path);
-        encode(spec, &synth.clips[i], &path).with_context(|| format!("writing {}", path.display()))
+        let v = &synth.videos[i];
+        let path = out.join(&v.path);
+        encode(spec, &synth.clips[i], &v.label, &path)
+            .with_context(|| format!("writing {}", path.display()))
     })?;
     let mut csv = csv::Writer::from_path(out.join("labels.csv"))?;
-    csv.write_record(["path", "label", "patient_id"])?;
-    for v in &synth.videos {
-        csv.write_record([&v.path, &v.label, &v.patient_id])?;
+    if spec.format == SynthFormat::Dicom {
+        // The patient is in each object's Patient ID.
+        csv.write_record(["path", "label"])?;
+        for v in &synth.videos {
+            csv.write_record([&v.path, &v.label])?;
+        }
+    } else {
+        csv.write_record(["path", "label", "patient_id"])?;
+        for v in &synth.videos {
+            csv.write_record([&v.path, &v.label, &v.patient_id])?;
+        }
     }
     csv.flush()?;
     Ok(synth.videos)
@@ -473,6 +605,7 @@ mod tests {
             height: 48,
             fps: 30,
             seed: 3,
+            format: SynthFormat::Mp4,
         };
         let videos = write_folder(&spec, dir.path()).unwrap();
         assert_eq!(videos.len(), 4);
@@ -498,5 +631,47 @@ mod tests {
             std::fs::read(dir.path().join(&videos[1].path)).unwrap(),
         );
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn dicom_loops_carry_their_patient_class_and_timing_and_decode_like_the_mp4s() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            classes: 2,
+            patients: 2,
+            clips: 1,
+            seconds: 1.0,
+            width: 64,
+            height: 48,
+            fps: 20,
+            seed: 3,
+            format: SynthFormat::Dicom,
+        };
+        let videos = write_folder(&spec, dir.path()).unwrap();
+        let csv = std::fs::read_to_string(dir.path().join("labels.csv")).unwrap();
+        assert!(csv.starts_with("path,label\n"), "{csv}");
+        let key = "00112233445566778899aabbccddeeff";
+        let keys = crate::media::dicom::Pseudonyms::from_hex(key).unwrap();
+        for v in &videos {
+            assert!(v.path.ends_with(".dcm"), "{}", v.path);
+            let job = crate::media::dicom::DicomJob {
+                deid_key: Some(key.into()),
+                label_attribute: Some("SeriesDescription".into()),
+            };
+            let info = crate::media::decode::ingest_any(
+                &dir.path().join(&v.path),
+                &dir.path().join("cache.bin"),
+                &crate::media::decode::CacheSpec::default(),
+                &crate::media::decode::Limits::default(),
+                &job,
+            )
+            .unwrap();
+            assert_eq!((info.width, info.height, info.frames), (64, 48, 20));
+            assert!((info.fps - 20.0).abs() < 1e-6, "{info:?}");
+            let d = info.dicom.unwrap();
+            assert_eq!(d.label.as_deref(), Some(v.label.as_str()));
+            assert_eq!(d.patient, Some(keys.patient(&v.patient_id)));
+            assert!(d.removed.iter().any(|k| k == "PatientName"), "{d:?}");
+        }
     }
 }

@@ -24,6 +24,7 @@ fn tiny() -> SynthSpec {
         height: 32,
         fps: 8,
         seed: 4,
+        format: Default::default(),
     }
 }
 

@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::{Client, ClientArgs};
-use crate::synth::{self, SynthSpec};
+use crate::synth::{self, SynthFormat, SynthSpec};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum DatasetsCommand {
@@ -48,6 +48,9 @@ pub struct SynthArgs {
     pub fps: u32,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Write MP4 videos or DICOM cine loops (with synthetic patient and study attributes).
+    #[arg(long, value_enum, default_value_t = SynthFormat::Mp4)]
+    pub format: SynthFormat,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -71,6 +74,7 @@ impl SynthArgs {
             height: self.size.1,
             fps: self.fps,
             seed: self.seed,
+            format: self.format,
         }
     }
 }

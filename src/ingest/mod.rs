@@ -533,7 +533,7 @@ async fn record_outcome(
     let mut tx = db.begin().await?;
     let accepted = match outcome {
         Ok(info) => {
-            let r = labeller.resolve(p, info.dicom.as_ref());
+            let r = labeller.resolve(p, info.dicom.as_deref());
             let (status, code, reason) = match &r.problem {
                 Some((c, d)) => (VideoStatus::Rejected, Some(*c), Some(d.as_str())),
                 None => (VideoStatus::Accepted, None, None),

@@ -136,7 +136,7 @@ pub struct VideoInfo {
     pub cache_fps: f64,
     /// What a DICOM object was and what its de-identification did; absent for other videos.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dicom: Option<super::dicom::DicomFacts>,
+    pub dicom: Option<Box<super::dicom::DicomFacts>>,
 }
 
 impl VideoInfo {

@@ -1104,7 +1104,7 @@ pub fn ingest_dicom(
         cache_width: header_out.width,
         cache_height: header_out.height,
         cache_fps: header_out.fps,
-        dicom: Some(facts),
+        dicom: Some(Box::new(facts)),
     })
 }
 

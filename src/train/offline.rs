@@ -587,6 +587,7 @@ fn main_inner(args: TrainArgs) -> Result<(), TrainError> {
             height: args.synth_size.1,
             fps: args.synth_fps,
             seed: args.synth_seed,
+            format: Default::default(),
         };
         spec.validate()
             .map_err(|e| TrainError::User(format!("synthetic dataset: {e:#}")))?;
@@ -656,6 +657,7 @@ mod tests {
             height: 32,
             fps: 8,
             seed: 2,
+            format: Default::default(),
         };
         let m = write_synthetic_cache(&spec, dir.path()).unwrap();
         assert_eq!(m.videos.len(), 20);
