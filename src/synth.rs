@@ -52,15 +52,6 @@ pub enum SynthFormat {
     Dicom,
 }
 
-impl SynthFormat {
-    fn extension(self) -> &'static str {
-        match self {
-            SynthFormat::Mp4 => "mp4",
-            SynthFormat::Dicom => "dcm",
-        }
-    }
-}
-
 impl Default for SynthSpec {
     fn default() -> Self {
         Self {
@@ -143,7 +134,8 @@ pub fn rate_classes(n: u32) -> Vec<RateClass> {
 /// One generated file.
 #[derive(Debug, Clone, Serialize)]
 pub struct SynthVideo {
-    /// Relative to the dataset folder: `<label>/<patient>_<clip>.mp4`.
+    /// Relative to the dataset folder: `<label>/<patient>_<clip>.mp4`, or for DICOM
+    /// `<label>/im-c<class>-p<patient>-<clip>.dcm`.
     pub path: String,
     pub label: String,
     pub patient_id: String,
@@ -413,13 +405,18 @@ impl Synth {
             .iter()
             .map(|clip| {
                 let label = classes[clip.patient.class].label.clone();
+                let id = &clip.patient.id;
+                let path = match spec.format {
+                    SynthFormat::Mp4 => format!("{label}/{id}_{}.mp4", clip.index),
+                    // Named as PACS exports name files: not by the patient (the Patient ID is
+                    // inside); `im-c<class>-p<patient>-<clip>`.
+                    SynthFormat::Dicom => {
+                        let short = id.split_once('-').map_or(id.as_str(), |(_, r)| r);
+                        format!("{label}/im-{short}-{}.dcm", clip.index)
+                    }
+                };
                 SynthVideo {
-                    path: format!(
-                        "{label}/{}_{}.{}",
-                        clip.patient.id,
-                        clip.index,
-                        spec.format.extension()
-                    ),
+                    path,
                     label,
                     patient_id: clip.patient.id.clone(),
                     bpm: (clip.bpm * 10.0).round() / 10.0,

@@ -12,13 +12,18 @@ use crate::helpers::{TestApp, assert_problem, spawn_app};
 
 /// The shell block between the README's walkthrough markers.
 fn readme_walkthrough() -> String {
+    readme_block("walkthrough")
+}
+
+/// The shell block between the README's `<!-- NAME:start -->` and `<!-- NAME:end -->`.
+fn readme_block(name: &str) -> String {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
     let start = readme
-        .find("<!-- walkthrough:start -->")
+        .find(&format!("<!-- {name}:start -->"))
         .expect("walkthrough start marker");
     let end = readme
-        .find("<!-- walkthrough:end -->")
+        .find(&format!("<!-- {name}:end -->"))
         .expect("walkthrough end marker");
     let section = &readme[start..end];
     let body = section
@@ -359,4 +364,77 @@ async fn client_commands_report_problems_and_unreachable_servers(db: PgPool) {
         stderr.contains("validation_failed") && stderr.contains("no such dataset"),
         "{stderr}"
     );
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn the_readme_dicom_and_pacs_walkthrough_runs_as_written(db: PgPool) {
+    let pacs = crate::pacs::Orthanc::start();
+    let cfg = pacs.config();
+    let app = crate::helpers::spawn_app_with(db, |s| s.ingest.pacs = Some(cfg)).await;
+    let _workers = app.start_workers(1, 30).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = readme_block("dicom-walkthrough");
+    assert!(
+        script.contains("/imports") && script.contains("application/dicom"),
+        "{script}"
+    );
+    let base = app.url("");
+    let out = run_in(
+        dir.path(),
+        "bash",
+        &["-euo", "pipefail", "-c", &script],
+        &[
+            ("VT", &base),
+            ("KEY", &app.admin_key),
+            ("PACS", &pacs.url),
+            ("PACS_USER", &pacs.user),
+            ("PACS_PASSWORD", &pacs.password),
+            ("VIDTUNE_ROOT", env!("CARGO_MANIFEST_DIR")),
+        ],
+        900,
+    )
+    .await;
+    let (stdout, stderr) = text(&out);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let json_line = |prefix: &str| -> Value {
+        let l = lines
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix}\n{stdout}"));
+        serde_json::from_str(l).unwrap()
+    };
+    // 2 classes × 4 patients × 1 clip, each de-identified.
+    let report = json_line("{\"status\":\"ready\"");
+    assert_eq!(report["totals"]["accepted"], 8, "{report}");
+    let deid = &report["deidentification"];
+    assert_eq!(deid["dicom_videos"], 8, "{report}");
+    assert_eq!(deid["removed"]["PatientName"], 8, "{report}");
+    assert_eq!(deid["replaced"]["PatientID"], 8, "{report}");
+    assert_eq!(json_line("{\"stored\":")["stored"], 6);
+    let imported = json_line("{\"imported\":");
+    assert_eq!(imported, serde_json::json!({"imported": 6, "accepted": 6}));
+    let predictions: Vec<Value> = lines
+        .iter()
+        .filter(|l| l.starts_with("{\"predictions\":"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(predictions.len(), 2, "{stdout}");
+    for p in &predictions {
+        assert_eq!(p["predictions"].as_array().unwrap().len(), 2, "{p}");
+    }
+    // The synthetic names, IDs and birth date are nowhere in what the server keeps.
+    let answers = [stdout.clone()];
+    let secrets: Vec<String> = [
+        "Synthetic^s1-c0-p000",
+        "Synthetic^s9-c0-p001",
+        "s9-c0-p001",
+        "s1-c1-p003",
+        "19700101",
+        "Synthetic^Referrer",
+    ]
+    .map(String::from)
+    .to_vec();
+    crate::dicom::assert_no_identifier(&app, &secrets, &answers[1..]).await;
 }
