@@ -654,6 +654,7 @@ mod tests {
             let job = crate::media::dicom::DicomJob {
                 deid_key: Some(key.into()),
                 label_attribute: Some("SeriesDescription".into()),
+                ..Default::default()
             };
             let info = crate::media::decode::ingest_any(
                 &dir.path().join(&v.path),

@@ -188,6 +188,8 @@ pub struct IngestTarget {
     pub cache_spec: serde_json::Value,
     /// The DICOM attribute whose value labels an object nothing else labelled.
     pub label_attribute: Option<String>,
+    /// Whether single-frame DICOM images of one series form one clip.
+    pub series_as_clip: bool,
 }
 
 pub async fn ingest_target(
@@ -195,7 +197,8 @@ pub async fn ingest_target(
     id: Uuid,
 ) -> sqlx::Result<Option<IngestTarget>> {
     sqlx::query_as(
-        "select id, classes, split, cache_spec, dicom->>'label_attribute' as label_attribute
+        "select id, classes, split, cache_spec, dicom->>'label_attribute' as label_attribute,
+                coalesce((dicom->>'series_as_clip')::boolean, false) as series_as_clip
          from datasets where id = $1",
     )
     .bind(id)

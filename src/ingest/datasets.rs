@@ -67,6 +67,10 @@ pub struct DicomOptions {
     /// labels.csv row labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_attribute: Option<String>,
+    /// Single-frame images of one series (same Series Instance UID) form one clip, ordered by
+    /// Instance Number, then acquisition time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub series_as_clip: bool,
 }
 
 /// The training cache's size and rate, each defaulting to [`CacheSpec`]'s.

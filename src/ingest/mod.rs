@@ -4,7 +4,7 @@
 //! the async executor (blocking threads and `media-worker` child processes); progress is written
 //! to the dataset row as each video finishes. Uploads left unfinished by a restart are ingested
 //! again from their stored bytes at the next start.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -276,10 +276,21 @@ async fn run_with(
     let dicom = crate::media::dicom::DicomJob {
         deid_key: Some(deid_key),
         label_attribute,
+        ..Default::default()
     };
     let labeller = Arc::new(labeller);
-    cache_videos(db, ingest, upload, &target, &dirs, queue, &dicom, &labeller).await?;
-    refuse_unmatched_rows(db, upload, &labeller).await?;
+    let (queue, series) = if target.series_as_clip {
+        group_series(db, ingest, upload, &target, &dirs, queue, &dicom).await?
+    } else {
+        (queue, HashMap::new())
+    };
+    let dicom = Dicom {
+        job: dicom,
+        labeller,
+        series: Arc::new(series),
+    };
+    cache_videos(db, ingest, upload, &target, &dirs, queue, &dicom).await?;
+    refuse_unmatched_rows(db, upload, &dicom.labeller).await?;
     // 4. Splits, content hash, final status.
     finalize(db, upload, &target).await?;
     if upload.kind == UploadKind::Import {
@@ -453,8 +464,7 @@ async fn cache_videos(
     target: &IngestTarget,
     dirs: &DatasetDirs,
     queue: VecDeque<(Uuid, layout::Planned)>,
-    dicom: &crate::media::dicom::DicomJob,
-    labeller: &Arc<labels::Labeller>,
+    dicom: &Dicom,
 ) -> anyhow::Result<()> {
     // The dataset's spec or nothing: a default here would cache at another size than the one
     // its models record and serving decodes at.
@@ -474,7 +484,8 @@ async fn cache_videos(
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let (queue, db, spec, room) = (queue.clone(), db.clone(), spec.clone(), room.clone());
-        let (dicom, labeller) = (dicom.clone(), labeller.clone());
+        let (job_dicom, labeller) = (dicom.job.clone(), dicom.labeller.clone());
+        let series = dicom.series.clone();
         let (ingest, limits) = (ingest.clone(), config.video_limits.clone());
         let cache_dir = dirs.cache();
         let dataset_id = upload.dataset_id;
@@ -492,7 +503,10 @@ async fn cache_videos(
                     cache: cache_dir.join(format!("{id}.vtc")),
                     spec: spec.clone(),
                     limits: room.limits(&limits),
-                    dicom: dicom.clone(),
+                    dicom: crate::media::dicom::DicomJob {
+                        series: series.get(&id).cloned().unwrap_or_default(),
+                        ..job_dicom.clone()
+                    },
                 };
                 // Waits for one of the process's decoders.
                 let outcome = ingest.decoders.run(&job, deadline).await;
@@ -510,6 +524,9 @@ async fn cache_videos(
                     record_outcome(&db, dataset_id, id, &p, &job.cache, outcome, &labeller).await?;
                 if (from_archive && !accepted) || dicom {
                     discard_source(&p);
+                }
+                for member in series.get(&id).into_iter().flatten() {
+                    let _ = std::fs::remove_file(member);
                 }
             }
             anyhow::Ok(())
@@ -571,6 +588,93 @@ async fn record_outcome(
     db::datasets::video_done(&mut *tx, dataset_id).await?;
     tx.commit().await?;
     Ok(accepted)
+}
+
+/// What cache_videos needs for DICOM objects: the worker's job, the labels learnt from the
+/// objects, and the series folded into their first image.
+struct Dicom {
+    job: crate::media::dicom::DicomJob,
+    labeller: Arc<labels::Labeller>,
+    /// Video id of a series' first image → the files of its other images.
+    series: Arc<HashMap<Uuid, Vec<PathBuf>>>,
+}
+
+/// Single-frame DICOM images of one series become one clip: each queued DICOM file's header
+/// is read by a decoder (never here), images are grouped by their (keyed) series, and every
+/// image but the first of a group of two or more leaves the queue as a skipped row that names
+/// the clip it went into.
+#[allow(clippy::too_many_arguments)]
+async fn group_series(
+    db: &PgPool,
+    ingest: &Arc<Ingest>,
+    upload: &PendingUpload,
+    target: &IngestTarget,
+    dirs: &DatasetDirs,
+    queue: VecDeque<(Uuid, layout::Planned)>,
+    dicom: &crate::media::dicom::DicomJob,
+) -> anyhow::Result<(
+    VecDeque<(Uuid, layout::Planned)>,
+    HashMap<Uuid, Vec<PathBuf>>,
+)> {
+    let spec = CacheSpec::from_stored(&target.cache_spec).context("the dataset's cache spec")?;
+    let limits = ingest.config.video_limits.clone();
+    let deadline = Duration::from_secs_f64(limits.max_decode_s + 30.0);
+    let mut groups: std::collections::BTreeMap<String, Vec<(Uuid, layout::Planned)>> =
+        Default::default();
+    let mut rest = VecDeque::new();
+    for (id, p) in queue {
+        let file = p.file.as_ref().expect("queued videos have a file");
+        if !crate::media::dicom::is_dicom(&file.path) {
+            rest.push_back((id, p));
+            continue;
+        }
+        let job = Job {
+            src: file.path.clone(),
+            cache: dirs.cache().join(format!("{id}.probe")),
+            spec: spec.clone(),
+            limits: limits.clone(),
+            dicom: crate::media::dicom::DicomJob {
+                probe: true,
+                ..dicom.clone()
+            },
+        };
+        let series = match ingest.decoders.run(&job, deadline).await {
+            Ok(info) if info.frames == 1 => info.dicom.and_then(|d| d.series_uid),
+            _ => None,
+        };
+        match series {
+            Some(s) => groups.entry(s).or_default().push((id, p)),
+            None => rest.push_back((id, p)),
+        }
+    }
+    let mut members = HashMap::new();
+    for (_, mut images) in groups {
+        images.sort_by(|a, b| a.1.path.cmp(&b.1.path));
+        let (first_id, first) = images.remove(0);
+        if !images.is_empty() {
+            let mut tx = db.begin().await?;
+            for (id, _) in &images {
+                let reason = format!("one image of the series cached as `{}`", first.path);
+                db::videos::record_refused(
+                    &mut *tx,
+                    *id,
+                    VideoStatus::Skipped,
+                    "series_member",
+                    &reason,
+                )
+                .await?;
+                db::datasets::video_done(&mut *tx, upload.dataset_id).await?;
+            }
+            tx.commit().await?;
+            let files = images
+                .into_iter()
+                .filter_map(|(_, p)| p.file.map(|f| f.path))
+                .collect();
+            members.insert(first_id, files);
+        }
+        rest.push_back((first_id, first));
+    }
+    Ok((rest, members))
 }
 
 /// labels.csv rows keyed by a UID that no object of the upload has: each a refused row, so

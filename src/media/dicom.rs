@@ -70,6 +70,13 @@ pub struct DicomJob {
     /// The attribute (keyword, or `gggg,eeee`) whose value labels the video.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_attribute: Option<String>,
+    /// Only read the header: the answer has the object's facts and frame count, no cache.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
+    /// The other single-frame objects of the source's series: all of them, ordered by
+    /// Instance Number (then acquisition or content time), are cached as one clip.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<std::path::PathBuf>,
 }
 
 /// Direct identifiers: never a label, whatever a dataset asks.
@@ -862,11 +869,26 @@ pub fn ingest_dicom(
         )
     };
     // The header first: the limits are checked before the pixel data is read.
-    let header = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(src)
-        .map_err(unreadable)?;
-    let px = Pixels::read(&header)?;
+    let read_header = |path: &Path| {
+        OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(unreadable)
+    };
+    let header = read_header(src)?;
+    let mut px = Pixels::read(&header)?;
+    // A series of single-frame objects: their order, and each object's own frame count of 1.
+    let members = if job.series.is_empty() {
+        Vec::new()
+    } else {
+        let mut all = vec![(src.to_path_buf(), header.clone())];
+        for p in &job.series {
+            all.push((p.clone(), read_header(p)?));
+        }
+        let series = series_order(all, &px)?;
+        px.frames = series.len() as u32;
+        series
+    };
     let ts = header
         .meta()
         .transfer_syntax()
@@ -892,6 +914,29 @@ pub fn ingest_dicom(
             ),
         ));
     }
+    if job.probe {
+        let f = facts(&header, job, &ts, &px, "assumed", None, None, Vec::new());
+        return Ok(VideoInfo {
+            container: "dicom".into(),
+            codec: format!("dicom {ts}"),
+            width: w,
+            height: h,
+            fps: 0.0,
+            duration_s: 0.0,
+            frames: px.frames as u64,
+            cache_frames: 0,
+            cache_width: 0,
+            cache_height: 0,
+            cache_fps: 0.0,
+            dicom: Some(Box::new(f)),
+        });
+    }
+    if video && !members.is_empty() {
+        return Err(reject(
+            "corrupt",
+            "a DICOM video cannot be one frame of a series",
+        ));
+    }
     if !video && px.frames < 2 {
         return Err(reject(
             "still_image",
@@ -904,7 +949,10 @@ pub fn ingest_dicom(
             format!("{} frames; the cap is {}", px.frames, limits.max_frames),
         ));
     }
-    let (times, mut rate_source) = frame_times(&header, px.frames);
+    let (times, mut rate_source) = match series_times(&members) {
+        Some(t) => (Some(t), "acquisition_time"),
+        None => frame_times(&header, px.frames),
+    };
     let region = ultrasound_region(&header, w, h);
     let policy = &spec.dicom;
     let crop = match region {
@@ -956,13 +1004,16 @@ pub fn ingest_dicom(
             ),
         ));
     }
-    let obj = OpenFileOptions::new().open_file(src).map_err(unreadable)?;
-    // The encapsulated video is opened before anything is written: its own rate counts when
-    // the object gives none.
-    let mut stream = if video {
-        Some(open_stream(&obj, cache_dest)?)
+    let obj = if members.is_empty() {
+        Some(OpenFileOptions::new().open_file(src).map_err(unreadable)?)
     } else {
         None
+    };
+    // The encapsulated video is opened before anything is written: its own rate counts when
+    // the object gives none.
+    let mut stream = match (&obj, video) {
+        (Some(obj), true) => Some(open_stream(obj, cache_dest)?),
+        _ => None,
     };
     let mut times = times;
     if let (None, Some(s)) = (&times, &stream)
@@ -1022,10 +1073,20 @@ pub fn ingest_dicom(
         seen: 0,
         limits: limits.clone(),
     };
-    let decoded = if let Some(s) = stream.as_mut() {
-        decode_stream(s, &px, &mut sink)
-    } else {
-        decode_frames(&obj, &ts, &px, &mut sink)
+    let decoded = match (stream.as_mut(), &obj) {
+        (Some(s), _) => decode_stream(s, &px, &mut sink),
+        (None, Some(obj)) => decode_frames(obj, &ts, &px, &mut sink),
+        (None, None) => {
+            // One object at a time, each a frame, in the series' order.
+            let one = Pixels {
+                frames: 1,
+                ..px.clone()
+            };
+            members.iter().try_fold(0, |_, (path, _)| {
+                let o = OpenFileOptions::new().open_file(path).map_err(unreadable)?;
+                decode_frames(&o, &ts, &one, &mut sink)
+            })
+        }
     };
     let codec = if video { "dicom video" } else { "dicom" };
     let frames = match decoded {
@@ -1042,56 +1103,17 @@ pub fn ingest_dicom(
     let header_out = sink.writer.finish().map_err(cache_failed)?;
     let fps = source_fps.unwrap_or(cache_fps);
 
-    let keys = job.deid_key.as_deref().and_then(Pseudonyms::from_hex);
-    let label_tag = job
-        .label_attribute
-        .as_deref()
-        .and_then(|n| label_tag(n).ok());
-    let label = label_tag
-        .and_then(|t| text(&obj, t))
-        .map(|l| l.chars().take(100).collect());
-    let (mut removed, private_attributes) = identifying_present(&obj);
-    if let Some(t) = label_tag {
-        // Kept, as the label: the report does not count it as removed.
-        let kw = StandardDataDictionary
-            .by_tag(t)
-            .map(|e| e.alias().to_owned());
-        removed.retain(|k| Some(k) != kw.as_ref());
-    }
-    let mut replaced = Vec::new();
-    let mut pseudo = |tag: Tag, name: &str, f: &dyn Fn(&Pseudonyms, &str) -> String| {
-        let v = text(&obj, tag)?;
-        let k = keys.as_ref()?;
-        replaced.push(name.to_owned());
-        Some(f(k, &v))
-    };
-    let patient = pseudo(tags::PATIENT_ID, "PatientID", &|k, v| k.patient(v));
-    let study_uid = pseudo(tags::STUDY_INSTANCE_UID, "StudyInstanceUID", &|k, v| {
-        k.uid(v)
-    });
-    let series_uid = pseudo(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID", &|k, v| {
-        k.uid(v)
-    });
-    let sop_uid = pseudo(tags::SOP_INSTANCE_UID, "SOPInstanceUID", &|k, v| k.uid(v));
-    let facts = DicomFacts {
-        sop_class_uid: text(&obj, tags::SOP_CLASS_UID).unwrap_or_default(),
-        modality: text(&obj, tags::MODALITY),
-        transfer_syntax: ts.clone(),
-        photometric: px.photometric.clone(),
-        frame_rate_source: rate_source.to_owned(),
-        patient,
-        study_uid,
-        series_uid,
-        sop_uid,
-        burned_in_annotation: text(&obj, tags::BURNED_IN_ANNOTATION),
-        ultrasound_region: region,
-        cropped: crop.width != w || crop.height != h,
-        masked: masks,
-        removed,
-        replaced,
-        private_attributes,
-        label,
-    };
+    let cropped = crop.width != w || crop.height != h;
+    let facts = facts(
+        &header,
+        job,
+        &ts,
+        &px,
+        rate_source,
+        region,
+        Some(cropped),
+        masks,
+    );
     Ok(VideoInfo {
         container: "dicom".into(),
         codec: format!("{codec} {ts}"),
@@ -1106,6 +1128,134 @@ pub fn ingest_dicom(
         cache_fps: header_out.fps,
         dicom: Some(Box::new(facts)),
     })
+}
+
+/// What the answer tells about an object (from its header): keyed identity, the identifying
+/// attributes it carried, and facts without identity.
+#[allow(clippy::too_many_arguments)]
+fn facts(
+    header: &InMemDicomObject,
+    job: &DicomJob,
+    ts: &str,
+    px: &Pixels,
+    rate_source: &str,
+    region: Option<Rect>,
+    cropped: Option<bool>,
+    masked: Vec<Rect>,
+) -> DicomFacts {
+    let keys = job.deid_key.as_deref().and_then(Pseudonyms::from_hex);
+    let label_tag = job
+        .label_attribute
+        .as_deref()
+        .and_then(|n| label_tag(n).ok());
+    let label = label_tag
+        .and_then(|t| text(header, t))
+        .map(|l| l.chars().take(100).collect());
+    let (mut removed, private_attributes) = identifying_present(header);
+    if let Some(t) = label_tag {
+        // Kept, as the label: the report does not count it as removed.
+        let kw = StandardDataDictionary
+            .by_tag(t)
+            .map(|e| e.alias().to_owned());
+        removed.retain(|k| Some(k) != kw.as_ref());
+    }
+    let mut replaced = Vec::new();
+    let mut pseudo = |tag: Tag, name: &str, f: &dyn Fn(&Pseudonyms, &str) -> String| {
+        let v = text(header, tag)?;
+        let k = keys.as_ref()?;
+        replaced.push(name.to_owned());
+        Some(f(k, &v))
+    };
+    let patient = pseudo(tags::PATIENT_ID, "PatientID", &|k, v| k.patient(v));
+    let study_uid = pseudo(tags::STUDY_INSTANCE_UID, "StudyInstanceUID", &|k, v| {
+        k.uid(v)
+    });
+    let series_uid = pseudo(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID", &|k, v| {
+        k.uid(v)
+    });
+    let sop_uid = pseudo(tags::SOP_INSTANCE_UID, "SOPInstanceUID", &|k, v| k.uid(v));
+    DicomFacts {
+        sop_class_uid: text(header, tags::SOP_CLASS_UID).unwrap_or_default(),
+        modality: text(header, tags::MODALITY),
+        transfer_syntax: ts.to_owned(),
+        photometric: px.photometric.clone(),
+        frame_rate_source: rate_source.to_owned(),
+        patient,
+        study_uid,
+        series_uid,
+        sop_uid,
+        burned_in_annotation: text(header, tags::BURNED_IN_ANNOTATION),
+        ultrasound_region: region,
+        cropped: cropped.unwrap_or(false),
+        masked,
+        removed,
+        replaced,
+        private_attributes,
+        label,
+    }
+}
+
+/// A series' single-frame objects in their order: all of one series and one frame geometry,
+/// sorted by Instance Number, then acquisition (or content) time, then as given.
+fn series_order(
+    all: Vec<(std::path::PathBuf, DefaultDicomObject)>,
+    first: &Pixels,
+) -> Result<Vec<(std::path::PathBuf, DefaultDicomObject)>, Rejection> {
+    let series = text(&all[0].1, tags::SERIES_INSTANCE_UID);
+    let mut keyed = Vec::with_capacity(all.len());
+    for (i, (path, h)) in all.into_iter().enumerate() {
+        let px = Pixels::read(&h)?;
+        if text(&h, tags::SERIES_INSTANCE_UID) != series
+            || px.frames != 1
+            || (px.rows, px.cols, px.samples, px.bits_allocated)
+                != (first.rows, first.cols, first.samples, first.bits_allocated)
+            || px.photometric != first.photometric
+        {
+            return Err(reject(
+                "series_mismatch",
+                "the series' images differ in series, size, encoding or frame count",
+            ));
+        }
+        let number = int(&h, tags::INSTANCE_NUMBER);
+        let time = acquisition_time(&h).unwrap_or(f64::MAX);
+        keyed.push(((number.unwrap_or(i64::MAX), time, i), (path, h)));
+    }
+    keyed.sort_by(|a, b| a.0.partial_cmp(&b.0).expect("no NaN in the keys"));
+    Ok(keyed.into_iter().map(|(_, m)| m).collect())
+}
+
+/// Seconds since midnight of an image's Acquisition Time (else Content Time), `HHMMSS.FFFFFF`.
+fn acquisition_time(h: &InMemDicomObject) -> Option<f64> {
+    let t = text(h, tags::ACQUISITION_TIME).or_else(|| text(h, tags::CONTENT_TIME))?;
+    let t = t.replace(':', "");
+    let (whole, frac) = t.split_once('.').unwrap_or((&t, ""));
+    if whole.len() < 2 || !whole.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let part = |r: std::ops::Range<usize>| whole.get(r).and_then(|x| x.parse::<f64>().ok());
+    let secs = part(0..2)? * 3600.0 + part(2..4).unwrap_or(0.0) * 60.0 + part(4..6).unwrap_or(0.0);
+    let frac = if frac.is_empty() {
+        0.0
+    } else {
+        format!("0.{frac}").parse::<f64>().ok()?
+    };
+    Some(secs + frac)
+}
+
+/// A series' timing from its images' acquisition times, when every image has one and they
+/// increase.
+fn series_times(members: &[(std::path::PathBuf, DefaultDicomObject)]) -> Option<Timing> {
+    if members.len() < 2 {
+        return None;
+    }
+    let t: Vec<f64> = members
+        .iter()
+        .map(|(_, h)| acquisition_time(h))
+        .collect::<Option<_>>()?;
+    if t.windows(2).any(|w| w[1] <= w[0]) {
+        return None;
+    }
+    Some(Timing::Listed(t.iter().map(|x| x - t[0]).collect()))
 }
 
 fn first_line(s: &str) -> String {

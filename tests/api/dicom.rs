@@ -210,6 +210,7 @@ async fn dicom_objects_are_cached_with_their_colours_rates_and_patients_and_no_i
                 e["left_rgb"]
             );
         }
+        crate::openapi::assert_matches_schema("Video", v);
         // One keyed patient per patient ID, never the ID itself.
         let patient = v["patient_id"].as_str().unwrap().to_owned();
         assert!(patient.starts_with("pt-"), "{name}: {patient}");
@@ -248,6 +249,7 @@ async fn dicom_objects_are_cached_with_their_colours_rates_and_patients_and_no_i
         .json()
         .await
         .unwrap();
+    crate::openapi::assert_matches_schema("DatasetReport", &report);
     let deid = &report["deidentification"];
     assert_eq!(deid["dicom_videos"], multiframe.len(), "{deid}");
     assert_eq!(deid["replaced"]["PatientID"], multiframe.len(), "{deid}");
@@ -388,4 +390,86 @@ async fn the_ultrasound_region_crops_and_masks_and_a_model_predicts_from_dicom(d
         assert_eq!(p["predictions"].as_array().unwrap().len(), 2, "{p}");
         assert!(!p.to_string().contains("FIXTURE"), "{p}");
     }
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn single_frame_images_of_one_series_form_a_clip_in_instance_order(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = fixtures(dir.path(), &["single_frame_series"]);
+    let e = &manifest[0];
+    let instances = e["instances"].as_array().unwrap();
+    let entries: Vec<_> = instances
+        .iter()
+        .map(|i| {
+            let path = i["path"].as_str().unwrap();
+            let name = path.rsplit('/').next().unwrap();
+            crate::media::file(
+                &format!("rightward/{name}"),
+                std::fs::read(dir.path().join(path)).unwrap(),
+            )
+        })
+        .collect();
+    let zip = crate::media::zip(&entries);
+
+    // Without the setting each image is a still image.
+    let ds = app.dataset(&key, json!({"name": "stills"})).await;
+    app.upload_raw(&key, &ds, "application/zip", zip.clone())
+        .await;
+    assert_eq!(app.wait_ingested(&key, &ds).await["status"], "failed");
+    for v in app.videos(&key, &ds).await.values() {
+        assert_eq!(v["reason_code"], "still_image", "{v}");
+    }
+
+    // With it, one clip of every image, in Instance Number order, timed by acquisition time.
+    let ds = app
+        .dataset(
+            &key,
+            json!({"name": "series", "cache": {"short_side": 64, "fps": 30}, "dicom": {"series_as_clip": true}}),
+        )
+        .await;
+    app.upload_raw(&key, &ds, "application/zip", zip).await;
+    assert_eq!(app.wait_ingested(&key, &ds).await["status"], "ready");
+    let videos = app.videos(&key, &ds).await;
+    let accepted: Vec<&Value> = videos
+        .values()
+        .filter(|v| v["status"] == "accepted")
+        .collect();
+    assert_eq!(accepted.len(), 1, "{videos:?}");
+    let v = accepted[0];
+    assert_eq!(v["frames"], instances.len(), "{v}");
+    assert_eq!(v["dicom"]["frame_rate_source"], "acquisition_time", "{v}");
+    assert!((v["fps"].as_f64().unwrap() - 25.0).abs() < 0.1, "{v}");
+    let skipped = videos
+        .values()
+        .filter(|v| v["status"] == "skipped" && v["reason_code"] == "series_member")
+        .count();
+    assert_eq!(skipped, instances.len() - 1);
+    // The bar moves as the instance numbers say, not as the shuffled file names would.
+    let cache = app
+        .data_dir
+        .join("datasets")
+        .join(&ds)
+        .join("cache")
+        .join(format!("{}.vtc", v["id"].as_str().unwrap()));
+    let mut r = vidtune::media::cache::CacheReader::open(&cache).unwrap();
+    let (w, n) = (r.header.width as usize, r.header.frames);
+    assert_eq!(n as usize, instances.len());
+    let want: Vec<u64> = e["bar"]["x_per_frame"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    for (k, x) in want.iter().enumerate() {
+        let mut frame = Vec::new();
+        r.read_frames(&[k as u32], &mut frame).unwrap();
+        let row = 32 * w * 3;
+        let first_white = (w / 2..w)
+            .find(|&c| frame[row + c * 3] > 200 && frame[row + c * 3 + 1] > 200)
+            .unwrap();
+        assert_eq!(first_white as u64, *x, "frame {k}");
+    }
+    crate::openapi::assert_matches_schema("Video", v);
 }
