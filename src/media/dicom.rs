@@ -423,6 +423,12 @@ impl Pixels {
         }
         let photometric = text(obj, tags::PHOTOMETRIC_INTERPRETATION)
             .unwrap_or_else(|| if samples == 3 { "RGB" } else { "MONOCHROME2" }.into());
+        if photometric == "YBR_FULL_422" && cols % 2 == 1 {
+            return Err(reject(
+                "corrupt",
+                "YBR_FULL_422 pixel data needs an even number of columns",
+            ));
+        }
         let window = match (
             floats(obj, tags::WINDOW_CENTER),
             floats(obj, tags::WINDOW_WIDTH),
@@ -967,7 +973,8 @@ pub fn ingest_dicom(
     let mut masks: Vec<Rect> = Vec::new();
     for m in &policy.masks {
         // Clipped to the frame; a rectangle wholly outside masks nothing.
-        let (x1, y1) = ((m.x + m.width).min(w), (m.y + m.height).min(h));
+        let x1 = m.x.saturating_add(m.width).min(w);
+        let y1 = m.y.saturating_add(m.height).min(h);
         if m.x < x1 && m.y < y1 {
             masks.push(Rect {
                 x: m.x,
