@@ -54,8 +54,10 @@ pub struct Dataset {
     pub classes: Option<Vec<String>>,
     pub split: serde_json::Value,
     pub cache_spec: serde_json::Value,
-    /// DICOM options (`label_attribute`).
+    /// DICOM options (`label_attribute`, `series_as_clip`).
     pub dicom: serde_json::Value,
+    /// Whether each video's source is deleted once its training cache is written.
+    pub discard_sources: bool,
     pub videos_total: i32,
     pub videos_done: i32,
     pub videos_accepted: i64,
@@ -70,7 +72,7 @@ pub struct Dataset {
 
 const DATASET_SELECT: &str = "
     select d.id, d.tenant_id, d.name, d.description, d.status, d.status_reason, d.classes,
-           d.split, d.cache_spec, d.dicom, d.videos_total, d.videos_done, d.content_hash,
+           d.split, d.cache_spec, d.dicom, d.discard_sources, d.videos_total, d.videos_done, d.content_hash,
            d.created_at, d.updated_at,
            count(v.id) filter (where v.status = 'accepted') as videos_accepted,
            count(v.id) filter (where v.status = 'rejected') as videos_rejected,
@@ -86,14 +88,15 @@ pub struct NewDataset<'a> {
     pub split: serde_json::Value,
     pub cache_spec: serde_json::Value,
     pub dicom: serde_json::Value,
+    pub discard_sources: bool,
 }
 
 pub async fn create(db: impl PgExecutor<'_>, d: &NewDataset<'_>) -> sqlx::Result<Uuid> {
     let id = Uuid::new_v4();
     sqlx::query(
         "insert into datasets (id, tenant_id, name, description, classes, split, cache_spec,
-             dicom)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)",
+             dicom, discard_sources)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(d.tenant_id)
@@ -103,6 +106,7 @@ pub async fn create(db: impl PgExecutor<'_>, d: &NewDataset<'_>) -> sqlx::Result
     .bind(&d.split)
     .bind(&d.cache_spec)
     .bind(&d.dicom)
+    .bind(d.discard_sources)
     .execute(db)
     .await?;
     Ok(id)
@@ -190,6 +194,7 @@ pub struct IngestTarget {
     pub label_attribute: Option<String>,
     /// Whether single-frame DICOM images of one series form one clip.
     pub series_as_clip: bool,
+    pub discard_sources: bool,
 }
 
 pub async fn ingest_target(
@@ -198,7 +203,8 @@ pub async fn ingest_target(
 ) -> sqlx::Result<Option<IngestTarget>> {
     sqlx::query_as(
         "select id, classes, split, cache_spec, dicom->>'label_attribute' as label_attribute,
-                coalesce((dicom->>'series_as_clip')::boolean, false) as series_as_clip
+                coalesce((dicom->>'series_as_clip')::boolean, false) as series_as_clip,
+                discard_sources
          from datasets where id = $1",
     )
     .bind(id)

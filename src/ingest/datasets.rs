@@ -57,6 +57,10 @@ pub struct NewDataset {
     /// How DICOM objects are labelled when nothing else labels them.
     #[serde(default)]
     pub dicom: Option<DicomOptions>,
+    /// Delete each video's source once its training cache is written (DICOM objects' always
+    /// are): burned-in text in an MP4's pixels then survives only where the cache keeps it.
+    #[serde(default)]
+    pub discard_sources: Option<bool>,
 }
 
 /// A dataset's DICOM options.
@@ -182,6 +186,7 @@ pub async fn create(
             cache_spec: cache.to_stored(),
             dicom: serde_json::to_value(req.dicom.as_ref().unwrap_or(&DicomOptions::default()))
                 .expect("serialises"),
+            discard_sources: req.discard_sources.unwrap_or(false),
         },
     )
     .await

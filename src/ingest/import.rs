@@ -269,7 +269,15 @@ pub(super) async fn plan_import(
                 if let crate::pacs::PacsError::Io(e) = &e {
                     anyhow::bail!("writing a fetched instance failed: {e}");
                 }
-                p.verdict = Some((VideoStatus::Rejected, "fetch_failed", e.to_string()));
+                let detail = match e {
+                    crate::pacs::PacsError::TooLarge(c) if c < ingest.config.max_instance_bytes => {
+                        "the import reached its byte cap (the archive cap, or what the tenant's \
+                         storage quota leaves) before this instance"
+                            .to_string()
+                    }
+                    e => e.to_string(),
+                };
+                p.verdict = Some((VideoStatus::Rejected, "fetch_failed", detail));
             }
         }
         planned.push(p);

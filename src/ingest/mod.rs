@@ -491,6 +491,7 @@ async fn cache_videos(
         let dataset_id = upload.dataset_id;
         // Files ingest extracted or fetched itself (not a tenant's single upload).
         let from_archive = upload.kind != UploadKind::Video;
+        let discard_sources = target.discard_sources;
         tasks.spawn(async move {
             let deadline = Duration::from_secs_f64(limits.max_decode_s + 30.0);
             loop {
@@ -522,7 +523,7 @@ async fn cache_videos(
                 };
                 let accepted =
                     record_outcome(&db, dataset_id, id, &p, &job.cache, outcome, &labeller).await?;
-                if (from_archive && !accepted) || dicom {
+                if (from_archive && !accepted) || dicom || discard_sources {
                     discard_source(&p);
                 }
                 for member in series.get(&id).into_iter().flatten() {

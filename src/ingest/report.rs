@@ -511,6 +511,7 @@ mod tests {
             split: serde_json::to_value(SplitSpec::default()).unwrap(),
             cache_spec: json!({"short_side": 128, "fps": 15.0}),
             dicom: json!({}),
+            discard_sources: false,
             videos_total: 0,
             videos_done: 0,
             videos_accepted: 0,

@@ -582,3 +582,32 @@ async fn an_exported_cache_has_the_datasets_labels_patients_and_splits(db: PgPoo
     assert_eq!(splits.train.items.len(), count("train"));
     assert_eq!(splits.val.items.len(), count("val"));
 }
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_dataset_can_discard_each_source_once_it_is_cached(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let clip = crate::media::motion(dir.path(), "a.mp4", true, 0);
+    let zip = crate::media::zip(&[
+        crate::media::file("rightward/a.mp4", std::fs::read(&clip).unwrap()),
+        crate::media::file("leftward/b.mp4", std::fs::read(&clip).unwrap()),
+    ]);
+    let sources = |ds: &str| {
+        crate::dicom::files_under(&app.data_dir.join("datasets").join(ds).join("files")).len()
+    };
+    for (discard, kept) in [(false, 2), (true, 0)] {
+        let ds = app
+            .dataset(
+                &key,
+                json!({"name": format!("d{discard}"), "cache": {"short_side": 64}, "discard_sources": discard}),
+            )
+            .await;
+        app.upload_raw(&key, &ds, "application/zip", zip.clone())
+            .await;
+        let v = app.wait_ingested(&key, &ds).await;
+        assert_eq!(v["status"], "ready", "{v}");
+        assert_eq!(v["discard_sources"], discard, "{v}");
+        assert_eq!(sources(&ds), kept, "discard_sources {discard}");
+    }
+}

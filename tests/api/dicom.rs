@@ -278,16 +278,9 @@ async fn dicom_objects_are_cached_with_their_colours_rates_and_patients_and_no_i
     // No identifier anywhere: API answers, database rows, files under the data directory.
     let secrets = identifiers(&manifest);
     let answers = [
-        app.get(&format!("/v1/datasets/{ds}"), &key)
-            .await
-            .text()
-            .await
-            .unwrap(),
-        app.get(&format!("/v1/datasets/{ds}/videos"), &key)
-            .await
-            .text()
-            .await
-            .unwrap(),
+        app.get_text(&format!("/v1/datasets/{ds}"), &key).await,
+        app.get_text(&format!("/v1/datasets/{ds}/videos"), &key)
+            .await,
         report.to_string(),
     ];
     assert_no_identifier(&app, &secrets, &answers).await;
@@ -472,4 +465,94 @@ async fn single_frame_images_of_one_series_form_a_clip_in_instance_order(db: PgP
         assert_eq!(first_white as u64, *x, "frame {k}");
     }
     crate::openapi::assert_matches_schema("Video", v);
+}
+
+#[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
+async fn a_labels_csv_keyed_by_uid_labels_and_splits_the_objects_it_names(db: PgPool) {
+    let app = spawn_app(db).await;
+    let key = app.key_for("clinic", false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = fixtures(
+        dir.path(),
+        &["native_mono2", "native_rgb", "palette", "native_ybr_full"],
+    );
+    let find = |n: &str| manifest.iter().find(|e| e["name"] == n).unwrap();
+    // A PACS-style export: folders named after nothing the labels are; the labels by UID.
+    let mut entries: Vec<_> = manifest
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            crate::media::file(
+                &format!("DICOM/ST{i}/IM{i}"),
+                std::fs::read(dir.path().join(e["path"].as_str().unwrap())).unwrap(),
+            )
+        })
+        .collect();
+    let csv = format!(
+        "sop_instance_uid,label,split\n{},normal,test\n{},dilated,train\n{},normal,\n1.2.3.999,normal,val\n",
+        find("native_mono2")["sop_uid"].as_str().unwrap(),
+        find("native_rgb")["sop_uid"].as_str().unwrap(),
+        find("palette")["sop_uid"].as_str().unwrap(),
+    );
+    entries.push(crate::media::file("labels.csv", csv.into_bytes()));
+    let ds = app
+        .dataset(
+            &key,
+            json!({"name": "by-uid", "cache": {"short_side": 64}, "split": {"group_by": "study", "seed": 3}}),
+        )
+        .await;
+    app.upload_raw(&key, &ds, "application/zip", crate::media::zip(&entries))
+        .await;
+    assert_eq!(app.wait_ingested(&key, &ds).await["status"], "ready");
+    let videos = app.videos(&key, &ds).await;
+    let by_name = |n: &str| {
+        let i = manifest.iter().position(|e| e["name"] == n).unwrap();
+        videos[&format!("DICOM/ST{i}/IM{i}")].clone()
+    };
+    let v = by_name("native_mono2");
+    assert_eq!(
+        (
+            v["status"].as_str(),
+            v["label"].as_str(),
+            v["split"].as_str()
+        ),
+        (Some("accepted"), Some("normal"), Some("test")),
+        "{v}"
+    );
+    let v = by_name("native_rgb");
+    assert_eq!(
+        (v["label"].as_str(), v["split"].as_str()),
+        (Some("dilated"), Some("train")),
+        "{v}"
+    );
+    let v = by_name("palette");
+    assert_eq!(
+        (v["status"].as_str(), v["label"].as_str()),
+        (Some("accepted"), Some("normal")),
+        "{v}"
+    );
+    // Named by no row: refused for its label, whatever its folder is called.
+    let v = by_name("native_ybr_full");
+    assert_eq!(
+        (v["status"].as_str(), v["reason_code"].as_str()),
+        (Some("rejected"), Some("missing_label")),
+        "{v}"
+    );
+    // A row whose UID no object has is a refused row, named by its line, not by the UID.
+    let row = videos
+        .get("labels.csv row 5")
+        .unwrap_or_else(|| panic!("{videos:?}"));
+    assert_eq!(row["reason_code"], "missing_file", "{row}");
+    assert!(
+        !serde_json::to_string(&videos)
+            .unwrap()
+            .contains("1.2.3.999")
+    );
+    let view: Value = app
+        .get(&format!("/v1/datasets/{ds}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["split"]["group_by"], "study", "{view}");
 }

@@ -110,6 +110,11 @@ impl TestApp {
 }
 
 impl TestApp {
+    /// The body of `GET path`, as text.
+    pub async fn get_text(&self, path: &str, key: &str) -> String {
+        self.get(path, key).await.text().await.unwrap()
+    }
+
     /// Create a dataset and return its id.
     pub async fn dataset(&self, key: &str, body: Value) -> String {
         let resp = self.post_json("/v1/datasets", key, body).await;

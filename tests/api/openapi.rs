@@ -209,6 +209,7 @@ fn the_dataset_report_schema_describes_every_warning() {
         split: serde_json::json!({"train": 0.7, "val": 0.15, "test": 0.15, "seed": 0}),
         cache_spec: serde_json::json!({"short_side": 128, "fps": 15.0}),
         dicom: serde_json::json!({}),
+        discard_sources: false,
         videos_total: 7,
         videos_done: 7,
         videos_accepted: 5,

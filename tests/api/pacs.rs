@@ -283,16 +283,10 @@ async fn studies_are_imported_from_a_pacs_and_predicted_by_reference(db: PgPool)
     let answers = [
         report,
         p,
-        app.get(&format!("/v1/datasets/{ds}/videos"), &key)
-            .await
-            .text()
-            .await
-            .unwrap(),
-        app.get(&format!("/v1/datasets/{ds2}/videos"), &key)
-            .await
-            .text()
-            .await
-            .unwrap(),
+        app.get_text(&format!("/v1/datasets/{ds}/videos"), &key)
+            .await,
+        app.get_text(&format!("/v1/datasets/{ds2}/videos"), &key)
+            .await,
     ];
     assert_no_identifier(&app, &identifiers(&manifest), &answers).await;
 }

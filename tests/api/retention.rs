@@ -350,6 +350,7 @@ async fn start_up_finishes_pending_deletions_and_removes_orphans(db: PgPool) {
             split: json!({}),
             cache_spec: json!({}),
             dicom: json!({}),
+            discard_sources: false,
         },
     )
     .await

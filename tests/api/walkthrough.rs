@@ -74,6 +74,15 @@ fn text(out: &Output) -> (String, String) {
     )
 }
 
+/// The first line of `stdout` that starts with `prefix`, as JSON.
+fn json_line(stdout: &str, prefix: &str) -> Value {
+    let l = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix}\n{stdout}"));
+    serde_json::from_str(l).unwrap()
+}
+
 #[sqlx::test(migrator = "vidtune::db::MIGRATOR")]
 async fn the_readme_walkthrough_runs_as_written(db: PgPool) {
     let app = spawn_app(db).await;
@@ -97,13 +106,7 @@ async fn the_readme_walkthrough_runs_as_written(db: PgPool) {
     println!("{stdout}");
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    let json_line = |prefix: &str| -> Value {
-        let l = lines
-            .iter()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no line starting {prefix}\n{stdout}"));
-        serde_json::from_str(l).unwrap()
-    };
+    let json_line = |prefix: &str| json_line(&stdout, prefix);
     assert_eq!(
         json_line("{\"status\":\"ok\"")["version"],
         env!("CARGO_PKG_VERSION")
@@ -398,13 +401,7 @@ async fn the_readme_dicom_and_pacs_walkthrough_runs_as_written(db: PgPool) {
     println!("{stdout}");
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    let json_line = |prefix: &str| -> Value {
-        let l = lines
-            .iter()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("no line starting {prefix}\n{stdout}"));
-        serde_json::from_str(l).unwrap()
-    };
+    let json_line = |prefix: &str| json_line(&stdout, prefix);
     // 2 classes × 4 patients × 1 clip, each de-identified.
     let report = json_line("{\"status\":\"ready\"");
     assert_eq!(report["totals"]["accepted"], 8, "{report}");
