@@ -804,8 +804,8 @@ impl Sink {
             t + self.keep_every
         };
         for m in &self.masks {
-            for y in m.y..m.y + m.height {
-                let row = (y * full_w + m.x) as usize * 3;
+            for y in m.y as usize..(m.y + m.height) as usize {
+                let row = (y * full_w as usize + m.x as usize) * 3;
                 rgb[row..row + m.width as usize * 3].fill(0);
             }
         }
