@@ -1095,7 +1095,10 @@ pub fn ingest_dicom(
             })
         }
     };
-    let codec = if video { "dicom video" } else { "dicom" };
+    let codec = match &stream {
+        Some(s) => format!("dicom {}", s.codec),
+        None => format!("dicom {}", syntax_name(&ts)),
+    };
     let frames = match decoded {
         Ok(n) => n,
         Err(r) => {
@@ -1123,7 +1126,7 @@ pub fn ingest_dicom(
     );
     Ok(VideoInfo {
         container: "dicom".into(),
-        codec: format!("{codec} {ts}"),
+        codec,
         width: w,
         height: h,
         fps,
@@ -1369,6 +1372,19 @@ fn decode_frames(
     Ok(sink.seen)
 }
 
+/// A short name for a transfer syntax, for the report's codec counts.
+fn syntax_name(ts: &str) -> &'static str {
+    match ts {
+        "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2" => "native",
+        "1.2.840.10008.1.2.1.99" => "native deflated",
+        "1.2.840.10008.1.2.5" => "rle",
+        "1.2.840.10008.1.2.4.50" => "jpeg baseline",
+        "1.2.840.10008.1.2.4.51" => "jpeg extended",
+        "1.2.840.10008.1.2.4.57" | "1.2.840.10008.1.2.4.70" => "jpeg lossless",
+        _ => "other",
+    }
+}
+
 /// The encapsulated MPEG-2 / H.264 / HEVC stream, open in FFmpeg.
 struct Stream {
     input: ff::format::context::Input,
@@ -1376,6 +1392,8 @@ struct Stream {
     decoder: ff::decoder::Video,
     /// The stream's own frame rate, when it has one.
     rate: Option<f64>,
+    /// FFmpeg's name for the stream's codec (`h264`, `hevc`, `mpeg2video`).
+    codec: String,
     /// The extracted stream beside the cache, removed with this.
     _file: RemoveOnDrop,
 }
@@ -1426,9 +1444,13 @@ fn open_stream(obj: &DefaultDicomObject, cache_dest: &Path) -> Result<Stream, Re
                 format!("no decoder for the stream: {e}"),
             )
         })?;
+    let codec = decoder
+        .codec()
+        .map_or_else(|| "video".to_owned(), |c| c.name().to_owned());
     Ok(Stream {
         input,
         index,
+        codec,
         decoder,
         rate: (rate.is_finite() && rate > 0.0 && rate <= 1000.0).then_some(rate),
         _file: file,
