@@ -31,6 +31,7 @@ use super::decode::{CacheSpec, Limits, Rejection, VideoInfo, cache_size};
 
 /// A rectangle of source pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rect {
     pub x: u32,
     pub y: u32,
