@@ -125,7 +125,19 @@ impl Pacs {
                 "the PACS answered a search with HTTP {status}"
             )));
         }
-        let bytes = resp.bytes().await.map_err(unreachable)?;
+        // A search answer is metadata: more than this is not one a PACS should send.
+        const MAX_SEARCH_BYTES: usize = 64 << 20;
+        let mut bytes = Vec::new();
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            bytes.extend_from_slice(&chunk.map_err(unreachable)?);
+            if bytes.len() > MAX_SEARCH_BYTES {
+                return Err(PacsError::Malformed(format!(
+                    "the PACS's search answer exceeds {} MiB",
+                    MAX_SEARCH_BYTES >> 20
+                )));
+            }
+        }
         if bytes.is_empty() {
             return Ok(Vec::new());
         }

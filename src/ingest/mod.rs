@@ -456,7 +456,6 @@ async fn register_videos(
 
 /// Phase 3: validate and cache the queued videos, several at a time on the process's decoders
 /// (each a media-worker child), recording each outcome as it comes.
-#[allow(clippy::too_many_arguments)]
 async fn cache_videos(
     db: &PgPool,
     ingest: &Arc<Ingest>,
@@ -604,7 +603,6 @@ struct Dicom {
 /// is read by a decoder (never here), images are grouped by their (keyed) series, and every
 /// image but the first of a group of two or more leaves the queue as a skipped row that names
 /// the clip it went into.
-#[allow(clippy::too_many_arguments)]
 async fn group_series(
     db: &PgPool,
     ingest: &Arc<Ingest>,

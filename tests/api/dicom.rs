@@ -36,6 +36,36 @@ pub fn fixtures(dir: &Path, only: &[&str]) -> Vec<Value> {
     serde_json::from_slice(&manifest).unwrap()
 }
 
+/// Everything logged on this test's thread (the server's handlers and background tasks run on
+/// it) while the guard lives: vidtune at every level, the request traces and SQL statements at
+/// debug, the HTTP and TLS libraries (which would log the test's own request bytes) at info.
+pub fn capture_logs() -> (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    #[derive(Clone)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = Buffer(logs.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "debug,vidtune=trace,hyper=info,hyper_util=info,h2=info,reqwest=info,rustls=info",
+        ))
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
 /// The fixtures' identifying strings (names, IDs, dates, addresses) and original UIDs.
 pub fn identifiers(manifest: &[Value]) -> Vec<String> {
     let mut secrets: Vec<String> = Vec::new();
@@ -54,7 +84,8 @@ pub fn identifiers(manifest: &[Value]) -> Vec<String> {
     secrets
 }
 
-/// None of `secrets` in `answers`, in any database row, or in any file under the data directory.
+/// None of `secrets` in `answers` (API answers, logs), in any database row, or in any file under
+/// the data directory.
 pub async fn assert_no_identifier(
     app: &crate::helpers::TestApp,
     secrets: &[String],
@@ -140,6 +171,8 @@ fn mean_rgb(cache: &Path, region: &[u64]) -> [f64; 3] {
 async fn dicom_objects_are_cached_with_their_colours_rates_and_patients_and_no_identifier(
     db: PgPool,
 ) {
+    let (logs, _capture) = capture_logs();
+    tracing::info!("log capture on");
     let app = spawn_app(db).await;
     let key = app.key_for("clinic", false).await;
     let dir = tempfile::tempdir().unwrap();
@@ -277,11 +310,17 @@ async fn dicom_objects_are_cached_with_their_colours_rates_and_patients_and_no_i
 
     // No identifier anywhere: API answers, database rows, files under the data directory.
     let secrets = identifiers(&manifest);
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        logged.contains("log capture on") && logged.lines().count() > 3,
+        "{logged}"
+    );
     let answers = [
         app.get_text(&format!("/v1/datasets/{ds}"), &key).await,
         app.get_text(&format!("/v1/datasets/{ds}/videos"), &key)
             .await,
         report.to_string(),
+        logged,
     ];
     assert_no_identifier(&app, &secrets, &answers).await;
     // The DICOM sources are gone once cached; the caches stay.

@@ -124,6 +124,7 @@ async fn studies_are_imported_from_a_pacs_and_predicted_by_reference(db: PgPool)
     assert_problem(r, 501, "pacs_not_configured").await;
 
     let cfg = pacs.config();
+    let (logs, _capture) = crate::dicom::capture_logs();
     let app = spawn_app_with(db, |s| s.ingest.pacs = Some(cfg)).await;
     let key = app.key_for("clinic", false).await;
 
@@ -280,7 +281,9 @@ async fn studies_are_imported_from_a_pacs_and_predicted_by_reference(db: PgPool)
     let r = predict(json!({"study_uid": "1.2.999.2"})).await.unwrap();
     assert_problem(r, 404, "not_found").await;
 
+    let logged = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     let answers = [
+        logged,
         report,
         p,
         app.get_text(&format!("/v1/datasets/{ds}/videos"), &key)
