@@ -494,11 +494,13 @@ impl Pixels {
                 v
             }
         };
+        // Colour samples to 8 bits over the range the stored bits hold (12-bit RGB is not dark).
+        let top = (1i64 << self.bits_stored.min(16)) - 1;
         let to8 = |v: i64| -> u8 {
-            if wide {
-                (v.clamp(0, 65535) >> 8) as u8
-            } else {
+            if top == 255 {
                 v.clamp(0, 255) as u8
+            } else {
+                (v.clamp(0, top) * 255 / top) as u8
             }
         };
         match self.photometric.as_str() {
@@ -1594,6 +1596,45 @@ mod tests {
         assert!(uid.starts_with("2.25.") && uid.len() <= 64, "{uid}");
         assert_eq!(uid, a.uid("1.2.3.4\0"));
         assert_ne!(uid, b.uid("1.2.3.4"));
+    }
+
+    fn pixels(photometric: &str, samples: u16, bits_stored: u16) -> Pixels {
+        Pixels {
+            rows: 1,
+            cols: 2,
+            frames: 1,
+            samples,
+            bits_allocated: 16,
+            bits_stored,
+            signed: false,
+            planar: 0,
+            photometric: photometric.into(),
+            slope: 1.0,
+            intercept: 0.0,
+            window: None,
+            palette: None,
+            palette_first: 0,
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_samples_span_their_stored_bits() {
+        let words = |w: &[u16]| w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let mut out = Vec::new();
+        // 12-bit RGB: full scale is 4095, not 65535.
+        pixels("RGB", 3, 12)
+            .to_rgb(&words(&[4095, 0, 2048, 0, 4095, 0]), &mut out)
+            .unwrap();
+        assert_eq!(out, vec![255, 0, 127, 0, 255, 0]);
+        // 12-bit grey without a window: the stored range; MONOCHROME1 inverts it.
+        pixels("MONOCHROME2", 1, 12)
+            .to_rgb(&words(&[4095, 0]), &mut out)
+            .unwrap();
+        assert_eq!(out, vec![255, 255, 255, 0, 0, 0]);
+        pixels("MONOCHROME1", 1, 12)
+            .to_rgb(&words(&[4095, 0]), &mut out)
+            .unwrap();
+        assert_eq!(out, vec![0, 0, 0, 255, 255, 255]);
     }
 
     #[test]
