@@ -572,7 +572,13 @@ fn open_rejection(e: OpenError) -> Rejection {
 
 /// `how`: whether the size was foreseen from the probe ("by its duration", before decoding)
 /// or reached while writing ("as decoded").
-fn cache_too_large(frames: u64, cw: u32, ch: u32, limits: &Limits, how: &str) -> Rejection {
+pub(super) fn cache_too_large(
+    frames: u64,
+    cw: u32,
+    ch: u32,
+    limits: &Limits,
+    how: &str,
+) -> Rejection {
     Rejection::new(
         "cache_too_large",
         format!(
@@ -584,7 +590,7 @@ fn cache_too_large(frames: u64, cw: u32, ch: u32, limits: &Limits, how: &str) ->
 }
 
 /// The cache could not be written: the server's fault, and its error names server paths.
-fn cache_failed(e: anyhow::Error) -> Rejection {
+pub(super) fn cache_failed(e: anyhow::Error) -> Rejection {
     Rejection::server(
         "io_error",
         "the server could not write the training cache for this video",
@@ -592,7 +598,7 @@ fn cache_failed(e: anyhow::Error) -> Rejection {
     )
 }
 
-fn finish(decoded: u64, errors: u32) -> Result<u64, Rejection> {
+pub(super) fn finish(decoded: u64, errors: u32) -> Result<u64, Rejection> {
     // A file whose packets fail to decode is truncated or corrupt, even if some frames came out.
     if errors > 0 && (decoded == 0 || errors as u64 * 20 > decoded) {
         return Err(Rejection::new(

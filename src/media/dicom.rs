@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::cache::CacheWriter;
-use super::decode::{CacheSpec, Limits, Rejection, VideoInfo, cache_size};
+use super::decode::{
+    CacheSpec, Limits, Rejection, VideoInfo, cache_failed, cache_size, cache_too_large, finish,
+};
 
 /// A rectangle of source pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -826,16 +828,8 @@ impl Sink {
         let frames = self.writer.frames() as u64 + 1;
         let bytes = frames.saturating_mul(self.cw as u64 * self.ch as u64 * 3);
         if bytes > self.limits.max_cache_bytes {
-            return Err(reject(
-                "cache_too_large",
-                format!(
-                    "its training cache ({frames} frames of {}×{} as decoded) would exceed the \
-                     cap of {} MiB per video",
-                    self.cw,
-                    self.ch,
-                    self.limits.max_cache_bytes >> 20
-                ),
-            ));
+            let (cw, ch) = (self.cw, self.ch);
+            return Err(cache_too_large(frames, cw, ch, &self.limits, "as decoded"));
         }
         let (w, h) = (self.cw as usize, self.ch as usize);
         let stride = self.dst.stride(0);
@@ -847,14 +841,6 @@ impl Sink {
         }
         self.writer.push(&self.packed).map_err(cache_failed)
     }
-}
-
-fn cache_failed(e: anyhow::Error) -> Rejection {
-    Rejection::server(
-        "io_error",
-        "the server could not write the training cache for this video",
-        format!("{e:#}"),
-    )
 }
 
 /// Validate a DICOM object and write its cache to `cache_dest`, as
@@ -1045,15 +1031,10 @@ pub fn ingest_dicom(
             ),
         ));
     }
-    let expected = ((duration * cache_fps).ceil() as u64).saturating_mul(cw as u64 * ch as u64 * 3);
-    if expected > limits.max_cache_bytes {
-        return Err(reject(
-            "cache_too_large",
-            format!(
-                "its training cache ({cw}×{ch} frames) would exceed the cap of {} MiB per video",
-                limits.max_cache_bytes >> 20
-            ),
-        ));
+    let expected_frames = (duration * cache_fps).ceil() as u64;
+    if expected_frames.saturating_mul(cw as u64 * ch as u64 * 3) > limits.max_cache_bytes {
+        let how = "by its frame count";
+        return Err(cache_too_large(expected_frames, cw, ch, limits, how));
     }
 
     let scaler = ff::software::scaling::Context::get(
@@ -1471,16 +1452,6 @@ fn decode_stream(s: &mut Stream, px: &Pixels, sink: &mut Sink) -> Result<u64, Re
     let mut errors = 0u32;
     let mut eof = false;
     let mut packet = ff::Packet::empty();
-    let finish = |seen: u64, errors: u32| {
-        if seen == 0 || errors as u64 * 20 > seen {
-            Err(reject(
-                "corrupt",
-                format!("corrupt or truncated: {errors} decoding errors, {seen} frames"),
-            ))
-        } else {
-            Ok(seen)
-        }
-    };
     loop {
         if !eof {
             match packet.read(&mut s.input) {

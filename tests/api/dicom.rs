@@ -12,14 +12,8 @@ use crate::helpers::spawn_app;
 
 /// Run the fixture script into `dir`; returns its manifest.
 pub fn fixtures(dir: &Path, only: &[&str]) -> Vec<Value> {
-    let venv = std::env::var("VIDTUNE_TORCH_VENV").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/vidtune/torch-2.11.0",
-            std::env::var("HOME").unwrap()
-        )
-    });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dicom_fixtures.py");
-    let mut cmd = std::process::Command::new(Path::new(&venv).join("bin/python"));
+    let mut cmd = std::process::Command::new(crate::models::venv_python());
     cmd.arg(script).arg(dir).arg("--no-verify");
     if !only.is_empty() {
         cmd.arg("--only").arg(only.join(","));

@@ -74,6 +74,16 @@ fn text(out: &Output) -> (String, String) {
     )
 }
 
+/// Run a README block with `bash -euo pipefail` in `dir` (15 minutes at most); it must succeed.
+/// Returns what it printed (also printed here).
+async fn run_script(dir: &Path, script: &str, env: &[(&str, &str)]) -> String {
+    let out = run_in(dir, "bash", &["-euo", "pipefail", "-c", script], env, 900).await;
+    let (stdout, stderr) = text(&out);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
 /// The first line of `stdout` that starts with `prefix`, as JSON.
 fn json_line(stdout: &str, prefix: &str) -> Value {
     let l = stdout
@@ -94,17 +104,12 @@ async fn the_readme_walkthrough_runs_as_written(db: PgPool) {
         "{script}"
     );
     let base = app.url("");
-    let out = run_in(
+    let stdout = run_script(
         dir.path(),
-        "bash",
-        &["-euo", "pipefail", "-c", &script],
+        &script,
         &[("VT", &base), ("KEY", &app.admin_key)],
-        900,
     )
     .await;
-    let (stdout, stderr) = text(&out);
-    println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     let json_line = |prefix: &str| json_line(&stdout, prefix);
     assert_eq!(
@@ -382,10 +387,9 @@ async fn the_readme_dicom_and_pacs_walkthrough_runs_as_written(db: PgPool) {
         "{script}"
     );
     let base = app.url("");
-    let out = run_in(
+    let stdout = run_script(
         dir.path(),
-        "bash",
-        &["-euo", "pipefail", "-c", &script],
+        &script,
         &[
             ("VT", &base),
             ("KEY", &app.admin_key),
@@ -394,12 +398,8 @@ async fn the_readme_dicom_and_pacs_walkthrough_runs_as_written(db: PgPool) {
             ("PACS_PASSWORD", &pacs.password),
             ("VIDTUNE_ROOT", env!("CARGO_MANIFEST_DIR")),
         ],
-        900,
     )
     .await;
-    let (stdout, stderr) = text(&out);
-    println!("{stdout}");
-    assert!(out.status.success(), "{stdout}\n{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     let json_line = |prefix: &str| json_line(&stdout, prefix);
     // 2 classes × 4 patients × 1 clip, each de-identified.
